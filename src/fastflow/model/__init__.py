@@ -1,0 +1,1 @@
+"""Model parts: backbones (frozen feature extractors), 2D flows, and the FastFlow model."""

@@ -1,0 +1,133 @@
+"""Invertible 2D flows: affine coupling steps on feature maps.
+
+Each ``CouplingStep`` has the semantics of FrEIA's ``AllInOneBlock(permute_soft=False,
+affine_clamping=clamp)`` with its default global affine (softplus, init 1.0), which is what the
+FastFlow reference uses; ``tests/model/test_flow.py`` proves parity weight for weight. The code
+is ours because FrEIA is unmaintained, and because FastFlow needs things FrEIA does not give:
+shapes are not fixed at construction (only channels), direction is a method rather than a flag,
+and the log-determinant is returned per feature position ``(N, H, W)`` so scorers can use it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = ["CouplingStep", "FlowStack", "subnet"]
+
+# FrEIA scales the subnet output by 0.1 "for stability and easier initialization".
+_SUBNET_OUTPUT_SCALE = 0.1
+
+
+def subnet(in_channels: int, out_channels: int, kernel_size: int, hidden_ratio: float) -> nn.Sequential:
+    """conv -> ReLU -> conv predicting the coupling's log-scale and shift (paper Fig. 2)."""
+    hidden = int(in_channels * hidden_ratio)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, hidden, kernel_size, padding="same"),
+        nn.ReLU(),
+        nn.Conv2d(hidden, out_channels, kernel_size, padding="same"),
+    )
+
+
+def _softplus_global_scale(raw: Tensor) -> Tensor:
+    """FrEIA's 'SOFTPLUS' global-affine activation: 0.1 * softplus(raw, beta=0.5)."""
+    return 0.1 * F.softplus(raw, beta=0.5)
+
+
+class CouplingStep(nn.Module):
+    """One flow step: affine coupling, learned per-channel affine, fixed channel permutation.
+
+    Forward, for input ``x`` split into ``x1`` (first ``C - C//2`` channels) and ``x2``:
+        ``a = 0.1 * subnet(x1)``, ``s = clamp * tanh(a[:, :C//2])``, ``t = a[:, C//2:]``,
+        ``u = concat(x1, x2 * exp(s) + t)``, ``z = (u * scale + offset)[:, permutation]``,
+    with ``scale = 0.1 * softplus(global_scale, beta=0.5)``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 3,
+        hidden_ratio: float = 1.0,
+        clamp: float = 2.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"a coupling step needs at least 2 channels, got {channels}")
+        self.channels = channels
+        self.clamp = clamp
+        self.passive = channels - channels // 2  # x1: conditions the subnet, passes unchanged
+        self.active = channels // 2  # x2: gets scaled and shifted
+        self.subnet = subnet(self.passive, 2 * self.active, kernel_size, hidden_ratio)
+        # Raw value whose softplus activation gives a global scale of exactly 1.0 at init.
+        init = 2.0 * math.log(math.exp(0.5 * 10.0 * 1.0) - 1.0)
+        self.global_scale = nn.Parameter(torch.full((1, channels, 1, 1), init))
+        self.global_offset = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        permutation = torch.randperm(channels, generator=generator)
+        self.register_buffer("permutation", permutation)
+        self.register_buffer("inverse_permutation", torch.argsort(permutation))
+
+    def _scale_shift(self, x1: Tensor) -> tuple[Tensor, Tensor]:
+        a = self.subnet(x1) * _SUBNET_OUTPUT_SCALE
+        log_scale = self.clamp * torch.tanh(a[:, : self.active])
+        return log_scale, a[:, self.active :]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` (N, C, H, W) -> ``z`` (N, C, H, W) and log|det J| per position (N, H, W)."""
+        x1, x2 = x[:, : self.passive], x[:, self.passive :]
+        log_scale, shift = self._scale_shift(x1)
+        u = torch.cat((x1, x2 * torch.exp(log_scale) + shift), dim=1)
+        scale = _softplus_global_scale(self.global_scale)
+        z = (u * scale + self.global_offset)[:, self.permutation]
+        log_det = log_scale.sum(dim=1) + torch.log(scale).sum()
+        return z, log_det
+
+    def inverse(self, z: Tensor) -> Tensor:
+        """Exact inverse of ``forward``: ``inverse(forward(x)[0]) == x``."""
+        scale = _softplus_global_scale(self.global_scale)
+        u = (z[:, self.inverse_permutation] - self.global_offset) / scale
+        x1, y2 = u[:, : self.passive], u[:, self.passive :]
+        log_scale, shift = self._scale_shift(x1)
+        return torch.cat((x1, (y2 - shift) * torch.exp(-log_scale)), dim=1)
+
+
+class FlowStack(nn.Module):
+    """A FastFlow 2D flow: ``steps`` coupling steps on one feature scale.
+
+    Kernels cycle through ``kernels`` (3x3 then 1x1 in the paper's default, 3x3 only for its
+    ResNet-18 setting). Permutations come from a generator seeded with ``seed`` so a model is
+    reproducible; they are saved as buffers, so loading never depends on the seed.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        steps: int,
+        hidden_ratio: float = 1.0,
+        kernels: tuple[int, ...] = (3, 1),
+        clamp: float = 2.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.steps = nn.ModuleList(
+            CouplingStep(channels, kernels[i % len(kernels)], hidden_ratio, clamp, generator)
+            for i in range(steps)
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` (N, C, H, W) -> latent ``z`` (N, C, H, W) and log|det J| per position (N, H, W)."""
+        log_det = x.new_zeros(x.shape[0], *x.shape[2:])
+        for step in self.steps:
+            x, step_log_det = step(x)
+            log_det = log_det + step_log_det
+        return x, log_det
+
+    def inverse(self, z: Tensor) -> Tensor:
+        """Latent ``z`` back to features: the steps' inverses in reverse order."""
+        for step in reversed(self.steps):
+            z = step.inverse(z)
+        return z

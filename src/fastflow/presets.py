@@ -1,0 +1,97 @@
+"""Model configurations and the table of published presets.
+
+A preset is data, not code: adding a backbone means adding one row to ``PRESETS``, and every
+parametrized test then covers it. Any timm CNN that is not in the table still works through
+``get_config``, which falls back to the generic CNN recipe (``features_only`` at ``layers``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["FastFlowConfig", "PRESETS", "get_config", "list_presets"]
+
+
+@dataclass(frozen=True)
+class FastFlowConfig:
+    """Everything that defines a FastFlow model's architecture.
+
+    Args:
+        backbone: timm model name.
+        layers: CNN stage indices (timm ``out_indices``) or, for vision transformers, the
+            block indices whose tokens (after the final norm) feed the flows.
+        input_size: model input ``(height, width)``; any size, square or not.
+        flow_steps: coupling steps per flow.
+        hidden_ratio: subnet hidden channels = ``hidden_ratio`` x subnet input channels.
+        conv3x3_only: use 3x3 kernels in every step instead of alternating 3x3 / 1x1.
+        clamp: soft clamp of the coupling log-scale, ``clamp * tanh(0.1 * s)``.
+    """
+
+    backbone: str
+    layers: tuple[int, ...] = (1, 2, 3)
+    input_size: tuple[int, int] = (256, 256)
+    flow_steps: int = 8
+    hidden_ratio: float = 1.0
+    conv3x3_only: bool = False
+    clamp: float = 2.0
+
+    def __post_init__(self) -> None:
+        # Normalise lists from JSON/YAML into tuples so configs compare and hash equal.
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        object.__setattr__(self, "input_size", tuple(int(i) for i in self.input_size))
+        if len(self.input_size) != 2 or min(self.input_size) < 16:
+            raise ValueError(f"input_size must be (height, width) with both >= 16, got {self.input_size}")
+        if not self.layers:
+            raise ValueError("layers must name at least one backbone stage or block")
+        if self.flow_steps < 1:
+            raise ValueError(f"flow_steps must be >= 1, got {self.flow_steps}")
+        if self.hidden_ratio <= 0:
+            raise ValueError(f"hidden_ratio must be > 0, got {self.hidden_ratio}")
+        if self.clamp <= 0:
+            raise ValueError(f"clamp must be > 0, got {self.clamp}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FastFlowConfig:
+        """Inverse of ``to_dict``; unknown keys are an error so a typo never goes unnoticed."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        return cls(**data)
+
+
+PRESETS: dict[str, FastFlowConfig] = {
+    # The paper's official ResNet-18 configuration (3x3 kernels only).
+    "resnet18": FastFlowConfig("resnet18", (1, 2, 3), (256, 256), 8, 1.0, conv3x3_only=True),
+    "wide_resnet50_2": FastFlowConfig("wide_resnet50_2", (1, 2, 3), (256, 256), 8, 1.0),
+    # Vision transformers: one scale, tokens after block 7 (DeiT) / 40 (CaiT) + final norm (paper Table 6).
+    "deit_base_distilled_patch16_384": FastFlowConfig(
+        "deit_base_distilled_patch16_384", (7,), (384, 384), 20, 0.16
+    ),
+    "cait_m48_448": FastFlowConfig("cait_m48_448", (40,), (448, 448), 20, 0.16),
+    # Beyond the reference: a light CNN whose ImageNet weights ship with the project's tests.
+    "tf_efficientnet_lite0": FastFlowConfig("tf_efficientnet_lite0", (1, 2, 3), (256, 256), 8, 1.0),
+}
+
+
+def list_presets(pattern: str = "*") -> list[str]:
+    """Preset names matching a shell-style ``pattern``, sorted."""
+    return sorted(name for name in PRESETS if fnmatch.fnmatch(name, pattern))
+
+
+def get_config(backbone: str, **overrides: Any) -> FastFlowConfig:
+    """Config for ``backbone``: its preset if it has one, else the generic CNN recipe.
+
+    ``overrides`` replace single fields (``input_size=(240, 320)``, ``flow_steps=4``); ``None``
+    values are ignored so CLI options that were not given keep the preset's value.
+    """
+    base = PRESETS.get(backbone, FastFlowConfig(backbone))
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(base, **changes)

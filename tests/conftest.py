@@ -1,0 +1,36 @@
+"""Shared test setup: offline hub, deterministic seeds, paths to ../shared."""
+
+from __future__ import annotations
+
+import os
+
+# Model hubs are unreachable here; fail fast instead of retrying for a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+LITE0_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.safetensors"
+BOTTLE = SHARED / "datasets" / "mvtec_ad" / "bottle"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def lite0_weights() -> Path:
+    if not LITE0_WEIGHTS.exists():
+        pytest.skip(f"shared weights not found at {LITE0_WEIGHTS}")
+    return LITE0_WEIGHTS
+
+
+@pytest.fixture
+def bottle() -> Path:
+    if not BOTTLE.exists():
+        pytest.skip(f"MVTec AD bottle not found at {BOTTLE}")
+    return BOTTLE
