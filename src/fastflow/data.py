@@ -35,6 +35,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fastflow.errors import FastFlowError
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -71,8 +73,12 @@ _NORMAL_NAMES = ("good", "normal")
 _MASK_NAMES = ("masks", "ground_truth")
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file/folder and the fix, on one line."""
+class DataError(FastFlowError):
+    """Bad input data; the message names the file/folder and the fix, on one line.
+
+    A :class:`~fastflow.errors.FastFlowError` (hence a ``ValueError``), so the CLI prints it
+    as a one-line message instead of a traceback.
+    """
 
     def __init__(self, message: str) -> None:
         # One line keeps CLI output and log greps readable even when PIL's text has newlines.

@@ -1,0 +1,279 @@
+"""Procedurally generated anomaly-detection datasets.
+
+Used by ``fastflow demo`` (a dataset that needs no download) and as a second, fully
+controlled benchmark next to MVTec AD.
+
+Normal images are a smooth periodic texture: a sum of a few oriented sinusoids whose
+frequencies, orientations, amplitudes and colours are fixed per dataset (by ``seed``),
+plus fine pixel noise.  Every normal image draws its own phases (a random shift of each
+wave), a slight orientation/frequency jitter and a small brightness/contrast change, so a
+model has to learn a *distribution* of textures, not memorise one image.
+
+Defects are visible, *local* anomalies with exact binary masks, so pixel-level metrics
+(pixel AUROC, PRO) are meaningful:
+
+* ``scratch`` - a thin dark or bright line segment,
+* ``spot`` - an irregular blob of a different colour/intensity,
+* ``distortion`` - a patch where the texture has a different orientation and frequency.
+
+Everything is vectorised numpy and deterministic given ``seed``: the same call writes the
+same bytes.  Each image has its own random stream keyed by (seed, split, defect, index),
+so changing ``n_train`` does not change the test images.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fastflow.data import DataError
+
+__all__ = ["DEFECTS", "make_folder_dataset", "make_textures"]
+
+DEFECTS: tuple[str, ...] = ("scratch", "spot", "distortion")
+_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF"}
+_LUMA = np.array([0.299, 0.587, 0.114])
+_MIXED_RANGE = (200, 320)  # inclusive side lengths for mixed sizes
+
+
+@dataclass(frozen=True)
+class _Style:
+    """Dataset-level texture parameters (the "product" being inspected)."""
+
+    base: np.ndarray  # (3,) mean colour
+    freqs: np.ndarray  # (K,) cycles per pixel
+    thetas: np.ndarray  # (K,) wave orientation, radians
+    amps: np.ndarray  # (K,)
+    colors: np.ndarray  # (K, 3) per-channel weight of each wave
+
+
+def _style(seed: int) -> _Style:
+    rng = np.random.default_rng([seed, 0])
+    k = 4
+    return _Style(
+        base=rng.uniform(0.35, 0.6, 3).astype(np.float32),
+        freqs=rng.uniform(1 / 28, 1 / 10, k),
+        thetas=rng.uniform(0, np.pi, k),
+        amps=rng.uniform(0.05, 0.1, k),
+        colors=rng.uniform(0.5, 1.0, (k, 3)),
+    )
+
+
+def _waves(yy: np.ndarray, xx: np.ndarray, style: _Style, freqs: np.ndarray, thetas: np.ndarray,
+           phases: np.ndarray) -> np.ndarray:
+    """Sum of coloured sinusoids on the pixel grid -> (H, W, 3) float32 around zero.
+
+    ``yy`` is (H, 1) and ``xx`` (1, W).  Uses sin(ax + by + p) = sin(ax + p)cos(by) +
+    cos(ax + p)sin(by), so trigonometry is evaluated on H + W values instead of H * W.
+    """
+    a = (2 * np.pi * freqs * np.cos(thetas))[:, None, None]
+    b = (2 * np.pi * freqs * np.sin(thetas))[:, None, None]
+    ax = (a * xx + phases[:, None, None]).astype(np.float32)
+    by = (b * yy).astype(np.float32)
+    s = np.sin(ax) * np.cos(by) + np.cos(ax) * np.sin(by)  # (K, H, W)
+    k, h, w = s.shape
+    weights = (style.amps[:, None] * style.colors).astype(np.float32)  # (K, 3)
+    return (s.reshape(k, h * w).T @ weights).reshape(h, w, 3)
+
+
+def _normal(rng: np.random.Generator, style: _Style, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """One normal texture (float, no noise yet) with per-image jitter."""
+    k = len(style.freqs)
+    freqs = style.freqs * (1 + rng.normal(0, 0.03, k))
+    thetas = style.thetas + rng.normal(0, 0.03, k)
+    phases = rng.uniform(0, 2 * np.pi, k)
+    contrast = 1 + rng.normal(0, 0.05)
+    brightness = rng.normal(0, 0.03)
+    return style.base + brightness + contrast * _waves(yy, xx, style, freqs, thetas, phases)
+
+
+def _blend(img: np.ndarray, alpha: np.ndarray, content: np.ndarray) -> np.ndarray:
+    a = alpha[..., None]
+    return img * (1 - a) + content * a
+
+
+def _scratch(img: np.ndarray, rng: np.random.Generator, style: _Style, yy: np.ndarray,
+             xx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Thin anti-aliased line segment, clearly darker or brighter than the texture."""
+    h, w = yy.shape[0], xx.shape[1]
+    side = min(h, w)
+    cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+    length = rng.uniform(0.25, 0.5) * side
+    angle = rng.uniform(0, np.pi)
+    width = rng.uniform(1.5, 3.5)
+    dy, dx = np.sin(angle) * length / 2, np.cos(angle) * length / 2
+    p0 = np.array([cy - dy, cx - dx])
+    seg = np.array([2 * dy, 2 * dx])
+    t = ((yy - p0[0]) * seg[0] + (xx - p0[1]) * seg[1]) / (seg @ seg)
+    t = np.clip(t, 0, 1)
+    dist = np.hypot(yy - (p0[0] + t * seg[0]), xx - (p0[1] + t * seg[1]))
+    alpha = np.clip(width / 2 + 0.5 - dist, 0, 1)
+    color = style.base * 0.2 if rng.random() < 0.5 else np.minimum(style.base + 0.45, 0.97)
+    return _blend(img, alpha, color), alpha > 0.25
+
+
+def _spot(img: np.ndarray, rng: np.random.Generator, style: _Style, yy: np.ndarray,
+          xx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Irregular soft-edged blob (stain) of a different colour and intensity."""
+    h, w = yy.shape[0], xx.shape[1]
+    side = min(h, w)
+    cy, cx = rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w
+    radius = rng.uniform(0.03, 0.07) * side
+    ang = np.arctan2(yy - cy, xx - cx)
+    a2, a3 = rng.uniform(0, 0.2, 2)
+    p2, p3 = rng.uniform(0, 2 * np.pi, 2)
+    edge = radius * (1 + a2 * np.cos(2 * ang + p2) + a3 * np.cos(3 * ang + p3))
+    alpha = np.clip((edge - np.hypot(yy - cy, xx - cx)) / 1.5 + 0.5, 0, 1)
+    shift = rng.uniform(0.25, 0.4) * (1 if rng.random() < 0.5 else -1)
+    color = np.clip(style.base + shift + rng.uniform(-0.1, 0.1, 3), 0.02, 0.98)
+    return _blend(img, alpha * 0.9, color), alpha > 0.5
+
+
+def _distortion(img: np.ndarray, rng: np.random.Generator, style: _Style, yy: np.ndarray,
+                xx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Elliptic patch whose texture is rotated and finer than the normal texture."""
+    h, w = yy.shape[0], xx.shape[1]
+    side = min(h, w)
+    cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+    ry, rx = rng.uniform(0.08, 0.14, 2) * side
+    k = len(style.freqs)
+    freqs = style.freqs * rng.uniform(1.6, 2.2)
+    thetas = style.thetas + np.pi / 2 + rng.uniform(-0.3, 0.3)
+    patch = style.base + _waves(yy, xx, style, freqs, thetas, rng.uniform(0, 2 * np.pi, k)) * 1.3
+    r = np.hypot((yy - cy) / ry, (xx - cx) / rx)  # 1 on the ellipse border
+    alpha = np.clip((1 - r) * min(ry, rx) / 2 + 0.5, 0, 1)  # ~2 px soft border
+    return _blend(img, alpha, patch), alpha > 0.5
+
+
+_DEFECT_FNS = {"scratch": _scratch, "spot": _spot, "distortion": _distortion}
+
+
+def _render(seed: int, key: tuple[int, ...], size: tuple[int, int] | None, mixed_sizes: bool,
+            style: _Style, defect: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """One image as float (H, W, 3) in [0, 1] plus its mask (None for normal images)."""
+    rng = np.random.default_rng([seed, *key])
+    if mixed_sizes or size is None:
+        h, w = (int(v) for v in rng.integers(_MIXED_RANGE[0], _MIXED_RANGE[1] + 1, 2))
+    else:
+        h, w = size
+    yy, xx = np.ogrid[0:h, 0:w]
+    yy, xx = yy.astype(np.float32), xx.astype(np.float32)
+    img = _normal(rng, style, yy, xx)
+    mask = None
+    if defect is not None:
+        img, mask = _DEFECT_FNS[defect](img, rng, style, yy, xx)
+    img = img + 0.015 * rng.standard_normal((h, w, 1), dtype=np.float32)
+    img = img + 0.005 * rng.standard_normal((h, w, 3), dtype=np.float32)
+    return np.clip(img, 0, 1), mask
+
+
+def _save(img: np.ndarray, path: Path, grayscale: bool, fmt: str) -> None:
+    if grayscale:
+        arr = np.round((img @ _LUMA) * 255).astype(np.uint8)
+        pil = Image.fromarray(arr, "L")
+    else:
+        pil = Image.fromarray(np.round(img * 255).astype(np.uint8), "RGB")
+    # Low PNG compression: the fine noise hardly compresses, and level 6 triples the run time.
+    options = {"JPEG": {"quality": 95}, "PNG": {"compress_level": 1}}.get(_FORMATS[fmt], {})
+    pil.save(path, _FORMATS[fmt], **options)
+
+
+def _save_mask(mask: np.ndarray, path: Path) -> None:
+    Image.fromarray(mask.astype(np.uint8) * 255, "L").save(path, "PNG")
+
+
+def _prepare_root(root: str | os.PathLike[str]) -> Path:
+    """Refuse to write into a non-empty folder: mixing with old files would corrupt the set."""
+    root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise DataError(f"{root} exists and is not an empty folder; choose a new output path or delete it")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _check_fmt(fmt: str) -> str:
+    fmt = fmt.lower().lstrip(".")
+    if fmt not in _FORMATS:
+        raise DataError(f"unsupported image format {fmt!r}; use one of {sorted(_FORMATS)}")
+    return fmt
+
+
+def make_textures(
+    root: str | os.PathLike[str],
+    *,
+    n_train: int = 60,
+    n_test_good: int = 10,
+    n_test_defect: int = 10,
+    seed: int = 0,
+    grayscale: bool = False,
+    mixed_sizes: bool = False,
+    fmt: str = "png",
+    size: tuple[int, int] = (256, 256),
+) -> Path:
+    """Write an MVTec-AD-layout texture dataset into the new/empty folder ``root``.
+
+    Layout: ``train/good``, ``test/good``, ``test/<defect>`` for each of :data:`DEFECTS`
+    (``n_test_defect`` images *per defect type*) and ``ground_truth/<defect>/<stem>_mask.png``.
+    Images are ``size`` = (H, W), or random sizes in 200..320 per side with ``mixed_sizes``;
+    ``grayscale`` writes L-mode images; ``fmt`` is the image format (masks are always PNG).
+    Returns ``root``.
+    """
+    fmt = _check_fmt(fmt)
+    root = _prepare_root(root)
+    style = _style(seed)
+    groups: list[tuple[Path, int, str | None, int]] = [
+        (root / "train" / "good", 0, None, n_train),
+        (root / "test" / "good", 1, None, n_test_good),
+    ]
+    groups += [(root / "test" / d, 2 + i, d, n_test_defect) for i, d in enumerate(DEFECTS)]
+    for folder, code, defect, count in groups:
+        folder.mkdir(parents=True, exist_ok=True)
+        if defect is not None:
+            (root / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            img, mask = _render(seed, (1, code, i), tuple(size), mixed_sizes, style, defect)
+            _save(img, folder / f"{i:03d}.{fmt}", grayscale, fmt)
+            if mask is not None:
+                _save_mask(mask, root / "ground_truth" / str(defect) / f"{i:03d}_mask.png")
+    return root
+
+
+def make_folder_dataset(
+    root: str | os.PathLike[str],
+    *,
+    n_normal: int = 20,
+    n_anomalous: int = 9,
+    seed: int = 0,
+    formats: tuple[str, ...] = ("png", "jpg"),
+    grayscale_every: int = 3,
+) -> Path:
+    """Write the same kind of textures in the generic folder layout into new/empty ``root``.
+
+    ``normal/`` and ``anomalous/`` hold images of mixed sizes and aspect ratios (200..320 per
+    side); the format cycles through ``formats`` and every ``grayscale_every``-th image is
+    grayscale, to exercise loaders on heterogeneous real-world folders.  ``masks/`` holds
+    ``<stem>_mask.png`` for every anomalous image; defect types cycle through :data:`DEFECTS`.
+    ``load_samples(root, "train")`` reads ``normal/``; ``load_samples(root, "test")`` reads
+    ``normal/`` + ``anomalous/`` + ``masks/``.  Returns ``root``.
+    """
+    formats = tuple(_check_fmt(f) for f in formats)
+    root = _prepare_root(root)
+    style = _style(seed)
+    for name in ("normal", "anomalous", "masks"):
+        (root / name).mkdir()
+    for i in range(n_normal + n_anomalous):
+        anomalous = i >= n_normal
+        j = i - n_normal if anomalous else i
+        defect = DEFECTS[j % len(DEFECTS)] if anomalous else None
+        img, mask = _render(seed, (2, int(anomalous), j), None, True, style, defect)
+        fmt = formats[i % len(formats)]
+        gray = grayscale_every > 0 and i % grayscale_every == 0
+        stem = f"{j:03d}"
+        _save(img, root / ("anomalous" if anomalous else "normal") / f"{stem}.{fmt}", gray, fmt)
+        if mask is not None:
+            _save_mask(mask, root / "masks" / f"{stem}_mask.png")
+    return root
