@@ -224,6 +224,8 @@ def _save_checkpoint(path: Path, model: FastFlowModel, state: TrainState, traini
         "epoch": state.epoch,
         "best_epoch": state.best_epoch,
         "best_val_nll": state.best_val_nll if math.isfinite(state.best_val_nll) else None,
+        "progress_epoch": state.progress_epoch,
+        "progress_val_nll": state.progress_val_nll if math.isfinite(state.progress_val_nll) else None,
         "history": state.history,
         "param_groups": optimizer["param_groups"],
         "training": asdict(training),
@@ -249,9 +251,16 @@ def _load_checkpoint(path: Path, config: FastFlowConfig) -> tuple[FastFlowModel,
     state = TrainState(
         epoch=extra["epoch"],
         best_epoch=extra["best_epoch"],
-        best_val_nll=extra["best_val_nll"] if extra["best_val_nll"] is not None else math.inf,
+        best_val_nll=_finite_or_inf(extra["best_val_nll"]),
+        progress_epoch=extra["progress_epoch"],
+        progress_val_nll=_finite_or_inf(extra["progress_val_nll"]),
         history=extra["history"],
         best_weights=best or None,
         optimizer={"state": optimizer_state, "param_groups": extra["param_groups"]},
     )
     return model, state
+
+
+def _finite_or_inf(value: float | None) -> float:
+    """JSON has no infinity: ``None`` stands for "no value yet"."""
+    return math.inf if value is None else float(value)

@@ -34,7 +34,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-5
     patience: int = 10
-    min_delta: float = 1e-3  # relative NLL improvement that counts as progress
+    min_delta: float = 1e-3  # held-out NLL gain (nats per feature element) that counts as progress
     seed: int = 0
 
 
@@ -45,13 +45,15 @@ class TrainState:
     epoch: int = 0
     best_epoch: int = 0
     best_val_nll: float = math.inf
+    progress_epoch: int = 0  # last epoch whose held-out NLL beat the previous mark by min_delta
+    progress_val_nll: float = math.inf
     history: list[dict[str, float]] = field(default_factory=list)
     best_weights: dict[str, Tensor] | None = None
     optimizer: dict | None = None
 
     @property
-    def epochs_since_best(self) -> int:
-        return self.epoch - self.best_epoch
+    def epochs_without_progress(self) -> int:
+        return self.epoch - self.progress_epoch
 
 
 def extract_features(model: FastFlowModel, loader: DataLoader, desc: str = "features") -> list[Tensor]:
@@ -124,7 +126,7 @@ def fit_flows(
     generator = torch.Generator().manual_seed(config.seed + state.epoch)
     count = train_features[0].shape[0]
     bar = tqdm(total=config.max_epochs, initial=state.epoch, desc="train", unit="epoch", disable=not progress)
-    while state.epoch < config.max_epochs and state.epochs_since_best < config.patience:
+    while state.epoch < config.max_epochs and state.epochs_without_progress < config.patience:
         model.train()
         order = torch.randperm(count, generator=generator)
         losses = []
@@ -144,10 +146,12 @@ def fit_flows(
         val_nll = _evaluate_nll(model, val_features, config.batch_size)
         train_nll = sum(losses) / len(losses)
         state.history.append({"epoch": state.epoch, "train_nll": train_nll, "val_nll": val_nll})
-        improved = val_nll < state.best_val_nll - config.min_delta * abs(state.best_val_nll)
-        if improved or state.best_weights is None:
+        if val_nll < state.best_val_nll:
             state.best_val_nll, state.best_epoch = val_nll, state.epoch
             state.best_weights = copy.deepcopy(model.flow_state_dict())
+        gain = state.progress_val_nll - val_nll
+        if not math.isfinite(gain) or _per_position(model, gain) > config.min_delta:
+            state.progress_val_nll, state.progress_epoch = val_nll, state.epoch
         state.optimizer = optimizer.state_dict()
         bar.update(1)
         bar.set_postfix(
