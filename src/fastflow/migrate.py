@@ -12,6 +12,7 @@ one offending key. Files are read with ``weights_only=True`` so a checkpoint can
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,8 +43,9 @@ _ANOMALIB_DEFAULTS: dict[str, Any] = {"flow_steps": 8, "conv3x3_only": False, "h
 _ANOMALIB_CLAMP = 2.0  # create_fast_flow_block never changes FrEIA's affine clamping
 _CONFIG_HINT = "pass config=get_config(BACKBONE, input_size=(H, W)) (CLI: --backbone/--input-size)"
 _EXPORT_HINT = (
-    "in the anomalib environment run torch.save(model.model.state_dict(), 'fastflow_state.pth') "
-    "and pass that file with config=get_config(BACKBONE, input_size=(H, W))"
+    "export the weights in anomalib (model = Fastflow.load_from_checkpoint(...); "
+    "torch.save(model.model.state_dict(), 'fastflow_state.pth')) and pass that file with "
+    "config=get_config(BACKBONE, input_size=(H, W))"
 )
 
 
@@ -77,15 +79,19 @@ def _read(source: str | Path | Mapping[str, Tensor], name: str) -> tuple[dict[st
     else:
         path = Path(source)
         if not path.is_file():
-            raise FastFlowError(f"anomalib model file {path} does not exist; pass a .ckpt, .pth or .safetensors file")
+            raise FastFlowError(f"anomalib model file {path} does not exist; pass a .ckpt/.pth/.safetensors")
         try:
             if path.suffix == ".safetensors":
                 raw = load_file(str(path))
             else:
                 raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - unsafe pickles and corrupt files mean the same here
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:100]
-            raise FastFlowError(f"cannot safely read {path} ({reason}); {_EXPORT_HINT}") from None
+        except pickle.UnpicklingError:  # e.g. Lightning hyper_parameters holding config objects
+            message = f"{path} holds objects that only an unsafe unpickling could load; {_EXPORT_HINT}"
+            raise FastFlowError(message) from None
+        except Exception as error:  # noqa: BLE001 - any other decoding failure means the same to the user
+            lines = str(error).strip().splitlines() or [type(error).__name__]
+            reason = re.sub(r"\x1b\[[0-9;]*m", "", lines[0])[:100]  # drop terminal colour codes
+            raise FastFlowError(f"cannot read {path} ({reason}); {_EXPORT_HINT}") from None
         if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
             hparams = raw.get("hyper_parameters") or {}
             raw = raw["state_dict"]
@@ -97,7 +103,7 @@ def _read(source: str | Path | Mapping[str, Tensor], name: str) -> tuple[dict[st
     if any(k.startswith("model.") for k in raw):
         raw = {k.removeprefix("model."): v for k, v in raw.items() if k.startswith("model.")}
     if not any(k.startswith("fast_flow_blocks.") for k in raw):
-        raise FastFlowError(f"{name} holds no anomalib FastFlow model (no 'fast_flow_blocks.*' tensors); {_EXPORT_HINT}")
+        raise FastFlowError(f"{name} holds no anomalib FastFlow (no 'fast_flow_blocks.*'); {_EXPORT_HINT}")
     return dict(raw), dict(hparams)
 
 
@@ -123,8 +129,8 @@ def _infer_config(state: Mapping[str, Tensor], hparams: Mapping[str, Any], name:
             if is_transformer(backbone):
                 input_size = timm.create_model(backbone, pretrained=False).patch_embed.img_size
             elif "norms.0.weight" in state:
-                extractor = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=layers)
-                reduction = extractor.feature_info.reduction()[0]
+                cnn = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=layers)
+                reduction = cnn.feature_info.reduction()[0]
                 input_size = tuple(int(n) * reduction for n in state["norms.0.weight"].shape[1:])
         if input_size is None:
             raise FastFlowError(f"cannot tell the input size of {name}; {_CONFIG_HINT}")
