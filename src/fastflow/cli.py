@@ -109,18 +109,21 @@ def train(
     input_size: Annotated[str | None, typer.Option(help="Model input HEIGHTxWIDTH or one number (default: preset's).")] = None,
     holdout: Annotated[float | None, typer.Option(help="Share of normal images held out for selection and threshold.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (flags win).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --output.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last.safetensors (e.g. after an interruption or with more --epochs).")] = False,
 ) -> None:
     """Train a model on the normal images of DATA and write it to --output."""
     from fastflow.detector import FastFlow
+    from fastflow.io import atomic_write
     from fastflow.train import TrainConfig
 
     cli = {"backbone": backbone, "weights": weights, "epochs": epochs, "batch_size": batch_size, "lr": lr,
            "patience": patience, "seed": seed, "input_size": input_size, "holdout": holdout}
     options = resolve_train_options(cli, config)
-    checkpoint = output / "checkpoint.safetensors"
-    if (output / "model.safetensors").exists() or (checkpoint.exists() and not resume):
+    checkpoint = output / "last.safetensors"
+    if not resume and ((output / "model.safetensors").exists() or checkpoint.exists()):
         raise FastFlowError(f"run folder {output} already holds a run; pass --resume to continue it or choose a new --output")
+    if resume and not checkpoint.exists():
+        raise FastFlowError(f"nothing to resume: {checkpoint} does not exist; train without --resume")
     training = TrainConfig(
         max_epochs=int(options["epochs"]), batch_size=int(options["batch_size"]), lr=float(options["lr"]),
         weight_decay=float(options["weight_decay"]), patience=int(options["patience"]), seed=int(options["seed"]),
@@ -133,8 +136,8 @@ def train(
     )
     detector.fit(data, checkpoint=checkpoint)
     path = detector.save(output / "model.safetensors")
-    (output / "history.json").write_text(json.dumps(detector.history_, indent=2))
-    checkpoint.unlink(missing_ok=True)
+    history = json.dumps(detector.history_, indent=2)
+    atomic_write(output / "history.json", lambda tmp: tmp.write_text(history))
     typer.echo(f"best epoch {detector.best_epoch_} of {len(detector.history_)}; threshold {detector.threshold_:.6g}")
     typer.echo(f"saved {path}")
 
@@ -194,6 +197,46 @@ def demo(
     report = run_demo(output, weights, epochs)
     typer.echo(_metrics_table(report.metrics))
     typer.echo(f"model, data and heat maps in {output}/ (heat maps: {output}/heatmaps/overlays)")
+
+
+def _parse_weights(items: list[str] | None) -> dict[str, str | None]:
+    """'NAME=FILE' pairs (or one bare FILE, used for every backbone) -> {backbone: file}."""
+    pairs: dict[str, str | None] = {}
+    for item in items or []:
+        name, _, path = item.rpartition("=")
+        pairs[name or "*"] = path
+    return pairs
+
+
+@app.command()
+@_user_errors
+def benchmark(
+    datasets: Annotated[list[Path], typer.Argument(help="Category folders (MVTec AD layout), e.g. mvtec_ad/bottle.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for one JSON per run and results.md.")],
+    backbone: Annotated[list[str], typer.Option(help="Backbone to compare; repeat for several.")] = ["tf_efficientnet_lite0"],  # noqa: B006
+    weights: Annotated[list[str] | None, typer.Option(help="NAME=FILE backbone weights (or one FILE for all); repeatable.")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; cells show mean and min-max.")] = "0",
+    epochs: Annotated[int, typer.Option(help="Maximum epochs per run.")] = 200,
+    input_size: Annotated[str | None, typer.Option(help="Model input HEIGHTxWIDTH (default: each preset's).")] = None,
+) -> None:
+    """Train and test every dataset x backbone x seed; print the metric tables in markdown."""
+    from fastflow.benchmark import markdown_tables, run_benchmark
+    from fastflow.io import atomic_write
+    from fastflow.train import TrainConfig
+
+    pairs = _parse_weights(weights)
+    per_backbone = {name: pairs.get(name, pairs.get("*")) for name in backbone}
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise FastFlowError(f"bad --seeds '{seeds}'; write comma-separated integers like 0,1,2") from None
+    runs = run_benchmark(
+        datasets, backbone, output, weights=per_backbone, seeds=seed_list,
+        training=TrainConfig(max_epochs=epochs), input_size=parse_size(input_size),
+    )
+    tables = markdown_tables(runs)
+    atomic_write(output / "results.md", lambda tmp: tmp.write_text(tables))
+    typer.echo(tables)
 
 
 @app.command()

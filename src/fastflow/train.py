@@ -66,7 +66,8 @@ def extract_features(model: FastFlowModel, loader: DataLoader, desc: str = "feat
             per_scale = [[] for _ in features]
         for store, feature in zip(per_scale, features, strict=True):
             store.append(feature)
-    return [torch.cat(store) for store in per_scale]
+    # Channels-last lets oneDNN run the flows' convolutions about twice as fast on CPUs.
+    return [torch.cat(store).contiguous(memory_format=torch.channels_last) for store in per_scale]
 
 
 def _flow_nll(model: FastFlowModel, features: list[Tensor]) -> Tensor:
@@ -119,6 +120,7 @@ def fit_flows(
         FastFlowError: when the loss becomes NaN or infinite.
     """
     state = state or TrainState()
+    model.flows.to(memory_format=torch.channels_last)
     parameters = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
     optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
     if state.optimizer is not None:

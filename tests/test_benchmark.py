@@ -1,0 +1,41 @@
+"""Benchmark tables: the markdown layout and averages, and one tiny real run."""
+
+from __future__ import annotations
+
+import json
+
+from fastflow.benchmark import BenchmarkRun, markdown_tables, run_benchmark
+from fastflow.synthetic import make_textures
+from fastflow.train import TrainConfig
+
+
+def _run(category, backbone, seed, value):
+    keys = ("image_auroc", "pixel_auroc", "image_f1", "pixel_f1", "aupro")
+    return BenchmarkRun(category, backbone, seed, {k: value for k in keys})
+
+
+def test_tables_have_one_row_per_category_an_average_and_seed_spread():
+    runs = [
+        _run("bottle", "a", 0, 0.90), _run("bottle", "a", 1, 0.94),
+        _run("cable", "a", 0, 0.80),
+        _run("bottle", "b", 0, 1.00), _run("cable", "b", 0, 0.60),
+    ]
+    text = markdown_tables(runs)
+    assert text.count("### ") == 5
+    image_table = text.split("### Image AUROC")[1].split("###")[0]
+    assert "| bottle | 0.920 (0.900-0.940) | 1.000 |" in image_table
+    assert "| cable | 0.800 | 0.600 |" in image_table
+    assert "| **Average** | 0.860 | 0.800 |" in image_table
+
+
+def test_tiny_real_run_writes_one_json_per_run(tmp_path, lite0_weights):
+    data = make_textures(tmp_path / "tex", n_train=10, n_test_good=3, n_test_defect=2, size=(64, 64))
+    runs = run_benchmark(
+        [data], ["tf_efficientnet_lite0"], tmp_path / "out", weights={"tf_efficientnet_lite0": lite0_weights},
+        seeds=(0, 1), training=TrainConfig(max_epochs=1, batch_size=8), input_size=(64, 64),
+    )
+    assert [r.seed for r in runs] == [0, 1]
+    files = sorted((tmp_path / "out").glob("*.json"))
+    assert [f.name for f in files] == ["tex__tf_efficientnet_lite0__seed0.json", "tex__tf_efficientnet_lite0__seed1.json"]
+    record = json.loads(files[0].read_text())
+    assert 0.0 <= record["metrics"]["image_auroc"] <= 1.0 and record["epochs"] == 1
