@@ -116,4 +116,4 @@ def load_model(path: str | Path) -> tuple[FastFlowModel, dict[str, Any]]:
         first = str(error).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]
         raise FastFlowError(f"weights in model file {path} do not fit its config ({detail}); retrain the model") from None
-    return model.eval(), extra
+    return model.use_channels_last().eval(), extra

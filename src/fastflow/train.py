@@ -120,17 +120,17 @@ def fit_flows(
         FastFlowError: when the loss becomes NaN or infinite.
     """
     state = state or TrainState()
-    model.flows.to(memory_format=torch.channels_last)
     parameters = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
     optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
-    generator = torch.Generator().manual_seed(config.seed + state.epoch)
+    generator = torch.Generator()
     count = train_features[0].shape[0]
     bar = tqdm(total=config.max_epochs, initial=state.epoch, desc="train", unit="epoch", disable=not progress)
     while state.epoch < config.max_epochs and state.epochs_without_progress < config.patience:
         model.train()
-        order = torch.randperm(count, generator=generator)
+        # Reseeded every epoch, so a resumed run draws the same batches as an uninterrupted one.
+        order = torch.randperm(count, generator=generator.manual_seed(config.seed + state.epoch))
         losses = []
         for start in range(0, count, config.batch_size):
             index = order[start : start + config.batch_size]

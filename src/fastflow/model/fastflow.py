@@ -44,6 +44,16 @@ class FastFlowModel(nn.Module):
             FlowStack(shape[0], config.flow_steps, config.hidden_ratio, kernels, config.clamp, seed=index)
             for index, shape in enumerate(self.feature_shapes)
         )
+        self.use_channels_last()
+
+    def use_channels_last(self) -> FastFlowModel:
+        """Store the flows' convolutions channels-last: oneDNN runs them about twice as fast on CPUs.
+
+        Called after construction and after loading weights (which replaces the tensors), so a
+        trained and a reloaded model run the same kernels and give bit-identical scores.
+        """
+        self.flows.to(memory_format=torch.channels_last)
+        return self
 
     @property
     def mean(self) -> tuple[float, ...]:
