@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +23,10 @@ from fastflow import FastFlow
 from fastflow.cli import main
 from fastflow.synthetic import make_folder_dataset, make_textures
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 INPUT_SIZE = "64x96"
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "image_f1", "pixel_f1", "aupro")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a busy 2-core machine two threads stall each other at every barrier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ models (two coupling steps, a few epochs) so the whole module stays well under a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,8 @@ from fastflow import FastFlow, FastFlowError, TrainConfig
 from fastflow.data import Sample, load_mask, load_samples
 from fastflow.synthetic import make_textures
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BACKBONE = "tf_efficientnet_lite0"
 IMAGE_SIZE = (128, 160)  # (height, width), non-square on purpose
 INPUT_SIZE = IMAGE_SIZE  # the quality model sees the images unscaled
@@ -30,15 +31,6 @@ TINY = {"flow_steps": 2, "input_size": (64, 96)}
 def make(weights: Path, epochs: int, seed: int = 0, lr: float = 1e-3, **overrides: Any) -> FastFlow:
     training = TrainConfig(max_epochs=epochs, batch_size=8, lr=lr, seed=seed)
     return FastFlow(BACKBONE, weights=weights, training=training, **{"input_size": INPUT_SIZE, **overrides})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a busy 2-core machine two threads stall each other at every barrier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
