@@ -22,6 +22,7 @@ training run before anything is written.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from fastflow.errors import FastFlowError
+from fastflow.model.preprocess import Preprocess
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -44,6 +46,7 @@ __all__ = [
     "DataError",
     "ImageDataset",
     "Sample",
+    "decode_image",
     "detect_layout",
     "folder_samples",
     "image_size",
@@ -372,6 +375,17 @@ def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
     return h, w
 
 
+def decode_image(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Decode ``path`` to an 8-bit RGB (3, H, W) uint8 tensor: the raw input of an exported model."""
+    arr = _decoded(Path(path), "image", lambda img: np.array(_to_rgb(img), dtype=np.uint8))
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+@functools.lru_cache(maxsize=8)
+def _preprocess(size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]) -> Preprocess:
+    return Preprocess(size, mean, std)
+
+
 def load_image(
     path: str | os.PathLike[str],
     size: int | tuple[int, int],
@@ -380,23 +394,13 @@ def load_image(
 ) -> torch.Tensor:
     """Decode, convert to RGB, resize to ``size`` = (H, W) and normalize -> (3, H, W) float32.
 
-    Resizing uses PIL bilinear (antialiased), which is what torchvision's ``Resize`` does on
-    PIL images, so features match a torchvision-based pipeline.
+    Decoding gives 8-bit RGB; resize and normalisation are :class:`~fastflow.model.preprocess.Preprocess`
+    (antialiased bilinear, as PIL's ``BILINEAR`` and torchvision's ``Resize``), the same module
+    the exported ONNX / OpenVINO graphs contain, so exported models see the same pixels.
     """
-    path = Path(path)
-    h, w = _as_hw(size)
-
-    def to_array(img: Image.Image) -> np.ndarray:
-        rgb = _to_rgb(img)
-        if rgb.size != (w, h):
-            rgb = rgb.resize((w, h), Image.BILINEAR)
-        return np.asarray(rgb, dtype=np.float32) / 255.0
-
-    arr = _decoded(path, "image", to_array)
-    tensor = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return (tensor - mean_t) / std_t
+    preprocess = _preprocess(_as_hw(size), tuple(float(m) for m in mean), tuple(float(s) for s in std))
+    with torch.no_grad():
+        return preprocess(decode_image(path)[None])[0].contiguous()
 
 
 def _mask_bool(img: Image.Image) -> np.ndarray:
