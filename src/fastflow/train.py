@@ -29,7 +29,8 @@ __all__ = ["TrainConfig", "TrainState", "extract_features", "fit_flows"]
 class TrainConfig:
     """Optimisation settings; defaults follow the reference (Adam, lr 1e-3, wd 1e-5, batch 32)."""
 
-    max_epochs: int = 200
+    # About 8 minutes for a 200-image category with Lite0 at 256x256 on 2 CPU cores.
+    max_epochs: int = 100
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-5
