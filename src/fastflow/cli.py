@@ -6,9 +6,11 @@ command line win. User errors print one line and exit with status 2, without a t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -159,11 +161,29 @@ def test(
     from fastflow.evaluation import evaluate_detector
     from fastflow.io import atomic_write
 
-    report = evaluate_detector(FastFlow.load(run), data)
+    with _physical_core_threads():
+        report = evaluate_detector(FastFlow.load(run), data)
     typer.echo(_metrics_table(report.metrics))
     if json_path is not None:
         text = json.dumps({**report.metrics, "images": report.images}, indent=2)
         atomic_write(json_path, lambda tmp: tmp.write_text(text))
+
+
+@contextlib.contextmanager
+def _physical_core_threads() -> Iterator[None]:
+    """One PyTorch thread per physical core (hyper-threads only slow these kernels down) while a
+    command runs, unless ``OMP_NUM_THREADS`` says otherwise; the previous setting comes back after."""
+    import torch
+
+    from fastflow.export import physical_cores
+
+    previous = torch.get_num_threads()
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(physical_cores())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @app.command()
@@ -172,16 +192,52 @@ def predict(
     run: Annotated[Path, typer.Argument(help="Run folder or model.safetensors from 'fastflow train'.")],
     inputs: Annotated[list[str], typer.Argument(help="Images, folders or glob patterns.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for overlays/, masks/, predictions.csv/.json.")],
+    engine: Annotated[str | None, typer.Option(help="torch, onnx or openvino (default: openvino when installed, else torch).")] = None,
+    precision: Annotated[str, typer.Option(help="f32, or bf16 (faster on CPUs with bf16 units; scores differ slightly).")] = "f32",
 ) -> None:
     """Score images: per-image score and label, heat-map overlays, binary masks, a summary."""
     from fastflow.detector import FastFlow
+    from fastflow.export import default_engine
     from fastflow.predict import expand_inputs, write_predictions
 
-    detector = FastFlow.load(run)
-    rows = write_predictions(detector, expand_inputs(inputs), output)
+    with _physical_core_threads():
+        detector = FastFlow.load(run)
+        rows = write_predictions(detector, expand_inputs(inputs), output, engine or default_engine(), precision)
     for row in rows:
         typer.echo(f"{row['score']:.6f}  {row['label']:<9}  {row['path']}")
     typer.echo(f"wrote {len(rows)} predictions to {output}")
+
+
+@app.command()
+@_user_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder or model.safetensors from 'fastflow train'.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the exported model and model.json.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx (ONNX Runtime) or openvino (OpenVINO IR).")] = "onnx",  # noqa: A002
+    precision: Annotated[str, typer.Option(help="OpenVINO inference precision recorded with the model: f32 or bf16.")] = "f32",
+    check: Annotated[bool, typer.Option(help="Compare the exported model with PyTorch on random images (f32 only).")] = True,
+) -> None:
+    """Export a trained model with pre- and post-processing: raw uint8 RGB in, map/score/label out."""
+    from fastflow.detector import FastFlow
+    from fastflow.export import check_parity, to_onnx, to_openvino
+
+    if format not in ("onnx", "openvino"):
+        raise FastFlowError(f"unknown export format '{format}'; use onnx or openvino")
+    if format == "onnx" and precision != "f32":
+        raise FastFlowError("ONNX exports run in f32; use --format openvino for --precision bf16")
+    import torch
+
+    with _physical_core_threads():
+        detector = FastFlow.load(run)
+        path = to_onnx(detector, output) if format == "onnx" else to_openvino(detector, output, precision)
+        typer.echo(f"exported {path} (input 'image': uint8 N x 3 x H x W RGB; outputs anomaly_map, score, label)")
+        if check and precision == "f32":
+            height, width = detector.config_.input_size
+            generator = torch.Generator().manual_seed(0)
+            pixels = [torch.randint(0, 256, (2, 3, h, w), generator=generator, dtype=torch.uint8)
+                      for h, w in ((height, width), (height * 2 + 3, width + 5))]
+            worst = max(check_parity(detector, path, batch) for batch in pixels)
+            typer.echo(f"parity with PyTorch on random images: max difference {worst:.2g}")
 
 
 @app.command()

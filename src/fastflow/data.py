@@ -55,6 +55,7 @@ __all__ = [
     "load_mask",
     "load_samples",
     "mvtec_samples",
+    "same_size_batches",
     "split_holdout",
     "validate_samples",
 ]
@@ -439,6 +440,10 @@ class ImageDataset(Dataset):
     Keys: ``image`` (3, H, W) float32, ``label`` int, ``mask`` (H, W) bool (all False when
     there is no mask), ``has_mask`` bool (False for anomalous images without a mask, so
     pixel metrics can skip them), ``path`` str and ``defect`` str.
+
+    With ``raw=True`` the image is the decoded (3, height, width) uint8 picture at its own size
+    (the input of ``InferenceGraph`` and of exported models); batch those with
+    :func:`same_size_batches`. Masks are always at ``size``.
     """
 
     def __init__(
@@ -447,18 +452,23 @@ class ImageDataset(Dataset):
         size: int | tuple[int, int],
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        raw: bool = False,
     ) -> None:
         self.samples = list(samples)
         self.size = _as_hw(size)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.raw = raw
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, object]:
         sample = self.samples[index]
-        image = load_image(sample.path, self.size, self.mean, self.std)
+        if self.raw:
+            image = decode_image(sample.path)
+        else:
+            image = load_image(sample.path, self.size, self.mean, self.std)
         if sample.mask is not None:
             mask = load_mask(sample.mask, self.size)
         else:
@@ -472,6 +482,23 @@ class ImageDataset(Dataset):
             "path": str(sample.path),
             "defect": sample.defect,
         }
+
+
+def same_size_batches(samples: Sequence[Sample], batch_size: int) -> list[list[int]]:
+    """Indices of ``samples`` in order, cut into batches of at most ``batch_size`` same-size images.
+
+    A batch ends where the image size (read from the file header) changes, so raw images of a
+    batch stack into one tensor and predictions stay in the samples' order.
+    """
+    batches: list[list[int]] = []
+    previous: tuple[int, int] | None = None
+    for index, sample in enumerate(samples):
+        size = image_size(sample.path)
+        if not batches or size != previous or len(batches[-1]) >= batch_size:
+            batches.append([])
+        batches[-1].append(index)
+        previous = size
+    return batches
 
 
 # --------------------------------------------------------------------------- checks

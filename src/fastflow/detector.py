@@ -11,21 +11,24 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from fastflow.data import ImageDataset, Sample, load_samples, split_holdout, validate_samples
+from fastflow.data import ImageDataset, Sample, load_samples, same_size_batches, split_holdout, validate_samples
 from fastflow.errors import FastFlowError
 from fastflow.io import load_model, read_model_file, save_model
 from fastflow.metrics import calibrate_threshold
 from fastflow.model.fastflow import FastFlowModel
+from fastflow.model.inference import InferenceGraph
 from fastflow.presets import FastFlowConfig, get_config
-from fastflow.scoring import anomaly_map, image_score
 from fastflow.train import TrainConfig, TrainState, extract_features, fit_flows
+
+if TYPE_CHECKING:
+    from fastflow.export import Engine
 
 __all__ = ["FastFlow", "Prediction", "as_samples"]
 
@@ -116,6 +119,7 @@ class FastFlow:
         state = fit_flows(self.model_, train_features, holdout_features, self.training, state, on_epoch_end)
         self.history_ = state.history
         self.best_epoch_ = state.best_epoch
+        self._reset_inference()
         holdout_scores, holdout_maps = self._score_features(holdout_features)
         self.holdout_scores_ = holdout_scores
         # Typical normal pixel value: the dark end of heat-map pictures.
@@ -129,14 +133,13 @@ class FastFlow:
         return DataLoader(dataset, batch_size=self.training.batch_size, shuffle=False)
 
     def _score_features(self, features: list[Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and maps of cached raw backbone features."""
+        """Scores and maps of cached raw backbone features, through the inference graph's flows and scorer."""
+        graph = self._graph_for(threshold=math.inf)
         scores, maps = [], []
         with torch.no_grad():
             for start in range(0, features[0].shape[0], self.training.batch_size):
-                batch = [norm(f[start : start + self.training.batch_size]) for norm, f in zip(self.model_.norms, features)]
-                zs = [flow(feature)[0] for flow, feature in zip(self.model_.flows, batch)]
-                amap = anomaly_map(zs, self.model_.config.input_size)
-                scores.append(image_score(amap).numpy())
+                amap, score, _ = graph.score_features([f[start : start + self.training.batch_size] for f in features])
+                scores.append(score.numpy())
                 maps.append(amap.numpy())
         return np.concatenate(scores), np.concatenate(maps)
 
@@ -144,29 +147,72 @@ class FastFlow:
         if not hasattr(self, "model_"):
             raise FastFlowError("this FastFlow detector is not fitted; call fit(...) or FastFlow.load(path) first")
 
-    def iter_predictions(self, X: ImagesLike) -> Iterator[tuple[list[Sample], Prediction, dict[str, Tensor]]]:
-        """Score ``X`` batch by batch: (samples, prediction, batch dict with masks) per batch.
+    def _reset_inference(self) -> None:
+        """Forget the inference graph and engines built from an earlier model."""
+        self._graph: InferenceGraph | None = None
+        self._engines: dict[tuple[str, str, float], Engine] = {}
 
-        Streaming keeps memory flat on large folders; ``predict`` and friends collect it.
+    def _graph_for(self, threshold: float) -> InferenceGraph:
+        if getattr(self, "_graph", None) is None:
+            self._graph = InferenceGraph(self.model_, threshold)
+        self._graph.set_threshold(threshold)
+        return self._graph
+
+    def inference_graph(self) -> InferenceGraph:
+        """The module every engine runs: raw pixels -> (anomaly_map, score, label); see ``fastflow.export``.
+
+        Built (flows folded) from the fitted model when first needed; ``fit`` and ``load`` rebuild it.
         """
         self._check_fitted()
+        return self._graph_for(self.threshold_)
+
+    def engine(self, name: str = "torch", precision: str = "f32") -> Engine:
+        """An inference engine for this detector: ``"torch"`` (the graph in PyTorch), or ``"onnx"`` /
+        ``"openvino"`` (the graph exported to a temporary folder and loaded; needs the ``export`` extra).
+
+        ``precision="bf16"`` (torch autocast, OpenVINO hint) trades exactness for speed.
+        """
+        from fastflow.export import ENGINES, TorchEngine, export_engine
+
+        if name not in ENGINES:
+            raise FastFlowError(f"unknown engine '{name}'; use one of {', '.join(ENGINES)}")
+        graph = self.inference_graph()
+        if not hasattr(self, "_engines"):
+            self._reset_inference()
+        key = (name, precision, float(graph.threshold))
+        if key not in self._engines:
+            self._engines[key] = TorchEngine(graph, precision) if name == "torch" else export_engine(self, name, precision)
+        return self._engines[key]
+
+    def raw_batches(self, X: ImagesLike) -> Iterator[tuple[list[Sample], dict[str, Any]]]:
+        """(samples, batch) per batch of ``X``: decoded uint8 images of one size, masks at the model's size."""
+        self._check_fitted()
         samples = as_samples(X)
-        self.model_.eval()
-        loader = self._loader(samples)
+        dataset = ImageDataset(samples, self.model_.config.input_size, self.model_.mean, self.model_.std, raw=True)
+        loader = DataLoader(dataset, batch_sampler=same_size_batches(samples, self.training.batch_size))
         done = 0
         for batch in loader:
-            with torch.no_grad():
-                zs, _ = self.model_(batch["image"])
-                amap = anomaly_map(zs, self.model_.config.input_size)
-            scores = image_score(amap).numpy()
-            prediction = Prediction(scores, amap.numpy(), (scores > self.threshold_).astype(np.int64))
-            count = len(scores)
-            yield samples[done : done + count], prediction, batch
+            count = len(batch["path"])
+            yield samples[done : done + count], batch
             done += count
 
-    def score(self, X: ImagesLike) -> Prediction:
-        """Scores, anomaly maps and labels of every image in ``X``."""
-        parts = [prediction for _, prediction, _ in self.iter_predictions(X)]
+    def iter_predictions(
+        self, X: ImagesLike, engine: str = "torch", precision: str = "f32"
+    ) -> Iterator[tuple[list[Sample], Prediction, dict[str, Tensor]]]:
+        """Score ``X`` batch by batch: (samples, prediction, batch dict with masks) per batch.
+
+        Every engine runs the same ``inference_graph()`` on the decoded pixels (resize and
+        normalisation included). Streaming keeps memory flat on large folders; ``predict`` and
+        friends collect it.
+        """
+        run = self.engine(engine, precision)
+        for samples, batch in self.raw_batches(X):
+            amap, scores, labels = run(batch["image"])
+            yield samples, Prediction(scores, amap, labels.astype(np.int64)), batch
+
+    def score(self, X: ImagesLike, engine: str = "torch", precision: str = "f32") -> Prediction:
+        """Scores, anomaly maps and labels of every image in ``X`` (see ``engine`` for the options)."""
+        parts = [prediction for _, prediction, _ in self.iter_predictions(X, engine, precision)]
         return Prediction(*(np.concatenate([getattr(p, name) for p in parts]) for name in ("scores", "maps", "labels")))
 
     def decision_function(self, X: ImagesLike) -> np.ndarray:
@@ -205,6 +251,7 @@ class FastFlow:
         detector = cls(model.config.backbone, training=TrainConfig(**extra.get("training", {})))
         detector.threshold_quantile = extra.get("threshold_quantile", detector.threshold_quantile)
         detector.model_, detector.config_ = model, model.config
+        detector._reset_inference()
         detector.threshold_ = float(extra["threshold"])
         detector.holdout_scores_ = np.asarray(extra.get("holdout_scores", []), dtype=np.float64)
         detector.map_floor_ = float(extra.get("map_floor", min(detector.holdout_scores_, default=0.0)))

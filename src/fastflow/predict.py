@@ -53,8 +53,13 @@ def _unique_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def write_predictions(detector: FastFlow, images: ImagesLike, output: Path) -> list[dict]:
-    """Score ``images`` and write ``overlays/``, ``masks/``, ``predictions.csv`` and ``.json`` to ``output``."""
+def write_predictions(
+    detector: FastFlow, images: ImagesLike, output: Path, engine: str = "torch", precision: str = "f32"
+) -> list[dict]:
+    """Score ``images`` and write ``overlays/``, ``masks/``, ``predictions.csv`` and ``.json`` to ``output``.
+
+    ``engine`` / ``precision``: see ``FastFlow.engine``.
+    """
     samples = as_samples(images)
     validate_samples(samples)
     names = _unique_names([s.path for s in samples])
@@ -65,7 +70,7 @@ def write_predictions(detector: FastFlow, images: ImagesLike, output: Path) -> l
         (tmp / "overlays").mkdir()
         (tmp / "masks").mkdir()
         done = 0
-        for batch_samples, prediction, _ in detector.iter_predictions(samples):
+        for batch_samples, prediction, _ in detector.iter_predictions(samples, engine, precision):
             for i, sample in enumerate(batch_samples):
                 name = names[done + i]
                 amap = prediction.maps[i]

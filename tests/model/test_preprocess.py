@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from fastflow.model.preprocess import Preprocess, resize_antialias, resize_matrix
+from fastflow.model.preprocess import Preprocess, resize_antialias, resize_by_matrices, resize_matrix
 
 SIZES = [
     ((900, 900), (256, 256)),  # MVTec-like downscale, factor 3.5
@@ -39,9 +39,15 @@ def test_resize_matrix_rows_are_normalised_and_identity_at_same_size():
 def test_same_size_is_unchanged_bit_for_bit_with_and_without_the_shortcut():
     images = torch.randint(0, 256, (1, 3, 48, 40)).float()
     assert torch.equal(resize_antialias(images, (48, 40)), images)
-    # The traced graph (exports) has no shortcut: its identity matrices give the same bits.
-    traced = torch.jit.trace(lambda x: resize_antialias(x, (48, 40)), images)
-    assert torch.equal(traced(images), images)
+    assert torch.equal(resize_by_matrices(images, 48, 40), images)  # what the shortcut skips
+
+
+def test_traced_resize_handles_every_input_size():
+    """A trace at one size must resize other sizes too, and leave that size unchanged (exports rely on it)."""
+    traced = torch.jit.trace(lambda x: resize_antialias(x, (48, 40)), torch.rand(1, 3, 48, 40) * 255)
+    for shape in [(1, 3, 48, 40), (2, 3, 100, 70), (1, 3, 30, 41)]:
+        images = torch.randint(0, 256, shape).float()
+        assert torch.equal(traced(images), resize_antialias(images, (48, 40)))
 
 
 def test_resize_is_within_one_grey_level_of_pil_bilinear():

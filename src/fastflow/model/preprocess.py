@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Preprocess", "resize_antialias", "resize_matrix"]
+__all__ = ["Preprocess", "resize_antialias", "resize_by_matrices", "resize_matrix"]
 
 
 def resize_matrix(in_size: Tensor, out_size: int) -> Tensor:
@@ -30,38 +30,44 @@ def resize_matrix(in_size: Tensor, out_size: int) -> Tensor:
         in_size: input length as a 0-d int64 tensor (a tensor, so tracing keeps it symbolic).
         out_size: output length.
 
-    Row ``i`` holds the normalised triangle-filter weights of output ``i``: output centre
-    ``c = (i + 0.5) * s`` with scale ``s = in / out``, filter support ``max(s, 1)`` (widened by
-    the downscaling factor: the antialias; plain bilinear when upscaling), taps from
-    ``floor(c - support + 0.5)`` to ``floor(c + support + 0.5)`` clipped to the image, as in
-    PIL and ``F.interpolate(..., antialias=True)``. At ``in == out`` it is the identity matrix.
+    Output ``i`` is centred at ``c = (i + 0.5) * s`` input pixels, scale ``s = in / out``; input
+    ``j`` gets the triangle-filter weight ``max(0, 1 - |j + 0.5 - c| / max(s, 1))`` (support
+    widened by the downscaling factor: the antialias; plain bilinear when upscaling), rows
+    normalised to sum 1, as in PIL and ``F.interpolate(..., antialias=True)``. Multiplied by
+    ``2 * out * max(s, 1)`` the weights are integers, ``max(0, 2 max(in, out) - |out (2j + 1) -
+    in (2i + 1)|)``: computed exactly in int64, with one float division for the normalisation,
+    so a reduced-precision engine (bf16) cannot shift the filter taps. At ``in == out`` it is
+    the identity matrix.
     """
-    length = in_size.to(torch.float32)
-    scale = length / out_size
-    support = torch.clamp(scale, min=1.0)
-    center = (torch.arange(out_size, dtype=torch.float32) + 0.5) * scale  # (out,)
-    start = torch.clamp(torch.floor(center - support + 0.5), min=0.0)
-    stop = torch.minimum(torch.floor(center + support + 0.5), length)
-    position = torch.arange(in_size, dtype=torch.float32)  # (in,)
-    weight = torch.clamp(1.0 - torch.abs(position[None, :] - center[:, None] + 0.5) / support, min=0.0)
-    inside = (position[None, :] >= start[:, None]) & (position[None, :] < stop[:, None])
-    weight = torch.where(inside, weight, torch.zeros_like(weight))
+    length = in_size.to(torch.int64)
+    j = torch.arange(length, dtype=torch.int64)
+    i = torch.arange(out_size, dtype=torch.int64)
+    support = 2 * torch.clamp(length, min=out_size)
+    distance = torch.abs((2 * j[None, :] + 1) * out_size - (2 * i[:, None] + 1) * length)
+    weight = torch.clamp(support - distance, min=0).to(torch.float32)
     return weight / weight.sum(dim=1, keepdim=True)
+
+
+def resize_by_matrices(images: Tensor, height: int, width: int) -> Tensor:
+    """``rows @ images @ columns.T`` with ``resize_matrix`` weights: (N, C, H, W) -> (N, C, height, width)."""
+    shape = torch._shape_as_tensor(images)  # symbolic under tracing: dynamic H, W
+    rows = resize_matrix(shape[2], height)
+    columns = resize_matrix(shape[3], width)
+    return torch.matmul(rows, torch.matmul(images, columns.transpose(0, 1)))
 
 
 def resize_antialias(images: Tensor, size: tuple[int, int]) -> Tensor:
     """Antialiased bilinear resize of (N, C, H, W) float ``images`` to ``size`` = (height, width).
 
-    Two matrix products, ``rows @ images @ columns.T``. Equals ``F.interpolate(images, size,
-    mode="bilinear", antialias=True, align_corners=False)`` up to float rounding (<= 1e-4 on
-    0..255 values); an image already at ``size`` comes back unchanged, bit for bit.
+    Equals ``F.interpolate(images, size, mode="bilinear", antialias=True, align_corners=False)``
+    up to float rounding (<= 1e-4 on 0..255 values). In eager mode an image already at ``size``
+    is returned as it is; a traced (exported) graph always multiplies, and its identity
+    matrices give the same bits. (A size test in the graph would need an ``If`` node, and
+    OpenVINO 2026.4 miscomputes the convolutions that follow one.)
     """
     if not torch.jit.is_tracing() and tuple(images.shape[-2:]) == tuple(size):
-        return images  # what the identity matrices would give, bit for bit, without the work
-    shape = torch._shape_as_tensor(images)  # stays symbolic under tracing: dynamic H, W
-    rows = resize_matrix(shape[2], size[0])  # (height, H)
-    columns = resize_matrix(shape[3], size[1])  # (width, W)
-    return torch.matmul(rows, torch.matmul(images, columns.transpose(0, 1)))
+        return images
+    return resize_by_matrices(images, int(size[0]), int(size[1]))
 
 
 class Preprocess(nn.Module):

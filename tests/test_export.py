@@ -1,0 +1,215 @@
+"""Inference graph, folded flows and exports: ONNX Runtime and OpenVINO reproduce PyTorch's scores.
+
+Models use random backbones (ResNet-18, Wide-ResNet-50-2) or the shared Lite0 weights at a
+small non-square input, with norms and flows perturbed away from their initialisation so that
+a misplaced tensor, a transposed permutation or a wrong fold changes the output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.nn import functional as F
+
+from fastflow import FastFlow, FastFlowError
+from fastflow.cli import main
+from fastflow.model.fastflow import FastFlowModel
+from fastflow.model.flow import FlowStack
+from fastflow.model.inference import FoldedFlow, InferenceGraph, float32_threshold
+from fastflow.presets import get_config
+from fastflow.scoring import anomaly_map, image_score
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+from fastflow.export import check_parity, load_exported, read_metadata, to_onnx, to_openvino  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+INPUT_SIZE = (128, 160)
+
+
+def _perturb(module: torch.nn.Module, seed: int = 1) -> None:
+    """Trained-looking norms and flows: scales ~1 +- 5 %, small offsets, wider subnet weights."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.startswith("backbone."):
+                continue
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith("global_scale"):
+                param.add_(0.5 * noise)
+            elif name.endswith("global_offset"):
+                param.copy_(0.1 * noise)
+            elif name.startswith("norms."):
+                param.add_(0.3 * noise)
+            else:
+                param.add_(noise * param.std())
+
+
+def _detector(backbone: str, weights: str | Path = "random", threshold: float = -0.45) -> FastFlow:
+    """A 'fitted' detector without training: perturbed model, threshold inside the score range."""
+    detector = FastFlow(backbone, weights=weights)
+    model = FastFlowModel(get_config(backbone, input_size=INPUT_SIZE), weights).eval()
+    _perturb(model)
+    detector.model_, detector.config_ = model, model.config
+    detector.threshold_, detector.map_floor_ = threshold, -0.6
+    detector.holdout_scores_, detector.best_epoch_, detector.history_ = np.array([threshold]), 1, []
+    return detector
+
+
+def _pixels(batch: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """Photo-like uint8 images: smooth colour blobs plus noise."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 3, 6, 7, generator=generator) * 255
+    smooth = F.interpolate(coarse, size=size, mode="bicubic", align_corners=False)
+    noisy = smooth + 12 * torch.randn(batch, 3, *size, generator=generator)
+    return noisy.clamp(0, 255).round().to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def detectors() -> dict[str, FastFlow]:
+    return {}
+
+
+def _get(detectors: dict[str, FastFlow], backbone: str, weights: str | Path = "random") -> FastFlow:
+    if backbone not in detectors:
+        detectors[backbone] = _detector(backbone, weights)
+    return detectors[backbone]
+
+
+# ------------------------------------------------------------------------------------ folding
+
+
+@pytest.mark.parametrize(("channels", "kernels"), [(64, (3,)), (7, (3, 1)), (33, (1, 3))])
+def test_folded_flow_equals_flow_stack(channels, kernels):
+    flow = FlowStack(channels, steps=6, kernels=kernels, seed=3)
+    _perturb(flow)
+    x = torch.randn(2, channels, 9, 11)
+    with torch.no_grad():
+        reference, _ = flow(x)
+        folded = FoldedFlow(flow)(x)
+    assert reference.abs().max() > 1.0  # a real transformation, not ~identity
+    torch.testing.assert_close(folded[:, FoldedFlow(flow).output_permutation], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_folded_equals_unfolded_and_the_reference_scorer():
+    model = FastFlowModel(get_config("resnet18", input_size=INPUT_SIZE), "random").eval()
+    _perturb(model)
+    pixels = _pixels(2, (150, 170))
+    folded, unfolded = InferenceGraph(model, -0.45), InferenceGraph(model, -0.45, fold=False)
+    with torch.no_grad():
+        zs, _ = model(folded.preprocess(pixels))
+        reference = anomaly_map(zs, INPUT_SIZE)
+        outputs = [graph(pixels) for graph in (folded, unfolded)]
+    assert reference.std() > 1e-3  # the maps have structure
+    for amap, score, label in outputs:
+        torch.testing.assert_close(amap, reference, rtol=0, atol=1e-5)
+        torch.testing.assert_close(score, image_score(reference), rtol=0, atol=1e-5)
+        assert torch.equal(label, (score > -0.45).long())
+
+
+def test_float32_threshold_keeps_the_float64_comparison():
+    threshold = 0.1  # not a float32 value
+    t32 = np.float32(float32_threshold(threshold))
+    assert float(t32) <= threshold < float(np.nextafter(t32, np.float32(np.inf)))
+    for score in (np.float32(threshold), np.nextafter(np.float32(threshold), np.float32(-1)), t32):
+        assert (score > t32) == (float(score) > threshold)
+
+
+def test_detector_scores_come_from_the_inference_graph(detectors, tmp_path):
+    detector = _get(detectors, "resnet18")
+    images = []
+    for i, batch in enumerate((_pixels(2, (150, 170), 1), _pixels(1, (96, 100), 2))):
+        for j, pixels in enumerate(batch):
+            path = tmp_path / f"{i}_{j}.png"
+            Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(path)
+            images.append(path)
+    prediction = detector.score(images)
+    with torch.no_grad():
+        graph = detector.inference_graph()
+        expected = [graph(_pixels(2, (150, 170), 1)), graph(_pixels(1, (96, 100), 2))]
+    np.testing.assert_allclose(prediction.scores, np.concatenate([e[1].numpy() for e in expected]), atol=1e-6)
+    np.testing.assert_array_equal(prediction.labels, (prediction.scores > detector.threshold_).astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------ exports
+
+BACKBONES = ["resnet18", "wide_resnet50_2", "tf_efficientnet_lite0"]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_onnx_and_openvino_reproduce_pytorch(backbone, detectors, lite0_weights, tmp_path):
+    weights = lite0_weights if backbone == "tf_efficientnet_lite0" else "random"
+    detector = _get(detectors, backbone, weights)
+    onnx_path = to_onnx(detector, tmp_path / "onnx")
+    openvino_path = to_openvino(detector, tmp_path / "openvino")
+    graph = detector.inference_graph()
+    # Dynamic batch (1 and 3) and dynamic size (the model's own, and a larger photo).
+    batches = [_pixels(1, INPUT_SIZE, 3), _pixels(3, (300, 257), 4)]
+    for path in (onnx_path, openvino_path):
+        engine = load_exported(path)
+        for pixels in batches:
+            with torch.no_grad():
+                amap, score, label = graph(pixels)
+            out_map, out_score, out_label = engine(pixels)
+            assert out_map.shape == (pixels.shape[0], *INPUT_SIZE) and out_score.shape == (pixels.shape[0],)
+            assert np.abs(out_map - amap.numpy()).max() <= 1e-4, path
+            assert np.abs(out_score - score.numpy()).max() <= 1e-4, path
+            np.testing.assert_array_equal(out_label, label.numpy())
+        assert check_parity(detector, path, batches[1]) <= 1e-4
+    assert amap.std() > 1e-3  # the maps have structure
+
+
+def test_metadata_threshold_and_parity_failure(detectors, tmp_path):
+    detector = _get(detectors, "resnet18")
+    path = to_onnx(detector, tmp_path)
+    meta = read_metadata(path)
+    assert meta["threshold"] == detector.threshold_ and meta["config"] == detector.config_.to_dict()
+    assert meta["input"]["dtype"] == "uint8" and meta["precision"] == "f32"
+    assert json.loads((tmp_path / "model.json").read_text()) == meta
+    # The threshold lives in the graph: labels follow it.
+    _, score, label = load_exported(path)(_pixels(3, INPUT_SIZE, 5))
+    np.testing.assert_array_equal(label, (score > detector.threshold_).astype(np.int64))
+    # check_parity notices a model that no longer matches the export.
+    detector.threshold_ = float(np.median(score))
+    with pytest.raises(FastFlowError, match="other labels"):
+        check_parity(detector, path, _pixels(3, INPUT_SIZE, 5))
+    detector.threshold_ = -0.45
+
+
+def test_openvino_bf16_runs_close_to_f32(detectors, tmp_path):
+    detector = _get(detectors, "resnet18")
+    path = to_openvino(detector, tmp_path, precision="bf16")
+    assert read_metadata(path)["precision"] == "bf16"
+    pixels = _pixels(2, (200, 180), 6)
+    amap, score, _ = load_exported(path)(pixels)
+    reference_map, reference_score, _ = load_exported(path, precision="f32")(pixels)
+    assert np.isfinite(amap).all() and np.abs(amap - reference_map).max() < 0.05
+    assert np.abs(score - reference_score).max() < 0.05
+
+
+def test_cli_export_and_predict_with_each_engine(detectors, tmp_path, capsys):
+    detector = _get(detectors, "resnet18")
+    run = detector.save(tmp_path / "run" / "model.safetensors").parent
+    pixels = _pixels(2, (140, 150), 7)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / f"img{i}.png")
+    assert main(["export", str(run), "--format", "onnx", "--output", str(tmp_path / "onnx")]) == 0
+    assert "max difference" in capsys.readouterr().out
+    assert (tmp_path / "onnx" / "model.onnx").is_file() and (tmp_path / "onnx" / "model.json").is_file()
+    scores = {}
+    for engine in ("torch", "onnx", "openvino"):
+        out = tmp_path / f"pred_{engine}"
+        assert main(["predict", str(run), str(tmp_path / "img*.png"), "--engine", engine, "--output", str(out)]) == 0
+        rows = json.loads((out / "predictions.json").read_text())["predictions"]
+        scores[engine] = np.array([row["score"] for row in rows])
+    np.testing.assert_allclose(scores["onnx"], scores["torch"], atol=1e-4)
+    np.testing.assert_allclose(scores["openvino"], scores["torch"], atol=1e-4)
+    assert main(["export", str(run), "--format", "tflite", "--output", str(tmp_path / "x")]) == 2
+    assert "unknown export format" in capsys.readouterr().err
