@@ -18,7 +18,7 @@ def test_bottle_train_test_predict(bottle, lite0_weights, tmp_path, capsys):
     run = tmp_path / "run"
     assert main([
         "train", str(bottle), "--backbone", "tf_efficientnet_lite0", "--weights", str(lite0_weights),
-        "--epochs", "8", "--output", str(run),
+        "--epochs", "20", "--output", str(run),
     ]) == 0
     assert (run / "model.safetensors").is_file() and (run / "last.safetensors").is_file()
     metrics_file = tmp_path / "metrics.json"
