@@ -59,28 +59,35 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return (parts[0], parts[1])
 
 
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "backbone": "resnet18",
-    "weights": None,
-    "epochs": 200,
-    "batch_size": 32,
-    "lr": 1e-3,
-    "weight_decay": 1e-5,
-    "patience": 10,
-    "seed": 0,
-    "input_size": None,
-    "layers": None,
-    "flow_steps": None,
-    "hidden_ratio": None,
-    "conv3x3_only": None,
-    "holdout": 0.1,
-    "threshold_quantile": 0.99,
-}
+def _train_defaults() -> dict[str, Any]:
+    """Defaults of every ``train`` option, taken from the API so the two never disagree."""
+    from fastflow.detector import FastFlow
+    from fastflow.train import TrainConfig
+
+    training, detector = TrainConfig(), FastFlow()
+    return {
+        "backbone": detector.backbone,
+        "weights": None,
+        "epochs": training.max_epochs,
+        "batch_size": training.batch_size,
+        "lr": training.lr,
+        "weight_decay": training.weight_decay,
+        "patience": training.patience,
+        "seed": training.seed,
+        "input_size": None,
+        "layers": None,
+        "flow_steps": None,
+        "hidden_ratio": None,
+        "conv3x3_only": None,
+        "holdout": detector.holdout_fraction,
+        "threshold_quantile": detector.threshold_quantile,
+        "exact_nll": training.exact_nll,
+    }
 
 
 def resolve_train_options(cli: dict[str, Any], config_file: Path | None) -> dict[str, Any]:
     """Merge defaults < YAML file < command-line flags (flags left at None do not override)."""
-    options = dict(TRAIN_DEFAULTS)
+    options = _train_defaults()
     if config_file is not None:
         try:
             loaded = yaml.safe_load(config_file.read_text()) or {}
@@ -103,13 +110,14 @@ def train(
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder to write (model.safetensors, history.json).")],
     backbone: Annotated[str | None, typer.Option(help="Preset or timm CNN name, e.g. resnet18, tf_efficientnet_lite0.")] = None,
     weights: Annotated[str | None, typer.Option(help="Local backbone weights (.safetensors/.pth); default: timm hub.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Maximum epochs; training stops earlier on a held-out NLL plateau.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default 100); stops earlier on a held-out NLL plateau.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (default 32).")] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-3).")] = None,
     patience: Annotated[int | None, typer.Option(help="Epochs without held-out NLL improvement before stopping (default 10).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed; same seed, same numbers.")] = None,
     input_size: Annotated[str | None, typer.Option(help="Model input HEIGHTxWIDTH or one number (default: preset's).")] = None,
     holdout: Annotated[float | None, typer.Option(help="Share of normal images held out for selection and threshold.")] = None,
+    exact_nll: Annotated[bool | None, typer.Option("--exact-nll/--reference-nll", help="Loss: exact NLL of the normalised features, or the reference loss (default).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (flags win).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last.safetensors (e.g. after an interruption or with more --epochs).")] = False,
 ) -> None:
@@ -119,7 +127,7 @@ def train(
     from fastflow.train import TrainConfig
 
     cli = {"backbone": backbone, "weights": weights, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-           "patience": patience, "seed": seed, "input_size": input_size, "holdout": holdout}
+           "patience": patience, "seed": seed, "input_size": input_size, "holdout": holdout, "exact_nll": exact_nll}
     options = resolve_train_options(cli, config)
     checkpoint = output / "last.safetensors"
     if not resume and ((output / "model.safetensors").exists() or checkpoint.exists()):
@@ -128,7 +136,7 @@ def train(
         raise FastFlowError(f"nothing to resume: {checkpoint} does not exist; train without --resume")
     training = TrainConfig(
         max_epochs=int(options["epochs"]), batch_size=int(options["batch_size"]), lr=float(options["lr"]),
-        weight_decay=float(options["weight_decay"]), patience=int(options["patience"]), seed=int(options["seed"]),
+        weight_decay=float(options["weight_decay"]), patience=int(options["patience"]), seed=int(options["seed"]), exact_nll=bool(options["exact_nll"]),
     )
     architecture = {k: options[k] for k in ("layers", "flow_steps", "hidden_ratio", "conv3x3_only")}
     detector = FastFlow(
@@ -272,7 +280,7 @@ def benchmark(
     backbone: Annotated[list[str], typer.Option(help="Backbone to compare; repeat for several.")] = ["tf_efficientnet_lite0"],  # noqa: B006
     weights: Annotated[list[str] | None, typer.Option(help="NAME=FILE backbone weights (or one FILE for all); repeatable.")] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; cells show mean and min-max.")] = "0",
-    epochs: Annotated[int, typer.Option(help="Maximum epochs per run.")] = 200,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs per run.")] = 100,
     input_size: Annotated[str | None, typer.Option(help="Model input HEIGHTxWIDTH (default: each preset's).")] = None,
 ) -> None:
     """Train and test every dataset x backbone x seed; print the metric tables in markdown."""
