@@ -27,7 +27,15 @@ from fastflow.scoring import anomaly_map, image_score
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 
-from fastflow.export import check_parity, load_exported, read_metadata, to_onnx, to_openvino  # noqa: E402
+from fastflow.export import (  # noqa: E402
+    ONNX_MIN_IMAGES,
+    check_parity,
+    default_engine,
+    load_exported,
+    read_metadata,
+    to_onnx,
+    to_openvino,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -183,15 +191,25 @@ def test_metadata_threshold_and_parity_failure(detectors, tmp_path):
     detector.threshold_ = -0.45
 
 
-def test_openvino_bf16_runs_close_to_f32(detectors, tmp_path):
+def test_bf16_engines_run_close_to_f32(detectors, tmp_path):
     detector = _get(detectors, "resnet18")
+    pixels = _pixels(2, (200, 180), 6)
+    reference_map, reference_score, _ = detector.engine("torch")(pixels)
+    # PyTorch: only the flows in bf16.
+    amap, score, _ = detector.engine("torch", "bf16")(pixels)
+    assert 0 < np.abs(amap - reference_map).max() < 0.05 and np.abs(score - reference_score).max() < 0.05
+    # OpenVINO: every layer in bf16 (fails the AUROC check on real data, hence the warning).
     path = to_openvino(detector, tmp_path, precision="bf16")
     assert read_metadata(path)["precision"] == "bf16"
-    pixels = _pixels(2, (200, 180), 6)
-    amap, score, _ = load_exported(path)(pixels)
-    reference_map, reference_score, _ = load_exported(path, precision="f32")(pixels)
-    assert np.isfinite(amap).all() and np.abs(amap - reference_map).max() < 0.05
-    assert np.abs(score - reference_score).max() < 0.05
+    with pytest.warns(UserWarning, match="accuracy check"):
+        engine = load_exported(path)
+    amap, score, _ = engine(pixels)
+    assert np.isfinite(amap).all() and np.abs(amap - reference_map).max() < 0.1
+
+
+def test_default_engine_exports_only_for_many_images():
+    assert default_engine(1) == "torch"
+    assert default_engine(ONNX_MIN_IMAGES) == "onnx"
 
 
 def test_cli_export_and_predict_with_each_engine(detectors, tmp_path, capsys):

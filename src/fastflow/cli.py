@@ -200,8 +200,8 @@ def predict(
     run: Annotated[Path, typer.Argument(help="Run folder or model.safetensors from 'fastflow train'.")],
     inputs: Annotated[list[str], typer.Argument(help="Images, folders or glob patterns.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for overlays/, masks/, predictions.csv/.json.")],
-    engine: Annotated[str | None, typer.Option(help="torch, onnx or openvino (default: openvino when installed, else torch).")] = None,
-    precision: Annotated[str, typer.Option(help="f32, or bf16 (faster on CPUs with bf16 units; scores differ slightly).")] = "f32",
+    engine: Annotated[str | None, typer.Option(help="torch, onnx or openvino (default: onnx from 400 images on when installed, else torch).")] = None,
+    precision: Annotated[str, typer.Option(help="f32, or bf16 (torch: bf16 flows, scores differ slightly; openvino: fails the accuracy check).")] = "f32",
 ) -> None:
     """Score images: per-image score and label, heat-map overlays, binary masks, a summary."""
     from fastflow.detector import FastFlow
@@ -210,7 +210,8 @@ def predict(
 
     with _physical_core_threads():
         detector = FastFlow.load(run)
-        rows = write_predictions(detector, expand_inputs(inputs), output, engine or default_engine(), precision)
+        images = expand_inputs(inputs)
+        rows = write_predictions(detector, images, output, engine or default_engine(len(images)), precision)
     for row in rows:
         typer.echo(f"{row['score']:.6f}  {row['label']:<9}  {row['path']}")
     typer.echo(f"wrote {len(rows)} predictions to {output}")

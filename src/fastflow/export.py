@@ -58,6 +58,10 @@ DEFAULT_OPSET = 17
 _FORMAT = "fastflow-export"
 _FORMAT_VERSION = 1
 _INSTALL_HINT = 'install the export extra: pip install "fastflow[export]"'
+_OPENVINO_BF16_WARNING = (
+    "OpenVINO bf16 runs every layer in bf16 and fails fastflow's accuracy check (MVTec bottle, Lite0: "
+    "image AUROC 0.99 -> 0.46); use f32, or the torch engine's bf16 (flows only)"
+)
 
 
 def physical_cores() -> int:
@@ -75,17 +79,27 @@ def physical_cores() -> int:
         return max(1, (os.cpu_count() or 2) // 2)
 
 
-def default_engine() -> str:
-    """The engine ``fastflow predict`` uses by default: the fastest installed one on CPUs.
+# Images from which exporting on the fly pays off for `fastflow predict` (README, benchmark):
+# ONNX export + session take 6-8 s for ResNet-18 and Lite0 on 2 cores, ONNX Runtime then saves
+# about 0.02 s per 256x256 image over PyTorch: break-even near 350 images (Wide-ResNet-50-2: 60).
+ONNX_MIN_IMAGES = 400
 
-    OpenVINO when it is installed (measured fastest here, see the README's benchmark), else
-    PyTorch.
+
+def default_engine(count: int) -> str:
+    """The engine ``fastflow predict`` uses for ``count`` images when none is given.
+
+    ONNX Runtime is the fastest exact (f32) engine measured on CPU (OpenVINO f32 is close or
+    slower), but it needs an export first; for fewer than ``ONNX_MIN_IMAGES`` images, or
+    without onnxruntime, PyTorch finishes sooner.
     """
+    if count < ONNX_MIN_IMAGES:
+        return "torch"
     try:
-        __import__("openvino")
+        __import__("onnxruntime")
+        __import__("onnx")
     except ImportError:
         return "torch"
-    return "openvino"
+    return "onnx"
 
 
 def _import(name: str) -> Any:
@@ -109,7 +123,13 @@ def _as_uint8(images: np.ndarray | Tensor) -> np.ndarray:
 
 
 class TorchEngine:
-    """The ``InferenceGraph`` in PyTorch; ``precision="bf16"`` runs it under CPU autocast."""
+    """The ``InferenceGraph`` in PyTorch.
+
+    ``precision="bf16"`` runs only the flows under CPU autocast (their convolutions in bf16);
+    pre-processing, backbone and scorer stay in f32. A bf16 backbone ruins the scores of a
+    trained model (MVTec bottle, Lite0: image AUROC 0.99 -> 0.55), bf16 flows alone keep image
+    and pixel AUROC within 0.002 there (see the README).
+    """
 
     name = "torch"
 
@@ -119,9 +139,15 @@ class TorchEngine:
 
     def __call__(self, images: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pixels = torch.as_tensor(images)
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=self.precision == "bf16"):
-            amap, score, label = self.graph(pixels)
-        return amap.float().numpy(), score.float().numpy(), label.numpy()
+        with torch.inference_mode():
+            if self.precision == "f32":
+                amap, score, label = self.graph(pixels)
+            else:
+                features = self.graph.backbone(self.graph.preprocess(pixels))
+                with torch.autocast("cpu", torch.bfloat16):
+                    zs = self.graph.latents(features)
+                amap, score, label = self.graph.score_latents([z.float() for z in zs])
+        return amap.numpy(), score.numpy(), label.numpy()
 
 
 class OnnxRuntimeEngine:
@@ -148,7 +174,7 @@ class OpenVinoEngine:
     Args:
         path: the ``.xml`` file.
         precision: ``"f32"`` or ``"bf16"`` (OpenVINO's inference precision hint; the IR holds
-            f32 weights either way).
+            f32 weights either way). bf16 fails the accuracy check (see the README): it warns.
         hint: ``"throughput"`` (several streams; a batch is split across them) or ``"latency"``
             (one stream using every core, for single images).
     """
@@ -157,6 +183,8 @@ class OpenVinoEngine:
 
     def __init__(self, path: str | Path, precision: str = "f32", hint: str = "throughput") -> None:
         _check_precision(precision)
+        if precision == "bf16":
+            warnings.warn(_OPENVINO_BF16_WARNING, stacklevel=2)
         ov = _import("openvino")
         if hint not in ("throughput", "latency"):
             raise FastFlowError(f"unknown OpenVINO hint '{hint}'; use 'throughput' or 'latency'")
@@ -223,7 +251,22 @@ def _metadata(detector: FastFlow, engine: str, precision: str, extra: dict[str, 
 
 
 def _trace_to_onnx(graph: InferenceGraph, path: Path, opset: int) -> None:
-    """Trace ``graph`` to an ONNX file with dynamic batch, height and width."""
+    """Write ``graph`` traced to ONNX (dynamic batch, height and width) to ``path``.
+
+    The last trace is kept on the graph (with its opset and threshold), so exporting one
+    detector to both formats, or to a format and an engine, traces it once.
+    """
+    cache: dict[tuple[int, float], bytes] = graph.__dict__.setdefault("_onnx_traces", {})
+    key = (opset, float(graph.threshold))
+    if key not in cache:
+        cache.clear()  # one trace at a time: it is as large as the weights
+        with tempfile.TemporaryDirectory(prefix="fastflow-trace-") as tmp:
+            _trace(graph, Path(tmp) / "model.onnx", opset)
+            cache[key] = (Path(tmp) / "model.onnx").read_bytes()
+    path.write_bytes(cache[key])
+
+
+def _trace(graph: InferenceGraph, path: Path, opset: int) -> None:
     _import("onnx")
     height, width = graph.input_size
     # Not at the model's size, so a reader of the trace sees the resizing branch's shapes.
@@ -270,8 +313,9 @@ def to_openvino(detector: FastFlow, directory: str | Path, precision: str = "f32
 
     The IR holds f32 weights. ``precision`` is the inference precision to compile it with
     (OpenVINO's ``INFERENCE_PRECISION_HINT``), recorded in ``model.json`` and used by
-    ``load_exported``. Note that OpenVINO compiles in bf16 by default on CPUs that support it,
-    so other programs should pass ``{"INFERENCE_PRECISION_HINT": "f32"}`` for exact scores.
+    ``load_exported``; "bf16" fails the accuracy check (see the README). Note that OpenVINO
+    compiles in bf16 by default on CPUs that support it, so other programs must pass
+    ``{"INFERENCE_PRECISION_HINT": "f32"}`` to get fastflow's scores.
     """
     _check_precision(precision)
     ov = _import("openvino")
