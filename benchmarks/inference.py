@@ -1,0 +1,318 @@
+"""CPU inference speed: fastflow's engines against anomalib's FastFlow, side by side in one run.
+
+    python benchmarks/inference.py                      # resnet18, wide_resnet50_2, tf_efficientnet_lite0 at 256
+    python benchmarks/inference.py --backbone resnet18 --rounds 5
+    python benchmarks/inference.py --auroc RUN DATA             # bf16 check: AUROC per engine and precision
+
+For each backbone one FastFlow model is built (ResNets: random backbone weights, as no
+pretrained ResNet is reachable offline; Lite0: the shared ImageNet weights), its norms and
+flows perturbed to look trained, and the *same* weights are copied into anomalib's
+``FastflowModel`` (anomalib builds only ResNets and ViTs, so for Lite0 its model class gets
+the Lite0 feature extractor and flows of the same shapes). Every configuration is measured in
+this process, interleaved over ``--rounds`` rounds; a round's throughput is images / wall time
+over whole batches, its latency the median of batch-1 calls; the table shows the best round
+(another process on the machine only ever slows a round down).
+
+fastflow's engines take uint8 pixels and include pre-processing (antialiased resize, here the
+identity matmuls of a 256x256 input, and normalisation) and post-processing (map, score,
+label); anomalib's models take already normalised float tensors. OpenVINO runs with the
+THROUGHPUT hint for batches (the batch is split across its streams) and the LATENCY hint for
+batch 1. Outputs are checked against fastflow's PyTorch fp32 graph before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Before torch loads OpenMP: worker threads sleep at barriers instead of spinning. With another
+# process on the machine, spinning (the default) made PyTorch's batch-1 latency 25x slower here
+# (3.4 s instead of 0.13 s). It applies to fastflow's and anomalib's PyTorch runs alike.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from fastflow import FastFlow  # noqa: E402
+from fastflow.export import OnnxRuntimeEngine, OpenVinoEngine, TorchEngine, physical_cores, to_onnx, to_openvino  # noqa: E402
+from fastflow.migrate import _anomalib_key  # noqa: E402
+from fastflow.model.fastflow import FastFlowModel  # noqa: E402
+from fastflow.model.inference import InferenceGraph  # noqa: E402
+from fastflow.presets import get_config  # noqa: E402
+
+LITE0_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "tf_efficientnet_lite0.safetensors"
+Runner = Callable[[np.ndarray], object]
+
+
+def perturbed_model(backbone: str, size: int) -> FastFlowModel:
+    """A FastFlow model whose norms and flows look trained (scales ~1 +- 5 %, small offsets)."""
+    weights = str(LITE0_WEIGHTS) if backbone == "tf_efficientnet_lite0" else "random"
+    model = FastFlowModel(get_config(backbone, input_size=(size, size)), weights).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("backbone."):
+                continue
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith("global_scale"):
+                param.add_(0.5 * noise)
+            elif name.endswith("global_offset"):
+                param.copy_(0.05 * noise)
+            elif name.startswith("norms."):
+                param.add_(0.1 * noise)
+            else:
+                param.add_(0.5 * noise * param.std())
+    return model.use_channels_last()
+
+
+def detector_for(model: FastFlowModel) -> FastFlow:
+    detector = FastFlow(model.config.backbone, weights="random")
+    detector.model_, detector.config_ = model, model.config
+    detector.threshold_, detector.map_floor_ = -0.5, -0.6
+    return detector
+
+
+def anomalib_twin(model: FastFlowModel) -> nn.Module:
+    """anomalib's ``FastflowModel`` holding ``model``'s weights (permutations as 0/1 matrices)."""
+    import timm
+    from anomalib.models.image.fastflow.torch_model import FastflowModel, create_fast_flow_block
+
+    config = model.config
+    supported = config.backbone in ("resnet18", "wide_resnet50_2")
+    twin = FastflowModel(
+        config.input_size, config.backbone if supported else "resnet18", pre_trained=False,
+        flow_steps=config.flow_steps, conv3x3_only=config.conv3x3_only, hidden_ratio=config.hidden_ratio,
+    )
+    if not supported:  # same class and forward; our CNN plugged in, flows of its shapes
+        twin.feature_extractor = timm.create_model(
+            config.backbone, pretrained=False, features_only=True, out_indices=config.layers
+        ).requires_grad_(False)
+        twin.norms = nn.ModuleList(nn.LayerNorm(list(shape)) for shape in model.feature_shapes)
+        twin.fast_flow_blocks = nn.ModuleList(
+            create_fast_flow_block(list(shape), config.conv3x3_only, config.hidden_ratio, config.flow_steps)
+            for shape in model.feature_shapes
+        )
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.endswith("permutation"):  # indices idx -> matrix w[i, idx[i]] = 1, as FrEIA stores it
+            value = F.one_hot(value, len(value)).float()[:, :, None, None]
+        state[_anomalib_key(key)] = value
+    twin.load_state_dict(state, strict=True)
+    return twin.eval()
+
+
+class _MapAndScore(nn.Module):
+    """anomalib's eval output (an InferenceBatch) as a plain tuple, for tracing."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(images)
+        return out.anomaly_map, out.pred_score
+
+
+def openvino_runners(compile_model: Callable[[str], object], precision: str) -> tuple[Runner, Runner]:
+    """(batch runner with the THROUGHPUT hint, batch-1 runner with the LATENCY hint)."""
+    import openvino as ov
+
+    throughput = compile_model({"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "THROUGHPUT"})
+    streams = int(throughput.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+    queue = ov.AsyncInferQueue(throughput, streams)
+
+    def run_batch(images: np.ndarray) -> None:
+        chunk = -(-images.shape[0] // streams)
+        for start in range(0, images.shape[0], chunk):
+            queue.start_async({0: images[start : start + chunk]})
+        queue.wait_all()
+
+    latency = compile_model({"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"})
+    request = latency.create_infer_request()
+    return run_batch, lambda image: request.infer({0: image})
+
+
+def torch_runner(module: Callable) -> Runner:
+    def run(images: np.ndarray) -> object:
+        with torch.inference_mode():
+            return module(torch.from_numpy(images))
+
+    return run
+
+
+def build_configs(backbone: str, size: int, batch: int, workdir: Path) -> tuple[dict, np.ndarray, np.ndarray]:
+    """name -> (batch runner, batch-1 runner, input kind); plus the uint8 and normalised inputs."""
+    model = perturbed_model(backbone, size)
+    detector = detector_for(model)
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand(batch, 3, 8, 8, generator=generator) * 255
+    pixels = F.interpolate(coarse, size=(size, size), mode="bicubic").clamp(0, 255).round().to(torch.uint8)
+    graph = detector.inference_graph()
+    normalised = graph.preprocess(pixels).numpy()
+    pixels = pixels.numpy()
+    configs: dict[str, tuple[Runner, Runner, str]] = {}
+
+    unfolded = InferenceGraph(model, -0.5, fold=False)
+    configs["fastflow torch fp32 (unfolded)"] = (torch_runner(unfolded), torch_runner(unfolded), "pixels")
+    configs["fastflow torch fp32 (folded)"] = (torch_runner(graph), torch_runner(graph), "pixels")
+    mixed = TorchEngine(graph, "bf16")  # bf16 flows, f32 backbone: the bf16 path that keeps the AUROC
+    configs["fastflow torch bf16 flows"] = (mixed, mixed, "pixels")
+    onnx = OnnxRuntimeEngine(to_onnx(detector, workdir / backbone / "onnx"), physical_cores())
+    configs["fastflow onnxruntime fp32"] = (onnx, onnx, "pixels")
+    xml = to_openvino(detector, workdir / backbone / "openvino")
+    import openvino as ov
+
+    core = ov.Core()
+    for precision in ("f32", "bf16"):
+        configs[f"fastflow openvino {precision}" + (" (fails AUROC check)" if precision == "bf16" else "")] = (
+            *openvino_runners(lambda config, xml=xml: core.compile_model(str(xml), "CPU", config), precision), "pixels"
+        )
+    try:
+        twin = anomalib_twin(model)
+    except ImportError:
+        print("anomalib is not installed: fastflow engines only", file=sys.stderr)
+        twin = None
+    if twin is not None:
+        wrapped = _MapAndScore(twin).eval()
+        configs["anomalib torch fp32"] = (torch_runner(wrapped), torch_runner(wrapped), "normalised")
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            converted = ov.convert_model(
+                wrapped, example_input=torch.from_numpy(normalised[:2]), input=[([-1, 3, size, size], ov.Type.f32)]
+            )
+        for precision in ("f32", "bf16"):
+            configs[f"anomalib openvino {precision}"] = (
+                *openvino_runners(lambda config: core.compile_model(converted, "CPU", config), precision), "normalised"
+            )
+        # Same weights, same function: anomalib's map equals ours before anything is timed.
+        with torch.no_grad():
+            ours = graph(torch.from_numpy(pixels[:2]))[0]
+            theirs = wrapped(torch.from_numpy(normalised[:2]))[0][:, 0]
+        assert torch.allclose(ours, theirs, atol=1e-4), float((ours - theirs).abs().max())
+    check = OpenVinoEngine(xml, "f32")(pixels[:2])[0]
+    assert np.abs(check - graph(torch.from_numpy(pixels[:2]))[0].detach().numpy()).max() < 1e-4
+    return configs, pixels, normalised
+
+
+def measure(run: Runner, images: np.ndarray, seconds: float) -> float:
+    """Images per second over whole batches, after one warm-up batch."""
+    run(images)
+    count, start = 0, time.perf_counter()
+    while True:
+        run(images)
+        count += images.shape[0]
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds and count >= 2 * images.shape[0]:
+            return count / elapsed
+
+
+def measure_latency(run: Runner, image: np.ndarray, seconds: float) -> float:
+    """Median milliseconds of single-image calls, after three warm-up calls."""
+    for _ in range(3):
+        run(image)
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 5:
+        start = time.perf_counter()
+        run(image)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def benchmark(backbone: str, size: int, batch: int, rounds: int, seconds: float, workdir: Path) -> dict[str, tuple]:
+    configs, pixels, normalised = build_configs(backbone, size, batch, workdir)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, (run_batch, run_one, kind) in configs.items():
+            images = pixels if kind == "pixels" else normalised
+            results[name].append(
+                (measure(run_batch, images, seconds), measure_latency(run_one, images[:1], seconds / 2))
+            )
+    return {name: (max(r[0] for r in rows), min(r[1] for r in rows)) for name, rows in results.items()}
+
+
+def auroc_check(run: Path, data: Path) -> None:
+    """Image and pixel AUROC of a trained model with each engine and precision, against PyTorch fp32."""
+    from fastflow.data import load_samples
+    from fastflow.metrics import image_auroc, pixel_auroc
+
+    detector = FastFlow.load(run)
+    samples = load_samples(data, "test")
+    labels = np.array([s.label for s in samples])
+    rows = []
+    for engine, precision in [("torch", "f32"), ("onnx", "f32"), ("openvino", "f32"), ("torch", "bf16"),
+                              ("openvino", "bf16")]:
+        scores, maps, masks = [], [], []
+        start = time.perf_counter()
+        for batch_samples, prediction, batch in detector.iter_predictions(samples, engine, precision):
+            scores.append(prediction.scores)
+            for i, sample in enumerate(batch_samples):
+                if sample.label == 0 or bool(batch["has_mask"][i]):
+                    maps.append(prediction.maps[i])
+                    masks.append(batch["mask"][i].numpy())
+        elapsed = time.perf_counter() - start
+        all_scores = np.concatenate(scores)
+        rows.append((f"{engine} {precision}", image_auroc(labels, all_scores),
+                     pixel_auroc(np.stack(masks), np.stack(maps)), all_scores, elapsed))
+    reference = rows[0]
+    print(f"\n### AUROC on {data} ({len(samples)} test images), model {run}\n")
+    print("| engine | image AUROC | pixel AUROC | max score difference vs torch f32 | seconds (incl. export) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, image, pixel, scores, elapsed in rows:
+        print(f"| {name} | {image:.4f} ({image - reference[1]:+.4f}) | {pixel:.4f} ({pixel - reference[2]:+.4f}) | "
+              f"{np.abs(scores - reference[3]).max():.2g} | {elapsed:.0f} |")
+    for name, image, pixel, _, _ in rows[1:]:
+        verdict = "within" if max(abs(image - reference[1]), abs(pixel - reference[2])) <= 0.002 else "NOT within"
+        print(f"{name}: image and pixel AUROC {verdict} 0.002 of torch f32")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", action="append", help="repeatable; default: resnet18, wide_resnet50_2, tf_efficientnet_lite0")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing per configuration and round")
+    parser.add_argument("--auroc", nargs=2, metavar=("RUN", "DATA"), type=Path,
+                        help="instead of timing: AUROC of a trained model per engine and precision")
+    args = parser.parse_args()
+    torch.set_num_threads(physical_cores())
+    if args.auroc:
+        auroc_check(*args.auroc)
+        return
+    backbones = args.backbone or ["resnet18", "wide_resnet50_2", "tf_efficientnet_lite0"]
+    print(f"{physical_cores()} physical cores, torch {torch.__version__}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+          f"load average {os.getloadavg()[0]:.2f}; "
+          f"input {args.size}x{args.size}, batch {args.batch}, best of {args.rounds} rounds")
+    with tempfile.TemporaryDirectory() as tmp:
+        for backbone in backbones:
+            table = benchmark(backbone, args.size, args.batch, args.rounds, args.seconds, Path(tmp))
+            print(f"\n### {backbone} @ {args.size}\n")
+            print("| configuration | images/s (batch %d) | batch-1 latency (ms) |" % args.batch)
+            print("|---|---:|---:|")
+            for name, (throughput, latency) in table.items():
+                print(f"| {name} | {throughput:.1f} | {latency:.1f} |")
+            ours = {k: v for k, v in table.items() if k.startswith("fastflow") and "fails" not in k}
+            fastest = max(ours, key=lambda k: ours[k][0])
+            quickest = min(ours, key=lambda k: ours[k][1])
+            print(f"\nfastest fastflow path that passes the AUROC check: {fastest} (throughput), {quickest} (latency)")
+            for name in ("anomalib openvino bf16", "anomalib openvino f32", "anomalib torch fp32"):
+                if name in table:
+                    goal = "  (goals: >= 1.5x, <= 0.7x)" if name.endswith("bf16") else ""
+                    print(f"vs {name}: throughput {ours[fastest][0] / table[name][0]:.2f}x, "
+                          f"batch-1 latency {ours[quickest][1] / table[name][1]:.2f}x{goal}")
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
