@@ -241,6 +241,45 @@ def benchmark(backbone: str, size: int, batch: int, rounds: int, seconds: float,
     return {name: (max(r[0] for r in rows), min(r[1] for r in rows)) for name, rows in results.items()}
 
 
+def anomalib_aurocs(detector: FastFlow, samples: list, labels: np.ndarray) -> list[tuple]:
+    """The same AUROC rows for anomalib's FastflowModel holding the model's weights, in OpenVINO
+    f32 and bf16 (fed fastflow's pre-processed images)."""
+    import openvino as ov
+
+    from fastflow.metrics import image_auroc, pixel_auroc
+
+    try:
+        twin = _MapAndScore(anomalib_twin(detector.model_)).eval()
+    except ImportError:
+        return []
+    graph = detector.inference_graph()
+    with torch.no_grad():
+        batches = [(graph.preprocess(batch["image"]).numpy(), batch) for _, batch in detector.raw_batches(samples)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            size = list(detector.config_.input_size)
+            converted = ov.convert_model(
+                twin, example_input=torch.from_numpy(batches[0][0][:2]), input=[([-1, 3, *size], ov.Type.f32)]
+            )
+    rows = []
+    for precision in ("f32", "bf16"):
+        compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": precision})
+        scores, maps, masks = [], [], []
+        start = time.perf_counter()
+        for images, batch in batches:
+            out = compiled(images)
+            amap, score = out[0][:, 0], out[1].reshape(-1)
+            scores.append(score)
+            for i in range(len(score)):
+                if batch["label"][i] == 0 or bool(batch["has_mask"][i]):
+                    maps.append(amap[i])
+                    masks.append(batch["mask"][i].numpy())
+        all_scores = np.concatenate(scores)
+        rows.append((f"anomalib FastflowModel, openvino {precision}", image_auroc(labels, all_scores),
+                     pixel_auroc(np.stack(masks), np.stack(maps)), all_scores, time.perf_counter() - start))
+    return rows
+
+
 def auroc_check(run: Path, data: Path) -> None:
     """Image and pixel AUROC of a trained model with each engine and precision, against PyTorch fp32."""
     from fastflow.data import load_samples
@@ -264,6 +303,7 @@ def auroc_check(run: Path, data: Path) -> None:
         all_scores = np.concatenate(scores)
         rows.append((f"{engine} {precision}", image_auroc(labels, all_scores),
                      pixel_auroc(np.stack(masks), np.stack(maps)), all_scores, elapsed))
+    rows += anomalib_aurocs(detector, samples, labels)
     reference = rows[0]
     print(f"\n### AUROC on {data} ({len(samples)} test images), model {run}\n")
     print("| engine | image AUROC | pixel AUROC | max score difference vs torch f32 | seconds (incl. export) |")
