@@ -38,17 +38,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # (3.4 s instead of 0.13 s). It applies to fastflow's and anomalib's PyTorch runs alike.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
 
-from fastflow import FastFlow  # noqa: E402
-from fastflow.export import OnnxRuntimeEngine, OpenVinoEngine, TorchEngine, physical_cores, to_onnx, to_openvino  # noqa: E402
-from fastflow.migrate import _anomalib_key  # noqa: E402
-from fastflow.model.fastflow import FastFlowModel  # noqa: E402
-from fastflow.model.inference import InferenceGraph  # noqa: E402
-from fastflow.presets import get_config  # noqa: E402
+from fastflow import FastFlow
+from fastflow.export import (
+    OnnxRuntimeEngine,
+    OpenVinoEngine,
+    TorchEngine,
+    physical_cores,
+    to_onnx,
+    to_openvino,
+)
+from fastflow.migrate import _anomalib_key
+from fastflow.model.fastflow import FastFlowModel
+from fastflow.model.inference import InferenceGraph
+from fastflow.presets import get_config
 
 LITE0_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "tf_efficientnet_lite0.safetensors"
 Runner = Callable[[np.ndarray], object]
@@ -338,7 +345,7 @@ def main() -> None:
         for backbone in backbones:
             table = benchmark(backbone, args.size, args.batch, args.rounds, args.seconds, Path(tmp))
             print(f"\n### {backbone} @ {args.size}\n")
-            print("| configuration | images/s (batch %d) | batch-1 latency (ms) |" % args.batch)
+            print(f"| configuration | images/s (batch {args.batch}) | batch-1 latency (ms) |")
             print("|---|---:|---:|")
             for name, (throughput, latency) in table.items():
                 print(f"| {name} | {throughput:.1f} | {latency:.1f} |")

@@ -27,7 +27,7 @@ from fastflow.scoring import anomaly_map, image_score
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 
-from fastflow.export import (  # noqa: E402
+from fastflow.export import (
     ONNX_MIN_IMAGES,
     check_parity,
     default_engine,

@@ -222,7 +222,7 @@ def predict(
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder or model.safetensors from 'fastflow train'.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the exported model and model.json.")],
-    format: Annotated[str, typer.Option("--format", "-f", help="onnx (ONNX Runtime) or openvino (OpenVINO IR).")] = "onnx",  # noqa: A002
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx (ONNX Runtime) or openvino (OpenVINO IR).")] = "onnx",
     precision: Annotated[str, typer.Option(help="OpenVINO inference precision recorded with the model: f32 or bf16.")] = "f32",
     check: Annotated[bool, typer.Option(help="Compare the exported model with PyTorch on random images (f32 only).")] = True,
 ) -> None:

@@ -18,7 +18,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from fastflow.data import ImageDataset, Sample, load_samples, same_size_batches, split_holdout, validate_samples
+from fastflow.data import (
+    ImageDataset,
+    Sample,
+    load_samples,
+    same_size_batches,
+    split_holdout,
+    validate_samples,
+)
 from fastflow.errors import FastFlowError
 from fastflow.io import load_model, read_model_file, save_model
 from fastflow.metrics import calibrate_threshold
