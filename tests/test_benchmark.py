@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fastflow.benchmark import BenchmarkRun, markdown_tables, run_benchmark
+from fastflow.benchmark import BUILTIN_DATASETS, TABLE_METRICS, BenchmarkRun, markdown_tables, resolve_dataset, run_benchmark
 from fastflow.synthetic import make_textures
 from fastflow.train import TrainConfig
 
@@ -36,6 +36,29 @@ def test_tiny_real_run_writes_one_json_per_run(tmp_path, lite0_weights):
     )
     assert [r.seed for r in runs] == [0, 1]
     files = sorted((tmp_path / "out").glob("*.json"))
-    assert [f.name for f in files] == ["tex__tf_efficientnet_lite0__seed0.json", "tex__tf_efficientnet_lite0__seed1.json"]
+    assert [f.name for f in files] == [
+        "tex__tf_efficientnet_lite0__improved__seed0.json", "tex__tf_efficientnet_lite0__improved__seed1.json"
+    ]
     record = json.loads(files[0].read_text())
     assert 0.0 <= record["metrics"]["image_auroc"] <= 1.0 and record["epochs"] == 1
+
+
+def test_recipes_get_their_own_columns():
+    runs = [_run("bottle", "a", 0, 0.9), BenchmarkRun("bottle", "a", 0, {k: 0.99 for k in TABLE_METRICS}, "reference")]
+    image_table = markdown_tables(runs).split("### Image AUROC")[1].split("###")[0]
+    assert "| category | a | a (reference) |" in image_table
+    assert "| bottle | 0.900 | 0.990 |" in image_table
+
+
+def test_builtin_dataset_is_generated_once_under_the_output(tmp_path, monkeypatch):
+    calls = []
+
+    def tiny(root):
+        calls.append(root)
+        return make_textures(root, n_train=2, n_test_good=1, n_test_defect=1, size=(32, 32))
+
+    monkeypatch.setitem(BUILTIN_DATASETS, "textures", tiny)
+    first = resolve_dataset("textures", tmp_path)
+    assert first == tmp_path / "data" / "textures" and (first / "train" / "good").is_dir()
+    assert resolve_dataset("textures", tmp_path) == first and len(calls) == 1
+    assert resolve_dataset(tmp_path / "elsewhere", tmp_path) == tmp_path / "elsewhere"

@@ -386,3 +386,11 @@ def test_help(capsys) -> None:
     assert code == 0
     for option in ("--output", "--backbone", "--weights", "--epochs", "--input-size", "--config", "--resume"):
         assert option in out, option
+
+
+def test_unknown_recipe_is_a_user_error(mvtec, lite0_weights, tmp_path, capsys):
+    code, _, err = run_cli(capsys, *train_args(mvtec, tmp_path / "run", lite0_weights, "--recipe", "paper"))
+    assert_user_error(code, err, "paper", "improved", "reference")
+    assert not (tmp_path / "run").exists()
+    code, _, err = run_cli(capsys, "benchmark", mvtec, "--output", tmp_path / "bench", "--recipe", "paper")
+    assert_user_error(code, err, "paper")

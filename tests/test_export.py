@@ -106,8 +106,9 @@ def test_folded_flow_equals_flow_stack(channels, kernels):
     torch.testing.assert_close(folded[:, FoldedFlow(flow).output_permutation], reference, rtol=1e-5, atol=1e-5)
 
 
-def test_graph_folded_equals_unfolded_and_the_reference_scorer():
-    model = FastFlowModel(get_config("resnet18", input_size=INPUT_SIZE), "random").eval()
+@pytest.mark.parametrize("recipe", ["reference", "improved"])
+def test_graph_folded_equals_unfolded_and_the_reference_scorer(recipe):
+    model = FastFlowModel(get_config("resnet18", recipe, input_size=INPUT_SIZE), "random").eval()
     _perturb(model)
     pixels = _pixels(2, (150, 170))
     folded, unfolded = InferenceGraph(model, -0.45), InferenceGraph(model, -0.45, fold=False)
@@ -116,9 +117,11 @@ def test_graph_folded_equals_unfolded_and_the_reference_scorer():
         reference = anomaly_map(zs, INPUT_SIZE)
         outputs = [graph(pixels) for graph in (folded, unfolded)]
     assert reference.std() > 1e-3  # the maps have structure
+    expected_score = image_score(reference, model.config.score_top)
+    assert (expected_score != image_score(reference)).all() == (recipe == "improved")
     for amap, score, label in outputs:
         torch.testing.assert_close(amap, reference, rtol=0, atol=1e-5)
-        torch.testing.assert_close(score, image_score(reference), rtol=0, atol=1e-5)
+        torch.testing.assert_close(score, expected_score, rtol=0, atol=1e-5)
         assert torch.equal(label, (score > -0.45).long())
 
 

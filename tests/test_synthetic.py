@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from fastflow.data import DataError, ImageDataset, load_samples, mvtec_samples, validate_samples
-from fastflow.synthetic import DEFECTS, make_folder_dataset, make_textures
+from fastflow.synthetic import DEFECTS, make_folder_dataset, make_textures, paint_defect
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -131,3 +131,25 @@ def test_refuses_nonempty_root_and_bad_format(tmp_path: Path) -> None:
         make_textures(tmp_path / "x", n_train=1)
     with pytest.raises(DataError, match="gif"):
         make_textures(tmp_path / "y", fmt="gif")
+
+
+@pytest.mark.parametrize("kind", ["scratch", "spot", "cutpaste"])
+def test_painted_defects_change_the_image_where_the_mask_says(kind: str, tmp_path: Path) -> None:
+    root = make_textures(tmp_path / "t", n_train=1, n_test_good=0, n_test_defect=0)
+    image = np.asarray(Image.open(root / "train" / "good" / "000.png"), dtype=np.float32) / 255
+    painted, mask = paint_defect(image, kind, np.random.default_rng(4))
+    change = np.abs(painted - image).max(axis=-1)
+    assert painted.shape == image.shape and 0 < mask.mean() < 0.1
+    assert change[mask].mean() > 0.05  # visible inside
+    assert change[~mask].mean() < 0.01  # (nearly) untouched outside
+
+
+def test_defect_opacity_blends_defects_with_the_texture(tmp_path: Path) -> None:
+    full = make_textures(tmp_path / "full", n_train=1, n_test_good=0, n_test_defect=1, seed=2)
+    faint = make_textures(tmp_path / "faint", n_train=1, n_test_good=0, n_test_defect=1, seed=2, defect_opacity=0.4)
+    assert files(full / "train") == files(faint / "train")  # normals unchanged
+    for defect in DEFECTS:
+        mask = np.asarray(Image.open(full / "ground_truth" / defect / "000_mask.png")) > 0
+        strong, weak = (np.asarray(Image.open(r / "test" / defect / "000.png"), dtype=np.float32) for r in (full, faint))
+        ratio = visibility(weak / 255, mask, defect) - 1, visibility(strong / 255, mask, defect) - 1
+        assert 0 < ratio[0] < ratio[1]  # fainter, still there

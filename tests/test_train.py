@@ -36,3 +36,4 @@ def test_reference_loss_pulls_the_layernorm_scale_down_exact_nll_does_not():
         mean_grads[exact] = torch.stack([n.weight.grad.mean() for n in model.norms])
     assert (mean_grads[False] > 0.5).all()  # descent lowers the scales
     assert (mean_grads[True].abs() < 0.25 * mean_grads[False]).all()
+

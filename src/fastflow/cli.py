@@ -82,6 +82,7 @@ def _train_defaults() -> dict[str, Any]:
         "holdout": detector.holdout_fraction,
         "threshold_quantile": detector.threshold_quantile,
         "exact_nll": training.exact_nll,
+        "recipe": detector.recipe,
     }
 
 
@@ -117,7 +118,8 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Random seed; same seed, same numbers.")] = None,
     input_size: Annotated[str | None, typer.Option(help="Model input HEIGHTxWIDTH or one number (default: preset's).")] = None,
     holdout: Annotated[float | None, typer.Option(help="Share of normal images held out for selection and threshold.")] = None,
-    exact_nll: Annotated[bool | None, typer.Option("--exact-nll/--reference-nll", help="Loss: exact NLL of the normalised features, or the reference loss (default).")] = None,
+    recipe: Annotated[str | None, typer.Option(help="'improved' (default) or 'reference' (the paper's loss, layers and image score).")] = None,
+    exact_nll: Annotated[bool | None, typer.Option("--exact-nll/--reference-nll", help="Loss: exact NLL of the normalised features, or the reference loss (default: the recipe's choice).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (flags win).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last.safetensors (e.g. after an interruption or with more --epochs).")] = False,
 ) -> None:
@@ -127,7 +129,7 @@ def train(
     from fastflow.train import TrainConfig
 
     cli = {"backbone": backbone, "weights": weights, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-           "patience": patience, "seed": seed, "input_size": input_size, "holdout": holdout, "exact_nll": exact_nll}
+           "patience": patience, "seed": seed, "input_size": input_size, "holdout": holdout, "exact_nll": exact_nll, "recipe": recipe}
     options = resolve_train_options(cli, config)
     checkpoint = output / "last.safetensors"
     if not resume and ((output / "model.safetensors").exists() or checkpoint.exists()):
@@ -136,11 +138,12 @@ def train(
         raise FastFlowError(f"nothing to resume: {checkpoint} does not exist; train without --resume")
     training = TrainConfig(
         max_epochs=int(options["epochs"]), batch_size=int(options["batch_size"]), lr=float(options["lr"]),
-        weight_decay=float(options["weight_decay"]), patience=int(options["patience"]), seed=int(options["seed"]), exact_nll=bool(options["exact_nll"]),
+        weight_decay=float(options["weight_decay"]), patience=int(options["patience"]), seed=int(options["seed"]),
+        exact_nll=None if options["exact_nll"] is None else bool(options["exact_nll"]),
     )
     architecture = {k: options[k] for k in ("layers", "flow_steps", "hidden_ratio", "conv3x3_only")}
     detector = FastFlow(
-        options["backbone"], weights=options["weights"], training=training, holdout_fraction=float(options["holdout"]),
+        options["backbone"], recipe=str(options["recipe"]), weights=options["weights"], training=training, holdout_fraction=float(options["holdout"]),
         threshold_quantile=float(options["threshold_quantile"]), input_size=parse_size(options["input_size"]),
         **architecture,
     )
@@ -276,16 +279,18 @@ def _parse_weights(items: list[str] | None) -> dict[str, str | None]:
 @app.command()
 @_user_errors
 def benchmark(
-    datasets: Annotated[list[Path], typer.Argument(help="Category folders (MVTec AD layout), e.g. mvtec_ad/bottle.")],
+    datasets: Annotated[list[Path], typer.Argument(help="Category folders (MVTec AD layout), e.g. mvtec_ad/bottle, or 'textures' (built-in generated set).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for one JSON per run and results.md.")],
     backbone: Annotated[list[str], typer.Option(help="Backbone to compare; repeat for several.")] = ["tf_efficientnet_lite0"],  # noqa: B006
     weights: Annotated[list[str] | None, typer.Option(help="NAME=FILE backbone weights (or one FILE for all); repeatable.")] = None,
+    recipe: Annotated[list[str], typer.Option(help="Recipe to compare ('improved', 'reference'); repeat for several.")] = ["improved"],  # noqa: B006
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; cells show mean and min-max.")] = "0",
     epochs: Annotated[int, typer.Option(help="Maximum epochs per run.")] = 100,
     input_size: Annotated[str | None, typer.Option(help="Model input HEIGHTxWIDTH (default: each preset's).")] = None,
 ) -> None:
-    """Train and test every dataset x backbone x seed; print the metric tables in markdown."""
+    """Train and test every dataset x backbone x recipe x seed; print the metric tables in markdown."""
     from fastflow.benchmark import markdown_tables, run_benchmark
+    from fastflow.presets import get_recipe
     from fastflow.io import atomic_write
     from fastflow.train import TrainConfig
 
@@ -295,8 +300,10 @@ def benchmark(
         seed_list = [int(s) for s in seeds.split(",")]
     except ValueError:
         raise FastFlowError(f"bad --seeds '{seeds}'; write comma-separated integers like 0,1,2") from None
+    for name in recipe:
+        get_recipe(name)  # fail before hours of training, not after
     runs = run_benchmark(
-        datasets, backbone, output, weights=per_backbone, seeds=seed_list,
+        datasets, backbone, output, weights=per_backbone, seeds=seed_list, recipes=recipe,
         training=TrainConfig(max_epochs=epochs), input_size=parse_size(input_size),
     )
     tables = markdown_tables(runs)
@@ -306,11 +313,13 @@ def benchmark(
 
 @app.command()
 def presets() -> None:
-    """List the built-in presets and their settings."""
-    from fastflow.presets import PRESETS
+    """List the built-in presets (improved recipe) and the recipes."""
+    from fastflow.presets import PRESETS, RECIPES
 
     for name, preset in PRESETS.items():
         typer.echo(f"{name:<34} {preset}")
+    for name, recipe in RECIPES.items():
+        typer.echo(f"recipe {name:<27} {recipe.description}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ and the deployment threshold (a quantile of held-out normal scores) on the held-
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -31,7 +32,7 @@ from fastflow.io import load_model, read_model_file, save_model
 from fastflow.metrics import calibrate_threshold
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.model.inference import InferenceGraph
-from fastflow.presets import FastFlowConfig, get_config
+from fastflow.presets import FastFlowConfig, get_config, get_recipe
 from fastflow.train import TrainConfig, TrainState, extract_features, fit_flows
 
 if TYPE_CHECKING:
@@ -66,6 +67,9 @@ class FastFlow:
 
     Args:
         backbone: a preset name (``list_presets()``) or any timm CNN.
+        recipe: ``"improved"`` (default) or ``"reference"`` (the paper's scoring and loss); it
+            sets the scoring fields of the model config (``overrides`` win) and the training
+            fields left at ``None`` (``exact_nll``).
         weights: backbone weights: ``None`` for timm's hub, a local file, or ``"random"`` (tests).
         training: optimisation settings (epochs, batch size, lr, patience, seed).
         holdout_fraction: share of normal training images held out for model selection and
@@ -82,6 +86,7 @@ class FastFlow:
         self,
         backbone: str = "resnet18",
         *,
+        recipe: str = "improved",
         weights: str | Path | None = None,
         training: TrainConfig | None = None,
         holdout_fraction: float = 0.1,
@@ -89,8 +94,12 @@ class FastFlow:
         **overrides: Any,
     ) -> None:
         self.backbone = backbone
+        self.recipe = recipe
         self.weights = weights
-        self.training = training or TrainConfig()
+        # The recipe fills in training fields left unset (None); explicit settings win.
+        training = training or TrainConfig()
+        unset = {k: v for k, v in get_recipe(recipe).training.items() if getattr(training, k) is None}
+        self.training = dataclasses.replace(training, **unset)
         self.holdout_fraction = holdout_fraction
         self.threshold_quantile = threshold_quantile
         self.overrides = overrides
@@ -110,7 +119,7 @@ class FastFlow:
         validate_samples(samples)
         train_samples, holdout_samples = split_holdout(samples, self.holdout_fraction, self.training.seed)
         torch.manual_seed(self.training.seed)
-        config = get_config(self.backbone, **self.overrides)
+        config = get_config(self.backbone, self.recipe, **self.overrides)
         resume = Path(checkpoint) if checkpoint is not None and Path(checkpoint).exists() else None
         state = None
         if resume is not None:
@@ -239,6 +248,7 @@ class FastFlow:
         """Write the fitted detector to one safetensors file (weights, config, threshold), atomically."""
         self._check_fitted()
         extra = {
+            "recipe": self.recipe,
             "threshold": self.threshold_,
             "threshold_quantile": self.threshold_quantile,
             "holdout_scores": [float(s) for s in self.holdout_scores_],
@@ -256,6 +266,7 @@ class FastFlow:
         if "threshold" not in extra:
             raise FastFlowError(f"{path} holds no calibrated threshold (a training checkpoint?); pass the final model.safetensors")
         detector = cls(model.config.backbone, training=TrainConfig(**extra.get("training", {})))
+        detector.recipe = extra.get("recipe", detector.recipe)
         detector.threshold_quantile = extra.get("threshold_quantile", detector.threshold_quantile)
         detector.model_, detector.config_ = model, model.config
         detector._reset_inference()

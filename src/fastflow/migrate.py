@@ -12,6 +12,7 @@ one offending key. Files are read with ``weights_only=True`` so a checkpoint can
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import re
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from torch import Tensor
 from fastflow.errors import FastFlowError
 from fastflow.model.backbones import RANDOM_WEIGHTS, is_transformer
 from fastflow.model.fastflow import FastFlowModel
-from fastflow.presets import FastFlowConfig
+from fastflow.presets import RECIPES, FastFlowConfig
 
 __all__ = ["from_anomalib"]
 
@@ -66,6 +67,8 @@ def from_anomalib(
     if config is None:
         config = _infer_config(state, hparams, name)
     _check_config(config, name)
+    # anomalib scores like the reference recipe (image score = map maximum).
+    config = dataclasses.replace(config, **RECIPES["reference"].model)
     model = FastFlowModel(config, weights=RANDOM_WEIGHTS)
     model.load_state_dict(_translate(state, model.state_dict(), name))
     return model.eval()

@@ -1,11 +1,15 @@
 """Pure functions from flow outputs to losses, anomaly maps and image scores.
 
-Higher always means more anomalous. ``reference`` reproduces the FastFlow reference scorer:
-per scale ``-exp(-0.5 * mean_c z^2)``, bilinearly upsampled to the input size and averaged
-over scales; the image score is the map's maximum.
+Higher always means more anomalous. The anomaly map is the FastFlow reference's: per scale
+``-exp(-0.5 * mean_c z^2)``, bilinearly upsampled to the input size and averaged over scales.
+The image score is the mean of the map's highest ``top_fraction`` of pixels; with 0 it is the
+map's maximum, as in the reference. A small area instead of one pixel: one noisy position no
+longer decides an image (``benchmarks/recipe_study.py`` compares the two).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -27,11 +31,15 @@ def anomaly_map(zs: list[Tensor], size: tuple[int, int]) -> Tensor:
     """Reference anomaly map (N, H, W) at ``size``: mean over scales of upsampled ``-p(z)``."""
     maps = []
     for z in zs:
-        likelihood = torch.exp(-0.5 * z.pow(2).mean(dim=1, keepdim=True))
+        likelihood = torch.exp(-0.5 * torch.mean(z * z, dim=1, keepdim=True))
         maps.append(F.interpolate(-likelihood, size=size, mode="bilinear", align_corners=False))
-    return torch.stack(maps, dim=-1).mean(dim=-1).squeeze(1)
+    return torch.cat(maps, dim=1).mean(dim=1)
 
 
-def image_score(amap: Tensor) -> Tensor:
-    """Image score (N,): the anomaly map's maximum, as in the reference."""
-    return amap.flatten(1).amax(dim=1)
+def image_score(amap: Tensor, top_fraction: float = 0.0) -> Tensor:
+    """Image score (N,): mean of the top ``top_fraction`` of the map's pixels; its maximum if 0."""
+    flat = amap.flatten(1)
+    if top_fraction <= 0:
+        return torch.amax(flat, dim=1)
+    count = max(1, math.floor(flat.shape[1] * top_fraction))
+    return flat.topk(count, dim=1).values.mean(dim=1)

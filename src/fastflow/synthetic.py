@@ -32,7 +32,7 @@ from PIL import Image
 
 from fastflow.data import DataError
 
-__all__ = ["DEFECTS", "make_folder_dataset", "make_textures"]
+__all__ = ["DEFECTS", "PAINTED_DEFECTS", "make_folder_dataset", "make_textures", "paint_defect"]
 
 DEFECTS: tuple[str, ...] = ("scratch", "spot", "distortion")
 _FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF"}
@@ -152,8 +152,45 @@ def _distortion(img: np.ndarray, rng: np.random.Generator, style: _Style, yy: np
 _DEFECT_FNS = {"scratch": _scratch, "spot": _spot, "distortion": _distortion}
 
 
+def _cutpaste(img: np.ndarray, rng: np.random.Generator, style: _Style, yy: np.ndarray,
+              xx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A rectangle of the image itself, rotated by a quarter turn and pasted elsewhere."""
+    del style
+    h, w = yy.shape[0], xx.shape[1]
+    side = int(rng.uniform(0.08, 0.16) * min(h, w))
+    sy, sx, ty, tx = (int(rng.integers(0, limit - side)) for limit in (h, w, h, w))
+    patch = np.rot90(img[sy : sy + side, sx : sx + side], k=int(rng.integers(1, 4)))
+    out = img.copy()
+    out[ty : ty + side, tx : tx + side] = patch
+    mask = np.zeros((h, w), dtype=bool)
+    mask[ty : ty + side, tx : tx + side] = np.abs(patch - img[ty : ty + side, tx : tx + side]).max(axis=-1) > 0.02
+    return out, mask
+
+
+PAINTED_DEFECTS: tuple[str, ...] = ("scratch", "spot", "cutpaste")
+
+
+def paint_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Paint a synthetic defect of ``kind`` (one of ``PAINTED_DEFECTS``) on any normal image.
+
+    ``image`` is float (H, W, 3) in [0, 1]; returns the defective copy and its boolean mask.
+    Defects painted on held-out *normal* images give a validation set with pixel truth, so
+    recipe settings can be compared without touching a single real test image.
+    """
+    if kind not in PAINTED_DEFECTS:
+        raise ValueError(f"unknown painted defect {kind!r}; use one of {PAINTED_DEFECTS}")
+    h, w = image.shape[:2]
+    yy, xx = np.ogrid[0:h, 0:w]
+    yy, xx = yy.astype(np.float32), xx.astype(np.float32)
+    empty = np.zeros(0)
+    style = _Style(image.reshape(-1, 3).mean(axis=0), empty, empty, empty, empty)
+    painter = _cutpaste if kind == "cutpaste" else _DEFECT_FNS[kind]
+    out, mask = painter(image.astype(np.float32), rng, style, yy, xx)
+    return np.clip(out, 0, 1), mask
+
+
 def _render(seed: int, key: tuple[int, ...], size: tuple[int, int] | None, mixed_sizes: bool,
-            style: _Style, defect: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+            style: _Style, defect: str | None, opacity: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
     """One image as float (H, W, 3) in [0, 1] plus its mask (None for normal images)."""
     rng = np.random.default_rng([seed, *key])
     if mixed_sizes or size is None:
@@ -165,7 +202,8 @@ def _render(seed: int, key: tuple[int, ...], size: tuple[int, int] | None, mixed
     img = _normal(rng, style, yy, xx)
     mask = None
     if defect is not None:
-        img, mask = _DEFECT_FNS[defect](img, rng, style, yy, xx)
+        defective, mask = _DEFECT_FNS[defect](img, rng, style, yy, xx)
+        img = defective if opacity == 1.0 else img + opacity * (defective - img)
     img = img + 0.015 * rng.standard_normal((h, w, 1), dtype=np.float32)
     img = img + 0.005 * rng.standard_normal((h, w, 3), dtype=np.float32)
     return np.clip(img, 0, 1), mask
@@ -213,15 +251,19 @@ def make_textures(
     mixed_sizes: bool = False,
     fmt: str = "png",
     size: tuple[int, int] = (256, 256),
+    defect_opacity: float = 1.0,
 ) -> Path:
     """Write an MVTec-AD-layout texture dataset into the new/empty folder ``root``.
 
     Layout: ``train/good``, ``test/good``, ``test/<defect>`` for each of :data:`DEFECTS`
     (``n_test_defect`` images *per defect type*) and ``ground_truth/<defect>/<stem>_mask.png``.
     Images are ``size`` = (H, W), or random sizes in 200..320 per side with ``mixed_sizes``;
-    ``grayscale`` writes L-mode images; ``fmt`` is the image format (masks are always PNG).
+    ``grayscale`` writes L-mode images; ``fmt`` is the image format (masks are always PNG);
+    ``defect_opacity`` < 1 blends each defect with the normal texture, for fainter defects.
     Returns ``root``.
     """
+    if not 0.0 < defect_opacity <= 1.0:
+        raise ValueError(f"defect_opacity must be in (0, 1], got {defect_opacity}")
     fmt = _check_fmt(fmt)
     root = _prepare_root(root)
     style = _style(seed)
@@ -235,7 +277,7 @@ def make_textures(
         if defect is not None:
             (root / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            img, mask = _render(seed, (1, code, i), tuple(size), mixed_sizes, style, defect)
+            img, mask = _render(seed, (1, code, i), tuple(size), mixed_sizes, style, defect, defect_opacity)
             _save(img, folder / f"{i:03d}.{fmt}", grayscale, fmt)
             if mask is not None:
                 _save_mask(mask, root / "ground_truth" / str(defect) / f"{i:03d}_mask.png")

@@ -40,7 +40,8 @@ class TrainConfig:
     # Count the LayerNorm affine's log-determinant, making the loss the exact NLL of the
     # normalised features. The reference loss (False) omits it and so rewards shrinking the
     # LayerNorm scale, a direction that lowers the NLL without modelling the features better.
-    exact_nll: bool = False
+    # None: as the recipe says (``FastFlow`` fills it in; on its own it means True, the improved recipe).
+    exact_nll: bool | None = None
 
 
 @dataclass
@@ -138,6 +139,7 @@ def fit_flows(
         optimizer.load_state_dict(state.optimizer)
     generator = torch.Generator()
     count = train_features[0].shape[0]
+    exact = config.exact_nll is not False
     bar = tqdm(total=config.max_epochs, initial=state.epoch, desc="train", unit="epoch", disable=not progress)
     while state.epoch < config.max_epochs and state.epochs_without_progress < config.patience:
         model.train()
@@ -146,7 +148,7 @@ def fit_flows(
         losses = []
         for start in range(0, count, config.batch_size):
             index = order[start : start + config.batch_size]
-            loss = _flow_nll(model, [f[index] for f in train_features], config.exact_nll)
+            loss = _flow_nll(model, [f[index] for f in train_features], exact)
             if not torch.isfinite(loss):
                 raise FastFlowError(
                     f"training loss became {loss.item()} at epoch {state.epoch + 1}; the flows diverged: "
@@ -157,7 +159,7 @@ def fit_flows(
             optimizer.step()
             losses.append(loss.item())
         state.epoch += 1
-        val_nll = _evaluate_nll(model, val_features, config.batch_size, config.exact_nll)
+        val_nll = _evaluate_nll(model, val_features, config.batch_size, exact)
         train_nll = sum(losses) / len(losses)
         state.history.append({"epoch": state.epoch, "train_nll": train_nll, "val_nll": val_nll})
         if val_nll < state.best_val_nll:

@@ -52,7 +52,7 @@ def test_non_square_sizes_not_multiple_of_stride(backbone, size):
         zs, _ = model(torch.randn(2, 3, *size))
     amap = anomaly_map(zs, size)
     assert amap.shape == (2, *size)
-    assert image_score(amap).shape == (2,)
+    assert image_score(amap).shape == image_score(amap, model.config.score_top).shape == (2,)
 
 
 def test_lite0_shared_weights_load_and_are_pretrained(lite0_weights):

@@ -3,8 +3,8 @@
 ``InferenceGraph`` is the one definition of inference. ``FastFlow`` runs it in Python (engine
 "torch"), and ``fastflow.export`` traces this very module to ONNX and OpenVINO, so every
 engine computes the same function: ``Preprocess`` (resize + normalise) -> frozen backbone ->
-per-scale norms -> flows (latent ``z`` only) -> reference anomaly map -> image score (the map's
-maximum) -> label (score above the calibrated threshold, which is stored in the graph).
+per-scale norms -> flows (latent ``z`` only) -> reference anomaly map -> image score (the mean
+of the map's top ``score_top`` share, or its maximum) -> label (score above the calibrated threshold, which is stored in the graph).
 
 By default the flows are ``FoldedFlow``: the same function as ``FlowStack`` with what is
 constant at inference folded away (see its docstring); ``fold=False`` keeps the training-time
@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.model.flow import _SUBNET_OUTPUT_SCALE, CouplingStep, FlowStack, _softplus_global_scale
 from fastflow.model.preprocess import Preprocess
+from fastflow.scoring import anomaly_map, image_score
 
 __all__ = ["FoldedFlow", "InferenceGraph", "float32_threshold"]
 
@@ -158,13 +159,9 @@ class InferenceGraph(nn.Module):
         return zs
 
     def score_latents(self, zs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Latents -> (anomaly_map, score, label); the reference scorer of ``fastflow.scoring``."""
-        maps = []
-        for z in zs:
-            likelihood = torch.exp(-0.5 * torch.mean(z * z, dim=1, keepdim=True))
-            maps.append(F.interpolate(-likelihood, size=self.input_size, mode="bilinear", align_corners=False))
-        amap = torch.cat(maps, dim=1).mean(dim=1)
-        score = torch.amax(amap.flatten(1), dim=1)
+        """Latents -> (anomaly_map, score, label) with the scorer of ``fastflow.scoring``."""
+        amap = anomaly_map(zs, self.input_size)
+        score = image_score(amap, self.config.score_top)
         return amap, score, (score > self.threshold).to(torch.int64)
 
     def score_features(self, features: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
