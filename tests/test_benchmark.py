@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 
-from fastflow.benchmark import BUILTIN_DATASETS, TABLE_METRICS, BenchmarkRun, markdown_tables, resolve_dataset, run_benchmark
+from fastflow.benchmark import (
+    BUILTIN_DATASETS,
+    TABLE_METRICS,
+    BenchmarkRun,
+    markdown_tables,
+    resolve_dataset,
+    run_benchmark,
+)
 from fastflow.synthetic import make_textures
 from fastflow.train import TrainConfig
 
@@ -32,15 +39,17 @@ def test_tiny_real_run_writes_one_json_per_run(tmp_path, lite0_weights):
     data = make_textures(tmp_path / "tex", n_train=10, n_test_good=3, n_test_defect=2, size=(64, 64))
     runs = run_benchmark(
         [data], ["tf_efficientnet_lite0"], tmp_path / "out", weights={"tf_efficientnet_lite0": lite0_weights},
-        seeds=(0, 1), training=TrainConfig(max_epochs=1, batch_size=8), input_size=(64, 64),
+        seeds=(0, 1), recipes=("reference", "improved"), training=TrainConfig(max_epochs=1, batch_size=8),
+        input_size=(64, 64),
     )
-    assert [r.seed for r in runs] == [0, 1]
+    assert [(r.recipe, r.seed) for r in runs] == [("reference", 0), ("reference", 1), ("improved", 0), ("improved", 1)]
     files = sorted((tmp_path / "out").glob("*.json"))
     assert [f.name for f in files] == [
-        "tex__tf_efficientnet_lite0__improved__seed0.json", "tex__tf_efficientnet_lite0__improved__seed1.json"
+        f"tex__tf_efficientnet_lite0__{recipe}__seed{seed}.json" for recipe in ("improved", "reference") for seed in (0, 1)
     ]
     record = json.loads(files[0].read_text())
     assert 0.0 <= record["metrics"]["image_auroc"] <= 1.0 and record["epochs"] == 1
+    assert "tf_efficientnet_lite0 (reference)" in markdown_tables(runs)
 
 
 def test_recipes_get_their_own_columns():

@@ -24,7 +24,7 @@ from fastflow.io import atomic_write
 from fastflow.synthetic import make_textures
 from fastflow.train import TrainConfig
 
-__all__ = ["BUILTIN_DATASETS", "BenchmarkRun", "TABLE_METRICS", "markdown_tables", "resolve_dataset", "run_benchmark"]
+__all__ = ["BUILTIN_DATASETS", "TABLE_METRICS", "BenchmarkRun", "markdown_tables", "resolve_dataset", "run_benchmark"]
 
 TABLE_METRICS = {
     "image_auroc": "Image AUROC",

@@ -290,8 +290,8 @@ def benchmark(
 ) -> None:
     """Train and test every dataset x backbone x recipe x seed; print the metric tables in markdown."""
     from fastflow.benchmark import markdown_tables, run_benchmark
-    from fastflow.presets import get_recipe
     from fastflow.io import atomic_write
+    from fastflow.presets import get_recipe
     from fastflow.train import TrainConfig
 
     pairs = _parse_weights(weights)

@@ -131,7 +131,7 @@ class FastFlow:
         holdout_features = extract_features(self.model_, self._loader(holdout_samples), "held-out features")
         on_epoch_end = None
         if checkpoint is not None:
-            on_epoch_end = lambda s: _save_checkpoint(Path(checkpoint), self.model_, s, self.training)  # noqa: E731
+            on_epoch_end = lambda s: _save_checkpoint(Path(checkpoint), self.model_, s, self.training)
         state = fit_flows(self.model_, train_features, holdout_features, self.training, state, on_epoch_end)
         self.history_ = state.history
         self.best_epoch_ = state.best_epoch

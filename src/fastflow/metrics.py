@@ -19,13 +19,13 @@ from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 __all__ = [
-    "image_auroc",
-    "pixel_auroc",
-    "f1_max",
-    "pixel_f1_max",
     "aupro",
     "calibrate_threshold",
     "evaluate",
+    "f1_max",
+    "image_auroc",
+    "pixel_auroc",
+    "pixel_f1_max",
 ]
 
 # 8-connectivity: diagonal neighbours belong to the same defect region, as in

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastflow.errors import FastFlowError
 
-__all__ = ["FastFlowConfig", "PRESETS", "RECIPES", "Recipe", "get_config", "get_recipe", "list_presets"]
+__all__ = ["PRESETS", "RECIPES", "FastFlowConfig", "Recipe", "get_config", "get_recipe", "list_presets"]
 
 
 @dataclass(frozen=True)

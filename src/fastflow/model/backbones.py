@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from fastflow.errors import FastFlowError
 
-__all__ = ["Backbone", "RANDOM_WEIGHTS", "is_transformer", "load_state_dict_file"]
+__all__ = ["RANDOM_WEIGHTS", "Backbone", "is_transformer", "load_state_dict_file"]
 
 RANDOM_WEIGHTS = "random"
 
