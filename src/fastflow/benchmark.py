@@ -36,11 +36,12 @@ TABLE_METRICS = {
 
 # The second benchmark dataset, unlike MVTec bottle in every way the loader cares about:
 # generated periodic textures, grayscale, each image its own size (200..320 px a side),
-# faint defects (40% opacity) of three kinds with exact masks.
+# faint defects of three kinds with exact masks. At 40 % opacity both recipes scored image
+# AUROC 0.999-1.000 and pixel AUROC 0.997 over 3 seeds: too easy to tell recipes apart, so 20 %.
 BUILTIN_DATASETS: dict[str, Callable[[Path], Path]] = {
     "textures": lambda root: make_textures(
         root, n_train=150, n_test_good=30, n_test_defect=15, seed=3, grayscale=True, mixed_sizes=True,
-        defect_opacity=0.4,
+        defect_opacity=0.2,
     ),
 }
 
