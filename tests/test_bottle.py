@@ -1,7 +1,8 @@
 """First real results: MVTec AD bottle with pretrained EfficientNet-Lite0, end to end via the CLI.
 
-Fewer epochs than the README's full run so CI stays fast; the floors are the issue's
-(image AUROC >= 0.95, pixel AUROC >= 0.90). Nothing here looks at test images before testing.
+Fewer epochs than the README's benchmark so CI stays fast. Default (improved) recipe; the run
+that set the floors measured image AUROC 1.000, pixel AUROC 0.948, AUPRO 0.778, and flagged
+1 of 20 good and 20 of 20 broken_large images. Nothing here looks at test images before testing.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def test_bottle_train_test_predict(bottle, lite0_weights, tmp_path, capsys):
     assert main(["test", str(run), str(bottle), "--json", str(metrics_file)]) == 0
     metrics = json.loads(metrics_file.read_text())
     print({k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
-    assert metrics["image_auroc"] >= 0.95
-    assert metrics["pixel_auroc"] >= 0.90
+    assert metrics["image_auroc"] >= 0.99
+    assert metrics["pixel_auroc"] >= 0.93
     assert 0.0 < metrics["aupro"] <= 1.0
     out = tmp_path / "pred"
     folders = [str(bottle / "test" / "good"), str(bottle / "test" / "broken_large")]
@@ -34,5 +35,5 @@ def test_bottle_train_test_predict(bottle, lite0_weights, tmp_path, capsys):
     rows = json.loads((out / "predictions.json").read_text())["predictions"]
     flagged = {name: sum(r["label"] == "anomalous" for r in rows if f"/{name}/" in r["path"]) for name in ("good", "broken_large")}
     # The threshold is calibrated on held-out normals only (0.99 quantile): few false alarms,
-    # and a clear share of large breaks flagged (11 of 20 in the run that set these floors).
-    assert len(rows) == 40 and flagged["good"] <= 2 and flagged["broken_large"] >= 6
+    # and nearly every large break flagged.
+    assert len(rows) == 40 and flagged["good"] <= 2 and flagged["broken_large"] >= 16
