@@ -39,6 +39,7 @@ from torchvision.transforms.functional import gaussian_blur
 from fastflow import FastFlow, TrainConfig
 from fastflow.data import ImageDataset, Sample, load_samples, split_holdout
 from fastflow.metrics import aupro, image_auroc, pixel_auroc
+from fastflow.scoring import image_score
 from fastflow.synthetic import PAINTED_DEFECTS, paint_defect
 
 TRAINING_VARIANTS: dict[str, tuple[dict, dict]] = {
@@ -52,10 +53,8 @@ TRAINING_VARIANTS: dict[str, tuple[dict, dict]] = {
 }
 
 
-def validation_set(data: Path, seed: int, root: Path, holdout: float = 0.1) -> list[Sample]:
+def validation_set(held: list[Sample], seed: int, root: Path) -> list[Sample]:
     """Held-out normals (as they are) plus one painted copy of each per defect kind."""
-    normals = load_samples(data, "train")
-    _, held = split_holdout(normals, holdout, seed)
     samples = [Sample(s.path, 0) for s in held]
     rng = np.random.default_rng([seed, 7])
     for i, sample in enumerate(held):
@@ -123,12 +122,6 @@ def scoring_variants(
     return maps
 
 
-def image_scores(amap: Tensor) -> dict[str, np.ndarray]:
-    flat = amap.flatten(1)
-    k = max(1, flat.shape[1] // 100)
-    return {"max": flat.amax(dim=1).numpy(), "top1%": flat.topk(k, dim=1).values.mean(dim=1).numpy()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path)
@@ -142,8 +135,11 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
+        # Split exactly as ``fit`` does (its default held-out fraction and the run's seed).
+        holdout = FastFlow(args.backbone).holdout_fraction
+        train_samples, held = split_holdout(load_samples(args.data, "train"), holdout, seed)
         with tempfile.TemporaryDirectory() as tmp:
-            val_samples = validation_set(args.data, seed, Path(tmp))
+            val_samples = validation_set(held, seed, Path(tmp))
             labels = np.array([s.label for s in val_samples])
             for name in args.variants.split(","):
                 train_fields, overrides = TRAINING_VARIANTS[name]
@@ -158,15 +154,14 @@ def main() -> None:
                     if saved is not None:
                         detector.save(saved)
                 seconds = time.perf_counter() - start
-                normals = load_samples(args.data, "train")
-                train_samples, _ = split_holdout(normals, detector.holdout_fraction, seed)
                 _, train_nll, _ = per_position_nll(detector, train_samples)
                 val_sq, val_nll, masks = per_position_nll(detector, val_samples)
                 size = detector.model_.config.input_size
                 for scorer, amap in scoring_variants(val_sq, val_nll, train_nll, size).items():
                     pix = pixel_auroc(masks.numpy(), amap.numpy())
                     pro = aupro(masks.numpy(), amap.numpy())
-                    for reducer, scores in image_scores(amap).items():
+                    reductions = {"max": image_score(amap).numpy(), "top1%": image_score(amap, 0.01).numpy()}
+                    for reducer, scores in reductions.items():
                         row = {
                             "seed": seed, "training": name, "scoring": scorer, "image_score": reducer,
                             "image_auroc": image_auroc(labels, scores), "pixel_auroc": pix, "aupro": pro,

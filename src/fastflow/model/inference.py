@@ -4,7 +4,8 @@
 "torch"), and ``fastflow.export`` traces this very module to ONNX and OpenVINO, so every
 engine computes the same function: ``Preprocess`` (resize + normalise) -> frozen backbone ->
 per-scale norms -> flows (latent ``z`` only) -> reference anomaly map -> image score (the mean
-of the map's top ``score_top`` share, or its maximum) -> label (score above the calibrated threshold, which is stored in the graph).
+of the map's top ``score_top`` share, or its maximum) -> label (score above the calibrated
+threshold, which is stored in the graph).
 
 By default the flows are ``FoldedFlow``: the same function as ``FlowStack`` with what is
 constant at inference folded away (see its docstring); ``fold=False`` keeps the training-time
