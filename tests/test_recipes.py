@@ -17,8 +17,8 @@ def test_improved_recipe_is_the_default_and_reference_restores_the_paper_scoring
     assert {k: getattr(defaults, k) for k in RECIPES["improved"].model} == RECIPES["improved"].model
     for name in PRESETS:
         reference = get_config(name, "reference")
-        assert reference.score_top == 0.0  # the map's maximum
-        assert dataclasses.replace(reference, **RECIPES["improved"].model_fields(name)) == PRESETS[name]
+        assert (reference.score_top, reference.map_sigma) == (0.0, 0.0)  # the unblurred map's maximum
+        assert dataclasses.replace(reference, **RECIPES["improved"].model) == PRESETS[name]
     # explicit overrides win over the recipe
     assert get_config("resnet18", "reference", score_top=0.05).score_top == 0.05
 
@@ -33,3 +33,11 @@ def test_recipe_fills_only_unset_training_fields():
 def test_unknown_recipe_names_the_valid_ones():
     with pytest.raises(FastFlowError, match="improved, reference"):
         FastFlow(recipe="paper")
+
+
+def test_map_blur_must_fit_inside_the_map():
+    with pytest.raises(ValueError, match="map_sigma"):
+        FastFlowConfig("x", map_sigma=-1.0)
+    with pytest.raises(ValueError, match="map_sigma"):
+        FastFlowConfig("x", input_size=(16, 64), map_sigma=4.0)  # radius 16 reflects past the edge
+    assert FastFlowConfig("x", input_size=(17, 64), map_sigma=4.0).map_sigma == 4.0

@@ -26,7 +26,7 @@ from fastflow.presets import FastFlowConfig
 
 __all__ = ["FORMAT_VERSION", "atomic_write", "load_model", "read_model_file", "save_model"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _FORMAT_NAME = "fastflow-model"
 
 

@@ -217,9 +217,9 @@ def _translate(state: Mapping[str, Tensor], own: Mapping[str, Tensor], name: str
                 "(check input_size, flow_steps, conv3x3_only, hidden_ratio)"
             )
         out[key] = tensor
-    for key in out:
+    for key, inverse in out.items():
         if key.endswith(".inverse_permutation"):
             forward = out[key.removesuffix("inverse_permutation") + "permutation"]
-            if not torch.equal(out[key], torch.argsort(forward)):
+            if not torch.equal(inverse, torch.argsort(forward)):
                 raise FastFlowError(f"'{_anomalib_key(key)}' in {name} is not the inverse of its w_perm")
     return out

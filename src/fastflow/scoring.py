@@ -2,8 +2,9 @@
 
 Higher always means more anomalous. The anomaly map is the FastFlow reference's: per scale
 ``-exp(-0.5 * mean_c z^2)``, bilinearly upsampled to the input size and averaged over scales.
-The image score is the mean of the map's highest ``top_fraction`` of pixels; with 0 it is the
-map's maximum, as in the reference. A small area instead of one pixel: one noisy position no
+An optional Gaussian blur (``sigma`` in map pixels; 0 = none, as in the reference) smooths the
+map before scoring. The image score is the mean of the map's highest ``top_fraction`` of
+pixels; with 0 it is the map's maximum, as in the reference. A small area instead of one pixel: one noisy position no
 longer decides an image (``benchmarks/recipe_study.py`` compares the two).
 """
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["anomaly_map", "image_score", "nll_loss"]
+__all__ = ["anomaly_map", "gaussian_blur", "image_score", "nll_loss"]
 
 
 def nll_loss(zs: list[Tensor], log_dets: list[Tensor]) -> Tensor:
@@ -27,13 +28,29 @@ def nll_loss(zs: list[Tensor], log_dets: list[Tensor]) -> Tensor:
     return total
 
 
-def anomaly_map(zs: list[Tensor], size: tuple[int, int]) -> Tensor:
-    """Reference anomaly map (N, H, W) at ``size``: mean over scales of upsampled ``-p(z)``."""
+def anomaly_map(zs: list[Tensor], size: tuple[int, int], sigma: float = 0.0) -> Tensor:
+    """Anomaly map (N, H, W) at ``size``: mean over scales of upsampled ``-p(z)``, then blurred."""
     maps = []
     for z in zs:
         likelihood = torch.exp(-0.5 * torch.mean(z * z, dim=1, keepdim=True))
         maps.append(F.interpolate(-likelihood, size=size, mode="bilinear", align_corners=False))
-    return torch.cat(maps, dim=1).mean(dim=1)
+    amap = torch.cat(maps, dim=1).mean(dim=1, keepdim=True)
+    return gaussian_blur(amap, sigma)[:, 0] if sigma > 0 else amap[:, 0]
+
+
+def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of (N, 1, H, W), kernel radius ``4 sigma``, edges reflected.
+
+    Written here rather than taken from torchvision: its kernel is built from the input's
+    shape at run time, which ONNX export cannot trace; this one is a constant.
+    """
+    radius = int(4 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    rows = F.conv2d(padded, kernel.view(1, 1, -1, 1))
+    return F.conv2d(rows, kernel.view(1, 1, 1, -1))
 
 
 def image_score(amap: Tensor, top_fraction: float = 0.0) -> Tensor:

@@ -3,9 +3,9 @@
 ``InferenceGraph`` is the one definition of inference. ``FastFlow`` runs it in Python (engine
 "torch"), and ``fastflow.export`` traces this very module to ONNX and OpenVINO, so every
 engine computes the same function: ``Preprocess`` (resize + normalise) -> frozen backbone ->
-per-scale norms -> flows (latent ``z`` only) -> reference anomaly map -> image score (the mean
-of the map's top ``score_top`` share, or its maximum) -> label (score above the calibrated
-threshold, which is stored in the graph).
+per-scale norms -> flows (latent ``z`` only) -> anomaly map (the reference's, optionally
+blurred) -> image score (the mean of the map's top ``score_top`` share, or its maximum) ->
+label (score above the calibrated threshold, which is stored in the graph).
 
 By default the flows are ``FoldedFlow``: the same function as ``FlowStack`` with what is
 constant at inference folded away (see its docstring); ``fold=False`` keeps the training-time
@@ -161,7 +161,7 @@ class InferenceGraph(nn.Module):
 
     def score_latents(self, zs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Latents -> (anomaly_map, score, label) with the scorer of ``fastflow.scoring``."""
-        amap = anomaly_map(zs, self.input_size)
+        amap = anomaly_map(zs, self.input_size, self.config.map_sigma)
         score = image_score(amap, self.config.score_top)
         return amap, score, (score > self.threshold).to(torch.int64)
 
