@@ -118,7 +118,7 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Random seed; same seed, same numbers.")] = None,
     input_size: Annotated[str | None, typer.Option(help="Model input HEIGHTxWIDTH or one number (default: preset's).")] = None,
     holdout: Annotated[float | None, typer.Option(help="Share of normal images held out for selection and threshold.")] = None,
-    recipe: Annotated[str | None, typer.Option(help="'improved' (default) or 'reference' (the paper's loss, layers and image score).")] = None,
+    recipe: Annotated[str | None, typer.Option(help="'improved' (default) or 'reference' (the paper's loss, unblurred map and max image score).")] = None,
     exact_nll: Annotated[bool | None, typer.Option("--exact-nll/--reference-nll", help="Loss: exact NLL of the normalised features, or the reference loss (default: the recipe's choice).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (flags win).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last.safetensors (e.g. after an interruption or with more --epochs).")] = False,
