@@ -101,7 +101,7 @@ def combine(per_scale: list[Tensor], size: tuple[int, int], blur: float) -> Tens
     """Upsample per-scale maps to ``size``, average, optionally Gaussian-blur."""
     ups = [F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False) for m in per_scale]
     amap = torch.cat(ups, dim=1).mean(dim=1, keepdim=True)
-    return (gaussian_blur(amap, blur) if blur > 0 else amap)[:, 0]
+    return gaussian_blur(amap[:, 0], blur) if blur > 0 else amap[:, 0]
 
 
 def scoring_variants(

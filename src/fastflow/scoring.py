@@ -34,23 +34,33 @@ def anomaly_map(zs: list[Tensor], size: tuple[int, int], sigma: float = 0.0) -> 
     for z in zs:
         likelihood = torch.exp(-0.5 * torch.mean(z * z, dim=1, keepdim=True))
         maps.append(F.interpolate(-likelihood, size=size, mode="bilinear", align_corners=False))
-    amap = torch.cat(maps, dim=1).mean(dim=1, keepdim=True)
-    return gaussian_blur(amap, sigma)[:, 0] if sigma > 0 else amap[:, 0]
+    amap = torch.cat(maps, dim=1).mean(dim=1)
+    return gaussian_blur(amap, sigma) if sigma > 0 else amap
 
 
-def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (N, 1, H, W), kernel radius ``4 sigma``, edges reflected.
+def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
+    """Gaussian blur of maps (..., H, W), kernel radius ``4 sigma``, edges reflected.
 
-    Written here rather than taken from torchvision: its kernel is built from the input's
-    shape at run time, which ONNX export cannot trace; this one is a constant.
+    Computed as ``B_H @ maps @ B_W^T`` with banded matrices that hold the kernel and the
+    reflection: the map size is fixed per model, so they are constants in exported graphs, and
+    two matrix products beat PyTorch's one-channel convolution several times over at batch 16.
+    torchvision's blur builds its kernel from the input's shape at run time, which ONNX export
+    cannot trace.
     """
+    height, width = int(maps.shape[-2]), int(maps.shape[-1])
+    return _blur_band(height, sigma, maps) @ maps @ _blur_band(width, sigma, maps).T
+
+
+def _blur_band(size: int, sigma: float, like: Tensor) -> Tensor:
+    """(size, size) matrix whose row i is the Gaussian kernel centred on i, reflected at the edges."""
     radius = int(4 * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
-    rows = F.conv2d(padded, kernel.view(1, 1, -1, 1))
-    return F.conv2d(rows, kernel.view(1, 1, 1, -1))
+    source = (torch.arange(size)[:, None] + torch.arange(-radius, radius + 1)[None, :]).abs()
+    source = torch.where(source > size - 1, 2 * (size - 1) - source, source)
+    band = torch.zeros(size, size, dtype=torch.float64).scatter_add_(1, source, kernel.expand(size, -1))
+    return band.to(dtype=like.dtype, device=like.device)
 
 
 def image_score(amap: Tensor, top_fraction: float = 0.0) -> Tensor:
