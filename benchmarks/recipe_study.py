@@ -34,13 +34,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from fastflow import FastFlow, TrainConfig
 from fastflow.data import ImageDataset, Sample, load_samples, split_holdout
 from fastflow.metrics import aupro, image_auroc, pixel_auroc
-from fastflow.scoring import gaussian_blur, image_score
+from fastflow.scoring import fuse_scales, image_score
 from fastflow.synthetic import PAINTED_DEFECTS, paint_defect
 
 TRAINING_VARIANTS: dict[str, tuple[dict, dict]] = {
@@ -97,13 +96,6 @@ def per_position_nll(detector: FastFlow, samples: list[Sample]) -> tuple[list[Te
     return [torch.cat(x) for x in half_sq], [torch.cat(x) for x in nll], torch.cat(masks)
 
 
-def combine(per_scale: list[Tensor], size: tuple[int, int], blur: float) -> Tensor:
-    """Upsample per-scale maps to ``size``, average, optionally Gaussian-blur."""
-    ups = [F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False) for m in per_scale]
-    amap = torch.cat(ups, dim=1).mean(dim=1, keepdim=True)
-    return gaussian_blur(amap[:, 0], blur) if blur > 0 else amap[:, 0]
-
-
 def scoring_variants(
     val_sq: list[Tensor], val_nll: list[Tensor], train_sq: list[Tensor], train_nll: list[Tensor],
     size: tuple[int, int],
@@ -116,20 +108,20 @@ def scoring_variants(
     maps = {}
     for blur in (0.0, 4.0):
         suffix = f"+blur{blur:g}" if blur else ""
-        maps["reference" + suffix] = combine(reference, size, blur)
-        maps["nll" + suffix] = combine(val_nll, size, blur)
-        maps["nll_std" + suffix] = combine(standardised, size, blur)
-        maps["likelihood_nll" + suffix] = combine(
+        maps["reference" + suffix] = fuse_scales(reference, size, blur)
+        maps["nll" + suffix] = fuse_scales(val_nll, size, blur)
+        maps["nll_std" + suffix] = fuse_scales(standardised, size, blur)
+        maps["likelihood_nll" + suffix] = fuse_scales(
             [-torch.exp(-(v - t.mean())) for v, t in zip(val_nll, train_nll, strict=True)], size, blur
         )
-        maps["reference_std" + suffix] = combine(
+        maps["reference_std" + suffix] = fuse_scales(
             [(v - t.mean()) / t.std() for v, t in zip(reference, train_reference, strict=True)], size, blur
         )
-        maps["sq_std" + suffix] = combine(
+        maps["sq_std" + suffix] = fuse_scales(
             [(v - t.mean()) / t.std() for v, t in zip(val_sq, train_nll, strict=True)], size, blur
         )
     for blur in (2.0, 8.0):  # the reference map's blur, either side of 4
-        maps[f"reference+blur{blur:g}"] = combine(reference, size, blur)
+        maps[f"reference+blur{blur:g}"] = fuse_scales(reference, size, blur)
     return maps
 
 

@@ -10,13 +10,14 @@ reference. ``benchmarks/recipe_study.py`` measured both choices on painted defec
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["anomaly_map", "gaussian_blur", "image_score", "nll_loss"]
+__all__ = ["anomaly_map", "fuse_scales", "gaussian_blur", "image_score", "nll_loss"]
 
 
 def nll_loss(zs: list[Tensor], log_dets: list[Tensor]) -> Tensor:
@@ -30,37 +31,43 @@ def nll_loss(zs: list[Tensor], log_dets: list[Tensor]) -> Tensor:
 
 def anomaly_map(zs: list[Tensor], size: tuple[int, int], sigma: float = 0.0) -> Tensor:
     """Anomaly map (N, H, W) at ``size``: mean over scales of upsampled ``-p(z)``, then blurred."""
-    maps = []
-    for z in zs:
-        likelihood = torch.exp(-0.5 * torch.mean(z * z, dim=1, keepdim=True))
-        maps.append(F.interpolate(-likelihood, size=size, mode="bilinear", align_corners=False))
-    amap = torch.cat(maps, dim=1).mean(dim=1)
-    return gaussian_blur(amap, sigma) if sigma > 0 else amap
+    return fuse_scales([-torch.exp(-0.5 * torch.mean(z * z, dim=1)) for z in zs], size, sigma)
+
+
+def fuse_scales(maps: list[Tensor], size: tuple[int, int], sigma: float = 0.0) -> Tensor:
+    """Per-scale maps (N, h, w) -> one map (N, H, W): bilinear upsampling to ``size``, mean, blur."""
+    upsampled = [F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False) for m in maps]
+    return gaussian_blur(torch.cat(upsampled, dim=1).mean(dim=1), sigma)
 
 
 def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
-    """Gaussian blur of maps (..., H, W), kernel radius ``4 sigma``, edges reflected.
+    """Gaussian blur of maps (..., H, W), kernel radius ``4 sigma``, edges reflected; none if 0.
 
     Computed as ``B_H @ maps @ B_W^T`` with banded matrices that hold the kernel and the
-    reflection: the map size is fixed per model, so they are constants in exported graphs, and
-    two matrix products beat PyTorch's one-channel convolution several times over at batch 16.
-    torchvision's blur builds its kernel from the input's shape at run time, which ONNX export
-    cannot trace.
+    reflection: the map size is fixed per model, so they are built once (cached) and are
+    constants in exported graphs, and two matrix products beat PyTorch's one-channel
+    convolution several times over at batch 16. torchvision's blur builds its kernel from the
+    input's shape at run time, which ONNX export cannot trace.
     """
+    if sigma <= 0:
+        return maps
     height, width = int(maps.shape[-2]), int(maps.shape[-1])
-    return _blur_band(height, sigma, maps) @ maps @ _blur_band(width, sigma, maps).T
+    rows = _blur_band(height, sigma, maps.dtype, maps.device)
+    columns = _blur_band(width, sigma, maps.dtype, maps.device)
+    return rows @ maps @ columns.T
 
 
-def _blur_band(size: int, sigma: float, like: Tensor) -> Tensor:
+@functools.lru_cache(maxsize=16)
+def _blur_band(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(size, size) matrix whose row i is the Gaussian kernel centred on i, reflected at the edges."""
     radius = int(4 * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    steps = torch.arange(-radius, radius + 1)
+    kernel = torch.exp(-0.5 * (steps.double() / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    source = (torch.arange(size)[:, None] + torch.arange(-radius, radius + 1)[None, :]).abs()
+    source = (torch.arange(size)[:, None] + steps[None, :]).abs()
     source = torch.where(source > size - 1, 2 * (size - 1) - source, source)
     band = torch.zeros(size, size, dtype=torch.float64).scatter_add_(1, source, kernel.expand(size, -1))
-    return band.to(dtype=like.dtype, device=like.device)
+    return band.to(dtype=dtype, device=device)
 
 
 def image_score(amap: Tensor, top_fraction: float = 0.0) -> Tensor:
