@@ -44,50 +44,27 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastflow import FastFlow
-from fastflow.export import (
-    OnnxRuntimeEngine,
-    OpenVinoEngine,
-    TorchEngine,
-    physical_cores,
-    to_onnx,
-    to_openvino,
-)
+from fastflow.engines import OnnxRuntimeEngine, OpenVinoEngine, TorchEngine, physical_cores
+from fastflow.export import to_onnx, to_openvino
 from fastflow.migrate import _anomalib_key
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.model.inference import InferenceGraph
 from fastflow.presets import get_config
 from fastflow.scoring import gaussian_blur
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support import perturb_trainable
+
 LITE0_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "tf_efficientnet_lite0.safetensors"
 Runner = Callable[[np.ndarray], object]
 
 
 def perturbed_model(backbone: str, size: int) -> FastFlowModel:
-    """A FastFlow model whose norms and flows look trained (scales ~1 +- 5 %, small offsets)."""
+    """A FastFlow model whose norms and flows look trained (``support.perturb_trainable``)."""
     weights = str(LITE0_WEIGHTS) if backbone == "tf_efficientnet_lite0" else "random"
     model = FastFlowModel(get_config(backbone, input_size=(size, size)), weights).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.startswith("backbone."):
-                continue
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith("global_scale"):
-                param.add_(0.5 * noise)
-            elif name.endswith("global_offset"):
-                param.copy_(0.05 * noise)
-            elif name.startswith("norms."):
-                param.add_(0.1 * noise)
-            else:
-                param.add_(0.5 * noise * param.std())
-    return model.use_channels_last()
-
-
-def detector_for(model: FastFlowModel) -> FastFlow:
-    detector = FastFlow(model.config.backbone, weights="random")
-    detector.model_, detector.config_ = model, model.config
-    detector.threshold_, detector.map_floor_ = -0.5, -0.6
-    return detector
+    perturb_trainable(model, torch.Generator().manual_seed(1))
+    return model
 
 
 def anomalib_twin(model: FastFlowModel) -> nn.Module:
@@ -161,23 +138,23 @@ def torch_runner(module: Callable) -> Runner:
 def build_configs(backbone: str, size: int, batch: int, workdir: Path) -> tuple[dict, np.ndarray, np.ndarray]:
     """name -> (batch runner, batch-1 runner, input kind); plus the uint8 and normalised inputs."""
     model = perturbed_model(backbone, size)
-    detector = detector_for(model)
+    detector = FastFlow.from_model(model, threshold=-0.5, map_floor=-0.6)
     generator = torch.Generator().manual_seed(0)
     coarse = torch.rand(batch, 3, 8, 8, generator=generator) * 255
     pixels = F.interpolate(coarse, size=(size, size), mode="bicubic").clamp(0, 255).round().to(torch.uint8)
     graph = detector.inference_graph()
-    normalised = graph.preprocess(pixels).numpy()
+    normalised = model.preprocess(pixels).numpy()
     pixels = pixels.numpy()
     configs: dict[str, tuple[Runner, Runner, str]] = {}
 
-    unfolded = InferenceGraph(model, -0.5, fold=False)
+    unfolded = InferenceGraph(model, detector.recipe, -0.5)
     configs["fastflow torch fp32 (unfolded)"] = (torch_runner(unfolded), torch_runner(unfolded), "pixels")
     configs["fastflow torch fp32 (folded)"] = (torch_runner(graph), torch_runner(graph), "pixels")
     mixed = TorchEngine(graph, "bf16")  # bf16 flows, f32 backbone: the bf16 path that keeps the AUROC
     configs["fastflow torch bf16 flows"] = (mixed, mixed, "pixels")
-    onnx = OnnxRuntimeEngine(to_onnx(detector, workdir / backbone / "onnx"), physical_cores())
+    onnx = OnnxRuntimeEngine(to_onnx(graph, workdir / backbone / "onnx"), physical_cores())
     configs["fastflow onnxruntime fp32"] = (onnx, onnx, "pixels")
-    xml = to_openvino(detector, workdir / backbone / "openvino")
+    xml = to_openvino(graph, workdir / backbone / "openvino")
     import openvino as ov
 
     core = ov.Core()
@@ -206,7 +183,7 @@ def build_configs(backbone: str, size: int, batch: int, workdir: Path) -> tuple[
         # before anything is timed. anomalib itself is timed without the blur.
         with torch.no_grad():
             ours = graph(torch.from_numpy(pixels[:2]))[0]
-            theirs = gaussian_blur(wrapped(torch.from_numpy(normalised[:2]))[0][:, 0], model.config.map_sigma)
+            theirs = gaussian_blur(wrapped(torch.from_numpy(normalised[:2]))[0][:, 0], detector.recipe.map_sigma)
         assert torch.allclose(ours, theirs, atol=1e-4), float((ours - theirs).abs().max())
     check = OpenVinoEngine(xml, "f32")(pixels[:2])[0]
     assert np.abs(check - graph(torch.from_numpy(pixels[:2]))[0].detach().numpy()).max() < 1e-4
@@ -261,12 +238,11 @@ def anomalib_aurocs(detector: FastFlow, samples: list, labels: np.ndarray) -> li
         twin = _MapAndScore(anomalib_twin(detector.model_)).eval()
     except ImportError:
         return []
-    graph = detector.inference_graph()
     with torch.no_grad():
-        batches = [(graph.preprocess(batch["image"]).numpy(), batch) for _, batch in detector.raw_batches(samples)]
+        batches = [(detector.model_.preprocess(batch["image"]).numpy(), batch) for _, batch in detector.image_batches(samples)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            size = list(detector.config_.input_size)
+            size = list(detector.config.input_size)
             converted = ov.convert_model(
                 twin, example_input=torch.from_numpy(batches[0][0][:2]), input=[([-1, 3, *size], ov.Type.f32)]
             )

@@ -34,23 +34,22 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from fastflow import FastFlow, TrainConfig
-from fastflow.data import ImageDataset, Sample, load_samples, split_holdout
+from fastflow.data import Sample, image_loader, load_samples, split_holdout
 from fastflow.metrics import aupro, image_auroc, pixel_auroc
 from fastflow.scoring import fuse_scales, image_score
 from fastflow.synthetic import PAINTED_DEFECTS, paint_defect
 
-TRAINING_VARIANTS: dict[str, tuple[dict, dict]] = {
-    # name: (TrainConfig fields, FastFlow architecture overrides)
-    "reference": ({"exact_nll": False}, {"layers": (1, 2, 3)}),
-    "exact": ({"exact_nll": True}, {"layers": (1, 2, 3)}),
-    "exact_l23": ({"exact_nll": True}, {"layers": (2, 3)}),
-    "exact_l234": ({"exact_nll": True}, {"layers": (2, 3, 4)}),
-    "reference_l23": ({"exact_nll": False}, {"layers": (2, 3)}),
-    "exact_l1234": ({"exact_nll": True}, {"layers": (1, 2, 3, 4)}),
-    "exact_384": ({"exact_nll": True}, {"layers": (1, 2, 3), "input_size": (384, 384)}),
+TRAINING_VARIANTS: dict[str, tuple[str, dict]] = {
+    # name: (recipe, whose loss trains the model; FastFlow architecture overrides)
+    "reference": ("reference", {"layers": (1, 2, 3)}),
+    "exact": ("improved", {"layers": (1, 2, 3)}),
+    "exact_l23": ("improved", {"layers": (2, 3)}),
+    "exact_l234": ("improved", {"layers": (2, 3, 4)}),
+    "reference_l23": ("reference", {"layers": (2, 3)}),
+    "exact_l1234": ("improved", {"layers": (1, 2, 3, 4)}),
+    "exact_384": ("improved", {"layers": (1, 2, 3), "input_size": (384, 384)}),
 }
 
 
@@ -79,19 +78,16 @@ def validation_set(held: list[Sample], seed: int, root: Path, opacity: float = 1
 def per_position_nll(detector: FastFlow, samples: list[Sample]) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """Per scale: mean-over-channels 0.5 z^2 (N, h, w) and exact NLL per channel (N, h, w); masks."""
     model = detector.model_
-    dataset = ImageDataset(samples, model.config.input_size, model.mean, model.std)
     half_sq: list[list[Tensor]] = [[] for _ in model.flows]
     nll: list[list[Tensor]] = [[] for _ in model.flows]
     masks = []
     with torch.no_grad():
-        for batch in DataLoader(dataset, batch_size=16):
-            zs, log_dets = model(batch["image"])
-            for k, (z, log_det, norm) in enumerate(zip(zs, log_dets, model.norms, strict=True)):
-                channels = z.shape[1]
-                norm_log_det = norm.weight.abs().log().sum(dim=0) if hasattr(norm, "weight") else 0.0
+        for batch in image_loader(samples, model.config.input_size, 16):
+            zs, log_dets = model.flow(model.extract(batch["image"]), with_norm_log_det=True)
+            for k, (z, log_det) in enumerate(zip(zs, log_dets, strict=True)):
                 sq = 0.5 * z.pow(2).mean(dim=1)
                 half_sq[k].append(sq)
-                nll[k].append(sq - (log_det + norm_log_det) / channels)
+                nll[k].append(sq - log_det / z.shape[1])
             masks.append(batch["mask"])
     return [torch.cat(x) for x in half_sq], [torch.cat(x) for x in nll], torch.cat(masks)
 
@@ -146,21 +142,21 @@ def main() -> None:
             val_samples = validation_set(held, seed, Path(tmp), args.opacity)
             labels = np.array([s.label for s in val_samples])
             for name in args.variants.split(","):
-                train_fields, overrides = TRAINING_VARIANTS[name]
-                training = TrainConfig(max_epochs=args.epochs, seed=seed, **train_fields)
+                recipe, overrides = TRAINING_VARIANTS[name]
+                training = TrainConfig(max_epochs=args.epochs, seed=seed)
                 start = time.perf_counter()
                 saved = args.models / f"{args.data.name}_{name}_{args.epochs}_seed{seed}.safetensors" if args.models else None
                 if saved is not None and saved.exists():
                     detector = FastFlow.load(saved)
                 else:
-                    detector = FastFlow(args.backbone, weights=args.weights, training=training, **overrides)
+                    detector = FastFlow(args.backbone, recipe=recipe, weights=args.weights, training=training, **overrides)
                     detector.fit(args.data)
                     if saved is not None:
                         detector.save(saved)
                 seconds = time.perf_counter() - start
                 train_sq, train_nll, _ = per_position_nll(detector, train_samples)
                 val_sq, val_nll, masks = per_position_nll(detector, val_samples)
-                size = detector.model_.config.input_size
+                size = detector.config.input_size
                 for scorer, amap in scoring_variants(val_sq, val_nll, train_sq, train_nll, size).items():
                     pix = pixel_auroc(masks.numpy(), amap.numpy())
                     pro = aupro(masks.numpy(), amap.numpy())

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from fastflow import FastFlow
 from fastflow.cli import main
-from fastflow.synthetic import make_folder_dataset, make_textures
+from fastflow.synthetic import make_textures
+from support import make_folder_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -394,3 +395,77 @@ def test_unknown_recipe_is_a_user_error(mvtec, lite0_weights, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
     code, _, err = run_cli(capsys, "benchmark", mvtec, "--output", tmp_path / "bench", "--recipe", "paper")
     assert_user_error(code, err, "paper")
+
+
+# ---------------------------------------------------------------------------- bad option values
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        (["--holdout", "1"], ["--holdout", "between 0 and 1"]),
+        (["--holdout", "0"], ["--holdout", "between 0 and 1"]),
+        (["--epochs", "0"], ["--epochs", ">= 1"]),
+        (["--batch-size", "0"], ["--batch-size", ">= 1"]),
+        (["--lr", "-0.1"], ["--lr", "> 0"]),
+        (["--patience", "0"], ["--patience", ">= 1"]),
+        (["--seed", "-1"], ["--seed", ">= 0"]),
+        (["--input-size", "8"], ["input size", "at least 16"]),
+    ],
+)
+def test_bad_option_values_are_one_line_errors(capsys, flags, names, mvtec: Path, lite0_weights: Path,
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked before any image is read or file written: no feature extraction, no run folder."""
+    import fastflow.train
+
+    def no_extraction(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("features were extracted before the options were checked")
+
+    monkeypatch.setattr(fastflow.train, "extract_features", no_extraction)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, *train_args(mvtec, run, lite0_weights), *flags)
+    assert_user_error(code, err, *names)
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "names"),
+    [
+        ("flow_steps: 0\n", ["flow_steps", ">= 1"]),
+        ("hidden_ratio: -1\n", ["hidden_ratio", "> 0"]),
+        ("epochs: many\n", ["epochs", "integer", "many"]),
+        ("lr: fast\n", ["lr", "number", "fast"]),
+        ("threshold_quantile: 1.5\n", ["threshold_quantile", "(0, 1]"]),
+        ("exact_nll: maybe\n", ["exact_nll", "true or false"]),
+        ("layers: [one]\n", ["layers", "integers"]),
+        ("recipe: paper\n", ["paper", "improved, reference"]),
+    ],
+)
+def test_bad_config_file_values_are_one_line_errors(capsys, yaml_text, names, mvtec: Path,
+                                                    lite0_weights: Path, tmp_path: Path) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml_text)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", mvtec, "-o", run, "--weights", lite0_weights, "--config", config)
+    assert_user_error(code, err, *names)
+    assert not run.exists()
+
+
+def test_predict_decodes_each_image_at_most_twice(capsys, mvtec: Path, mvtec_run: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation decodes every input once, scoring once; the pictures come from those pixels."""
+    import PIL.Image
+
+    opened: dict[str, int] = {}
+    original = PIL.Image.open
+
+    def counting_open(fp: Any, *args: Any, **kwargs: Any) -> Any:
+        opened[str(fp)] = opened.get(str(fp), 0) + 1
+        return original(fp, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "open", counting_open)
+    images = sorted((mvtec / "test" / "good").glob("*.png"))
+    code, _, err = run_cli(capsys, "predict", mvtec_run, *images, "-o", tmp_path / "out", "--engine", "torch")
+    assert code == 0, err
+    assert {str(p) for p in images} <= set(opened)
+    assert max(opened[str(p)] for p in images) <= 2, opened

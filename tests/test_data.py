@@ -10,16 +10,18 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
+
 from fastflow.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     DataError,
     ImageDataset,
     Sample,
+    decode_image,
     detect_layout,
     folder_samples,
+    image_loader,
     list_images,
-    load_image,
     load_mask,
     load_samples,
     mvtec_samples,
@@ -30,8 +32,15 @@ from fastflow.data import (
 BOTTLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mvtec_ad" / "bottle"
 needs_bottle = pytest.mark.skipif(not BOTTLE.is_dir(), reason=f"MVTec AD bottle not found at {BOTTLE}")
 
+from fastflow.model.preprocess import Preprocess  # noqa: E402
+
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def load_image(path: Path, size: tuple[int, int], mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """What the model's input path does to one file: decode, then ``Preprocess`` (resize + normalise)."""
+    return Preprocess(size, mean, std)(decode_image(path)[None])[0]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -104,7 +113,7 @@ def test_bottle_item_non_square() -> None:
     test = mvtec_samples(BOTTLE, "test")
     ds = ImageDataset([s for s in test if s.label == 1][:1] + [test[-1]], (96, 128))
     item = ds[0]
-    assert item["image"].shape == (3, 96, 128) and item["image"].dtype == torch.float32
+    assert item["image"].shape == (3, 900, 900) and item["image"].dtype == torch.uint8  # decoded, own size
     assert item["mask"].shape == (96, 128) and item["mask"].dtype == torch.bool
     assert item["mask"].any() and item["has_mask"] and item["label"] == 1
 
@@ -180,7 +189,7 @@ def test_dataset_collate_with_and_without_masks(tmp_path: Path) -> None:
     assert [(s.path.name, s.label, s.mask.name if s.mask else None) for s in samples] == [
         ("n.png", 0, None), ("a.png", 1, "a_mask.png"), ("b.jpg", 1, None)]
     batch = next(iter(DataLoader(ImageDataset(samples, (20, 28)), batch_size=3)))
-    assert batch["image"].shape == (3, 3, 20, 28)
+    assert batch["image"].shape == (3, 3, 30, 40) and batch["image"].dtype == torch.uint8
     assert batch["mask"].shape == (3, 20, 28) and batch["mask"].dtype == torch.bool
     assert batch["label"].tolist() == [0, 1, 1]
     assert batch["has_mask"].tolist() == [True, True, False]
@@ -361,3 +370,18 @@ def test_split_holdout() -> None:
     assert "add more" in str(err.value) and "/d" in str(err.value)
     with pytest.raises(DataError):
         split_holdout([Sample(Path("/d/x.png"), 1), *samples])
+
+
+def test_validation_records_sizes_and_loader_batches_by_size(tmp_path: Path) -> None:
+    sizes = [(40, 30), (40, 30), (20, 50), (40, 30), (40, 30), (40, 30)]
+    for i, size in enumerate(sizes):
+        save(rgb(size, seed=i), tmp_path / "n" / f"{i}.png")
+    samples = validate_samples(folder_samples(tmp_path / "n"))
+    assert [s.size for s in samples] == sizes
+    batches = [(b["image"].shape, [Path(p).name for p in b["path"]]) for b in image_loader(samples, (8, 8), 2)]
+    assert batches == [
+        ((2, 3, 30, 40), ["0.png", "1.png"]),
+        ((1, 3, 50, 20), ["2.png"]),
+        ((2, 3, 30, 40), ["3.png", "4.png"]),
+        ((1, 3, 30, 40), ["5.png"]),
+    ]

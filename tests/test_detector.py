@@ -259,3 +259,23 @@ def test_non_finite_loss_names_the_learning_rate(lite0_weights: Path, textures: 
     assert "nan" in str(error.value) or "inf" in str(error.value)
     assert "\n" not in str(error.value)
     assert not checkpoint.exists()
+
+
+def test_load_restores_config_and_recipe_so_a_refit_retrains_the_same_model(
+    tiny_seed0: FastFlow, textures: Path, test_samples: list[Sample], tmp_path: Path
+) -> None:
+    """A loaded detector carries the saved config (not the preset's) and recipe; refitting it
+    without weights reuses the backbone it holds and retrains exactly the saved run."""
+    loaded = FastFlow.load(tiny_seed0.save(tmp_path / "model.safetensors"))
+    assert loaded.config == tiny_seed0.config and loaded.config.flow_steps == 2
+    assert loaded.recipe == tiny_seed0.recipe and loaded.training == tiny_seed0.training
+    loaded.fit(textures)
+    assert loaded.history_ == tiny_seed0.history_
+    np.testing.assert_array_equal(loaded.decision_function(test_samples), tiny_seed0.decision_function(test_samples))
+
+
+def test_from_model_wraps_a_trained_model(tiny_seed0: FastFlow, test_samples: list[Sample]) -> None:
+    wrapped = FastFlow.from_model(tiny_seed0.model_, tiny_seed0.threshold_, tiny_seed0.recipe)
+    np.testing.assert_array_equal(wrapped.score(test_samples).maps, tiny_seed0.score(test_samples).maps)
+    reference = FastFlow.from_model(tiny_seed0.model_, tiny_seed0.threshold_, "reference")
+    assert reference.recipe.score_top == 0 and reference.config == tiny_seed0.config

@@ -19,23 +19,17 @@ from torch.nn import functional as F
 from fastflow import FastFlow, FastFlowError
 from fastflow.cli import main
 from fastflow.model.fastflow import FastFlowModel
-from fastflow.model.flow import FlowStack
-from fastflow.model.inference import FoldedFlow, InferenceGraph, float32_threshold
-from fastflow.presets import get_config
+from fastflow.model.flow import FlowStack, FoldedFlow
+from fastflow.model.inference import InferenceGraph, float32_threshold
+from fastflow.presets import get_config, get_recipe
 from fastflow.scoring import anomaly_map, image_score
+from support import perturb_trainable
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 
-from fastflow.export import (
-    ONNX_MIN_IMAGES,
-    check_parity,
-    default_engine,
-    load_exported,
-    read_metadata,
-    to_onnx,
-    to_openvino,
-)
+from fastflow.engines import choose_engine, load_exported, read_metadata  # noqa: E402
+from fastflow.export import check_parity, to_onnx, to_openvino  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,32 +37,14 @@ INPUT_SIZE = (128, 160)
 
 
 def _perturb(module: torch.nn.Module, seed: int = 1) -> None:
-    """Trained-looking norms and flows: scales ~1 +- 5 %, small offsets, wider subnet weights."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name.startswith("backbone."):
-                continue
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith("global_scale"):
-                param.add_(0.5 * noise)
-            elif name.endswith("global_offset"):
-                param.copy_(0.1 * noise)
-            elif name.startswith("norms."):
-                param.add_(0.3 * noise)
-            else:
-                param.add_(noise * param.std())
+    perturb_trainable(module, torch.Generator().manual_seed(seed))
 
 
 def _detector(backbone: str, weights: str | Path = "random", threshold: float = -0.45) -> FastFlow:
     """A 'fitted' detector without training: perturbed model, threshold inside the score range."""
-    detector = FastFlow(backbone, weights=weights)
     model = FastFlowModel(get_config(backbone, input_size=INPUT_SIZE), weights).eval()
     _perturb(model)
-    detector.model_, detector.config_ = model, model.config
-    detector.threshold_, detector.map_floor_ = threshold, -0.6
-    detector.holdout_scores_, detector.best_epoch_, detector.history_ = np.array([threshold]), 1, []
-    return detector
+    return FastFlow.from_model(model, threshold, map_floor=-0.6)
 
 
 def _pixels(batch: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -101,23 +77,26 @@ def test_folded_flow_equals_flow_stack(channels, kernels):
     x = torch.randn(2, channels, 9, 11)
     with torch.no_grad():
         reference, _ = flow(x)
-        folded = FoldedFlow(flow)(x)
+        folding = flow.fold()
+        folded, log_det = folding(x)
+    assert isinstance(folding, FoldedFlow) and log_det is None
     assert reference.abs().max() > 1.0  # a real transformation, not ~identity
-    torch.testing.assert_close(folded[:, FoldedFlow(flow).output_permutation], reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded[:, folding.output_permutation], reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("recipe", ["reference", "improved"])
 def test_graph_folded_equals_unfolded_and_the_reference_scorer(recipe):
-    model = FastFlowModel(get_config("resnet18", recipe, input_size=INPUT_SIZE), "random").eval()
+    model = FastFlowModel(get_config("resnet18", input_size=INPUT_SIZE), "random").eval()
     _perturb(model)
+    scoring = get_recipe(recipe)
     pixels = _pixels(2, (150, 170))
-    folded, unfolded = InferenceGraph(model, -0.45), InferenceGraph(model, -0.45, fold=False)
+    folded, unfolded = InferenceGraph(model.fold(), scoring, -0.45), InferenceGraph(model, scoring, -0.45)
     with torch.no_grad():
-        zs, _ = model(folded.preprocess(pixels))
-        reference = anomaly_map(zs, INPUT_SIZE, model.config.map_sigma)
+        zs, _ = model(pixels)
+        reference = anomaly_map(zs, INPUT_SIZE, scoring.map_sigma)
         outputs = [graph(pixels) for graph in (folded, unfolded)]
     assert reference.std() > 1e-3  # the maps have structure
-    expected_score = image_score(reference, model.config.score_top)
+    expected_score = image_score(reference, scoring.score_top)
     # The improved recipe's scorer differs from the reference's (blurred map, top-share mean).
     assert (expected_score != image_score(anomaly_map(zs, INPUT_SIZE))).all() == (recipe == "improved")
     for amap, score, label in outputs:
@@ -159,9 +138,9 @@ BACKBONES = ["resnet18", "wide_resnet50_2", "tf_efficientnet_lite0"]
 def test_onnx_and_openvino_reproduce_pytorch(backbone, detectors, lite0_weights, tmp_path):
     weights = lite0_weights if backbone == "tf_efficientnet_lite0" else "random"
     detector = _get(detectors, backbone, weights)
-    onnx_path = to_onnx(detector, tmp_path / "onnx")
-    openvino_path = to_openvino(detector, tmp_path / "openvino")
     graph = detector.inference_graph()
+    onnx_path = to_onnx(graph, tmp_path / "onnx")
+    openvino_path = to_openvino(graph, tmp_path / "openvino")
     # Dynamic batch (1 and 3) and dynamic size (the model's own, and a larger photo).
     batches = [_pixels(1, INPUT_SIZE, 3), _pixels(3, (300, 257), 4)]
     for path in (onnx_path, openvino_path):
@@ -174,15 +153,16 @@ def test_onnx_and_openvino_reproduce_pytorch(backbone, detectors, lite0_weights,
             assert np.abs(out_map - amap.numpy()).max() <= 1e-4, path
             assert np.abs(out_score - score.numpy()).max() <= 1e-4, path
             np.testing.assert_array_equal(out_label, label.numpy())
-        assert check_parity(detector, path, batches[1]) <= 1e-4
+        assert check_parity(graph, path, batches[1:]) <= 1e-4
     assert amap.std() > 1e-3  # the maps have structure
 
 
 def test_metadata_threshold_and_parity_failure(detectors, tmp_path):
     detector = _get(detectors, "resnet18")
-    path = to_onnx(detector, tmp_path)
+    path = detector.export(tmp_path)
     meta = read_metadata(path)
-    assert meta["threshold"] == detector.threshold_ and meta["config"] == detector.config_.to_dict()
+    assert meta["threshold"] == detector.threshold_ and meta["config"] == detector.config.to_dict()
+    assert meta["recipe"] == detector.recipe.to_dict() and meta["map_floor"] == detector.map_floor_
     assert meta["input"]["dtype"] == "uint8" and meta["precision"] == "f32"
     assert json.loads((tmp_path / "model.json").read_text()) == meta
     # The threshold lives in the graph: labels follow it.
@@ -191,7 +171,7 @@ def test_metadata_threshold_and_parity_failure(detectors, tmp_path):
     # check_parity notices a model that no longer matches the export.
     detector.threshold_ = float(np.median(score))
     with pytest.raises(FastFlowError, match="other labels"):
-        check_parity(detector, path, _pixels(3, INPUT_SIZE, 5))
+        check_parity(detector.inference_graph(), path, [_pixels(3, INPUT_SIZE, 5)])
     detector.threshold_ = -0.45
 
 
@@ -203,7 +183,7 @@ def test_bf16_engines_run_close_to_f32(detectors, tmp_path):
     amap, score, _ = detector.engine("torch", "bf16")(pixels)
     assert 0 < np.abs(amap - reference_map).max() < 0.05 and np.abs(score - reference_score).max() < 0.05
     # OpenVINO: every layer in bf16 (fails the AUROC check on real data, hence the warning).
-    path = to_openvino(detector, tmp_path, precision="bf16")
+    path = detector.export(tmp_path, "openvino", precision="bf16")
     assert read_metadata(path)["precision"] == "bf16"
     with pytest.warns(UserWarning, match="accuracy check"):
         engine = load_exported(path)
@@ -212,8 +192,8 @@ def test_bf16_engines_run_close_to_f32(detectors, tmp_path):
 
 
 def test_default_engine_exports_only_for_many_images():
-    assert default_engine(1) == "torch"
-    assert default_engine(ONNX_MIN_IMAGES) == "onnx"
+    assert choose_engine(399, onnx_from=400) == "torch"
+    assert choose_engine(400, onnx_from=400) == "onnx"
 
 
 def test_cli_export_and_predict_with_each_engine(detectors, tmp_path, capsys):

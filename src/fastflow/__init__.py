@@ -8,20 +8,23 @@ from fastflow.detector import FastFlow, Prediction
 from fastflow.errors import FastFlowError
 from fastflow.io import load_model, save_model
 from fastflow.model.fastflow import FastFlowModel
-from fastflow.presets import PRESETS, FastFlowConfig, get_config, list_presets
+from fastflow.presets import PRESETS, RECIPES, FastFlowConfig, Recipe, get_config, get_recipe, list_presets
 from fastflow.train import TrainConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "RECIPES",
     "FastFlow",
     "FastFlowConfig",
     "FastFlowError",
     "FastFlowModel",
     "Prediction",
+    "Recipe",
     "TrainConfig",
     "get_config",
+    "get_recipe",
     "list_presets",
     "load_model",
     "save_model",

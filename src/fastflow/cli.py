@@ -7,6 +7,7 @@ command line win. User errors print one line and exit with status 2, without a t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -18,7 +19,7 @@ import click
 import typer
 import yaml
 
-from fastflow.errors import FastFlowError
+from fastflow.errors import FastFlowError, first_line
 
 app = typer.Typer(
     help="FastFlow anomaly detection: train on normal images, test, predict heat maps.",
@@ -81,8 +82,8 @@ def _train_defaults() -> dict[str, Any]:
         "conv3x3_only": None,
         "holdout": detector.holdout_fraction,
         "threshold_quantile": detector.threshold_quantile,
-        "exact_nll": training.exact_nll,
-        "recipe": detector.recipe,
+        "exact_nll": None,
+        "recipe": detector.recipe.name,
     }
 
 
@@ -93,7 +94,7 @@ def resolve_train_options(cli: dict[str, Any], config_file: Path | None) -> dict
         try:
             loaded = yaml.safe_load(config_file.read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
-            raise FastFlowError(f"cannot read config file {config_file} ({error}); pass a readable YAML file") from None
+            raise FastFlowError(f"cannot read config file {config_file} ({first_line(error)}); pass a readable YAML file") from None
         if not isinstance(loaded, dict):
             raise FastFlowError(f"config file {config_file} must be a YAML mapping of option: value")
         unknown = sorted(set(loaded) - set(options))
@@ -104,6 +105,34 @@ def resolve_train_options(cli: dict[str, Any], config_file: Path | None) -> dict
     return options
 
 
+_OPTION_TYPES: dict[str, tuple[type, str]] = {
+    "epochs": (int, "an integer"), "batch_size": (int, "an integer"), "patience": (int, "an integer"),
+    "seed": (int, "an integer"), "flow_steps": (int, "an integer"), "lr": (float, "a number"),
+    "weight_decay": (float, "a number"), "holdout": (float, "a number"), "threshold_quantile": (float, "a number"),
+    "hidden_ratio": (float, "a number"), "exact_nll": (bool, "true or false"), "conv3x3_only": (bool, "true or false"),
+    "backbone": (str, "a name"), "recipe": (str, "a name"), "weights": (str, "a file path"),
+}
+
+
+def _typed(options: dict[str, Any]) -> dict[str, Any]:
+    """Options converted to their types; a value of the wrong type names the option and the type."""
+    typed = dict(options)
+    for key, (kind, text) in _OPTION_TYPES.items():
+        value = options.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:
+                value, ok = float(value), True
+            except ValueError:
+                ok = False
+        if not ok:
+            raise FastFlowError(f"option {key} (--{key.replace('_', '-')}) must be {text}, got {value!r}")
+        typed[key] = value
+    return typed
+
+
 @app.command()
 @_user_errors
 def train(
@@ -111,13 +140,13 @@ def train(
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder to write (model.safetensors, history.json).")],
     backbone: Annotated[str | None, typer.Option(help="Preset or timm CNN name, e.g. resnet18, tf_efficientnet_lite0.")] = None,
     weights: Annotated[str | None, typer.Option(help="Local backbone weights (.safetensors/.pth); default: timm hub.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default 100); stops earlier on a held-out NLL plateau.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default 100, at least 1); stops earlier on a held-out NLL plateau.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (default 32).")] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-3).")] = None,
     patience: Annotated[int | None, typer.Option(help="Epochs without held-out NLL improvement before stopping (default 10).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed; same seed, same numbers.")] = None,
     input_size: Annotated[str | None, typer.Option(help="Model input HEIGHTxWIDTH or one number (default: preset's).")] = None,
-    holdout: Annotated[float | None, typer.Option(help="Share of normal images held out for selection and threshold.")] = None,
+    holdout: Annotated[float | None, typer.Option(help="Share of normal images held out for selection and threshold, between 0 and 1 (default 0.1).")] = None,
     recipe: Annotated[str | None, typer.Option(help="'improved' (default) or 'reference' (the paper's loss, unblurred map and max image score).")] = None,
     exact_nll: Annotated[bool | None, typer.Option("--exact-nll/--reference-nll", help="Loss: exact NLL of the normalised features, or the reference loss (default: the recipe's choice).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (flags win).")] = None,
@@ -125,28 +154,32 @@ def train(
 ) -> None:
     """Train a model on the normal images of DATA and write it to --output."""
     from fastflow.detector import FastFlow
-    from fastflow.io import atomic_write
+    from fastflow.files import atomic_write
+    from fastflow.presets import get_recipe
     from fastflow.train import TrainConfig
 
     cli = {"backbone": backbone, "weights": weights, "epochs": epochs, "batch_size": batch_size, "lr": lr,
            "patience": patience, "seed": seed, "input_size": input_size, "holdout": holdout, "exact_nll": exact_nll, "recipe": recipe}
-    options = resolve_train_options(cli, config)
+    options = _typed(resolve_train_options(cli, config))
+    # Every option is checked before the run folder is looked at or an image is read.
+    training = TrainConfig(
+        max_epochs=options["epochs"], batch_size=options["batch_size"], lr=options["lr"],
+        weight_decay=options["weight_decay"], patience=options["patience"], seed=options["seed"],
+    )
+    chosen = get_recipe(options["recipe"])
+    if options["exact_nll"] is not None:
+        chosen = dataclasses.replace(chosen, exact_nll=options["exact_nll"])
+    architecture = {k: options[k] for k in ("layers", "flow_steps", "hidden_ratio", "conv3x3_only")}
+    detector = FastFlow(
+        options["backbone"], recipe=chosen, weights=options["weights"], training=training, holdout_fraction=options["holdout"],
+        threshold_quantile=options["threshold_quantile"], input_size=parse_size(options["input_size"]),
+        **architecture,
+    )
     checkpoint = output / "last.safetensors"
     if not resume and ((output / "model.safetensors").exists() or checkpoint.exists()):
         raise FastFlowError(f"run folder {output} already holds a run; pass --resume to continue it or choose a new --output")
     if resume and not checkpoint.exists():
         raise FastFlowError(f"nothing to resume: {checkpoint} does not exist; train without --resume")
-    training = TrainConfig(
-        max_epochs=int(options["epochs"]), batch_size=int(options["batch_size"]), lr=float(options["lr"]),
-        weight_decay=float(options["weight_decay"]), patience=int(options["patience"]), seed=int(options["seed"]),
-        exact_nll=None if options["exact_nll"] is None else bool(options["exact_nll"]),
-    )
-    architecture = {k: options[k] for k in ("layers", "flow_steps", "hidden_ratio", "conv3x3_only")}
-    detector = FastFlow(
-        options["backbone"], recipe=str(options["recipe"]), weights=options["weights"], training=training, holdout_fraction=float(options["holdout"]),
-        threshold_quantile=float(options["threshold_quantile"]), input_size=parse_size(options["input_size"]),
-        **architecture,
-    )
     detector.fit(data, checkpoint=checkpoint)
     path = detector.save(output / "model.safetensors")
     history = json.dumps(detector.history_, indent=2)
@@ -170,7 +203,7 @@ def test(
     """Evaluate a trained model: image/pixel AUROC, F1, AUPRO, deployment-threshold scores."""
     from fastflow.detector import FastFlow
     from fastflow.evaluation import evaluate_detector
-    from fastflow.io import atomic_write
+    from fastflow.files import atomic_write
 
     with _physical_core_threads():
         report = evaluate_detector(FastFlow.load(run), data)
@@ -186,7 +219,7 @@ def _physical_core_threads() -> Iterator[None]:
     command runs, unless ``OMP_NUM_THREADS`` says otherwise; the previous setting comes back after."""
     import torch
 
-    from fastflow.export import physical_cores
+    from fastflow.engines import physical_cores
 
     previous = torch.get_num_threads()
     if not os.environ.get("OMP_NUM_THREADS"):
@@ -203,18 +236,20 @@ def predict(
     run: Annotated[Path, typer.Argument(help="Run folder or model.safetensors from 'fastflow train'.")],
     inputs: Annotated[list[str], typer.Argument(help="Images, folders or glob patterns.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for overlays/, masks/, predictions.csv/.json.")],
-    engine: Annotated[str | None, typer.Option(help="torch, onnx or openvino (default: onnx from 400 images on when installed, else torch).")] = None,
+    engine: Annotated[str | None, typer.Option(help="torch, onnx or openvino (default: onnx from --onnx-from images on when installed, else torch).")] = None,
     precision: Annotated[str, typer.Option(help="f32, or bf16 (torch: bf16 flows, scores differ slightly; openvino: fails the accuracy check).")] = "f32",
+    onnx_from: Annotated[int, typer.Option(help="Without --engine, use ONNX Runtime from this many images on (its export costs seconds; 400 is the break-even measured on 2 CPU cores, see the README).")] = 400,
 ) -> None:
     """Score images: per-image score and label, heat-map overlays, binary masks, a summary."""
     from fastflow.detector import FastFlow
-    from fastflow.export import default_engine
+    from fastflow.engines import check_precision, choose_engine
     from fastflow.predict import expand_inputs, write_predictions
 
+    check_precision(precision)
     with _physical_core_threads():
         detector = FastFlow.load(run)
         images = expand_inputs(inputs)
-        rows = write_predictions(detector, images, output, engine or default_engine(len(images)), precision)
+        rows = write_predictions(detector, images, output, engine or choose_engine(len(images), onnx_from), precision)
     for row in rows:
         typer.echo(f"{row['score']:.6f}  {row['label']:<9}  {row['path']}")
     typer.echo(f"wrote {len(rows)} predictions to {output}")
@@ -230,25 +265,21 @@ def export(
     check: Annotated[bool, typer.Option(help="Compare the exported model with PyTorch on random images (f32 only).")] = True,
 ) -> None:
     """Export a trained model with pre- and post-processing: raw uint8 RGB in, map/score/label out."""
-    from fastflow.detector import FastFlow
-    from fastflow.export import check_parity, to_onnx, to_openvino
-
-    if format not in ("onnx", "openvino"):
-        raise FastFlowError(f"unknown export format '{format}'; use onnx or openvino")
-    if format == "onnx" and precision != "f32":
-        raise FastFlowError("ONNX exports run in f32; use --format openvino for --precision bf16")
     import torch
+
+    from fastflow.detector import FastFlow
+    from fastflow.export import check_parity
 
     with _physical_core_threads():
         detector = FastFlow.load(run)
-        path = to_onnx(detector, output) if format == "onnx" else to_openvino(detector, output, precision)
+        path = detector.export(output, format, precision)
         typer.echo(f"exported {path} (input 'image': uint8 N x 3 x H x W RGB; outputs anomaly_map, score, label)")
         if check and precision == "f32":
-            height, width = detector.config_.input_size
+            height, width = detector.config.input_size
             generator = torch.Generator().manual_seed(0)
             pixels = [torch.randint(0, 256, (2, 3, h, w), generator=generator, dtype=torch.uint8)
                       for h, w in ((height, width), (height * 2 + 3, width + 5))]
-            worst = max(check_parity(detector, path, batch) for batch in pixels)
+            worst = check_parity(detector.inference_graph(), path, pixels)
             typer.echo(f"parity with PyTorch on random images: max difference {worst:.2g}")
 
 
@@ -290,7 +321,7 @@ def benchmark(
 ) -> None:
     """Train and test every dataset x backbone x recipe x seed; print the metric tables in markdown."""
     from fastflow.benchmark import markdown_tables, run_benchmark
-    from fastflow.io import atomic_write
+    from fastflow.files import atomic_write
     from fastflow.presets import get_recipe
     from fastflow.train import TrainConfig
 

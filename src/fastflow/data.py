@@ -22,26 +22,22 @@ training run before anything is written.
 
 from __future__ import annotations
 
-import functools
 import os
 import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from fastflow.errors import FastFlowError
-from fastflow.model.preprocess import Preprocess
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "IMAGE_SUFFIXES",
     "DataError",
     "ImageDataset",
@@ -49,9 +45,9 @@ __all__ = [
     "decode_image",
     "detect_layout",
     "folder_samples",
+    "image_loader",
     "image_size",
     "list_images",
-    "load_image",
     "load_mask",
     "load_samples",
     "mvtec_samples",
@@ -61,8 +57,6 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 Split = Literal["train", "test"]
 T = TypeVar("T")
@@ -95,13 +89,16 @@ class Sample:
 
     ``label`` is 0 for normal, 1 for anomalous.  ``mask`` is the pixel ground truth of an
     anomalous image; ``None`` means "no mask" (normal, or anomalous counted at image level
-    only).  ``defect`` is the defect type ("good" for normal images).
+    only).  ``defect`` is the defect type ("good" for normal images).  ``size`` is the
+    image's (width, height) once :func:`validate_samples` has decoded it, so batching need
+    not open the file again.
     """
 
     path: Path
     label: int
     mask: Path | None = None
     defect: str = "good"
+    size: tuple[int, int] | None = field(default=None, compare=False)
 
 
 # --------------------------------------------------------------------------- listing
@@ -382,28 +379,6 @@ def decode_image(path: str | os.PathLike[str]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-@functools.lru_cache(maxsize=8)
-def _preprocess(size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]) -> Preprocess:
-    return Preprocess(size, mean, std)
-
-
-def load_image(
-    path: str | os.PathLike[str],
-    size: int | tuple[int, int],
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> torch.Tensor:
-    """Decode, convert to RGB, resize to ``size`` = (H, W) and normalize -> (3, H, W) float32.
-
-    Decoding gives 8-bit RGB; resize and normalisation are :class:`~fastflow.model.preprocess.Preprocess`
-    (antialiased bilinear, as PIL's ``BILINEAR`` and torchvision's ``Resize``), the same module
-    the exported ONNX / OpenVINO graphs contain, so exported models see the same pixels.
-    """
-    preprocess = _preprocess(_as_hw(size), tuple(float(m) for m in mean), tuple(float(s) for s in std))
-    with torch.no_grad():
-        return preprocess(decode_image(path)[None])[0].contiguous()
-
-
 def _mask_bool(img: Image.Image) -> np.ndarray:
     """Anomalous pixels of a mask in any mode.
 
@@ -437,44 +412,28 @@ def load_mask(path: str | os.PathLike[str], size: int | tuple[int, int]) -> torc
 class ImageDataset(Dataset):
     """Torch dataset over :class:`Sample` items, returning default-collate friendly dicts.
 
-    Keys: ``image`` (3, H, W) float32, ``label`` int, ``mask`` (H, W) bool (all False when
-    there is no mask), ``has_mask`` bool (False for anomalous images without a mask, so
-    pixel metrics can skip them), ``path`` str and ``defect`` str.
-
-    With ``raw=True`` the image is the decoded (3, height, width) uint8 picture at its own size
-    (the input of ``InferenceGraph`` and of exported models); batch those with
-    :func:`same_size_batches`. Masks are always at ``size``.
+    Keys: ``image`` the decoded (3, height, width) uint8 RGB picture at its own size (the input
+    of ``FastFlowModel`` and of exported models; batch those with :func:`same_size_batches`),
+    ``label`` int, ``mask`` (H, W) bool at ``mask_size`` (all False when there is no mask),
+    ``has_mask`` bool (False for anomalous images without a mask, so pixel metrics can skip
+    them), ``path`` str and ``defect`` str.
     """
 
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        size: int | tuple[int, int],
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        raw: bool = False,
-    ) -> None:
+    def __init__(self, samples: Sequence[Sample], mask_size: int | tuple[int, int]) -> None:
         self.samples = list(samples)
-        self.size = _as_hw(size)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-        self.raw = raw
+        self.mask_size = _as_hw(mask_size)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, object]:
         sample = self.samples[index]
-        if self.raw:
-            image = decode_image(sample.path)
-        else:
-            image = load_image(sample.path, self.size, self.mean, self.std)
         if sample.mask is not None:
-            mask = load_mask(sample.mask, self.size)
+            mask = load_mask(sample.mask, self.mask_size)
         else:
-            mask = torch.zeros(self.size, dtype=torch.bool)
+            mask = torch.zeros(self.mask_size, dtype=torch.bool)
         return {
-            "image": image,
+            "image": decode_image(sample.path),
             "label": int(sample.label),
             "mask": mask,
             # Normal images have a trivially known (empty) mask.
@@ -487,18 +446,24 @@ class ImageDataset(Dataset):
 def same_size_batches(samples: Sequence[Sample], batch_size: int) -> list[list[int]]:
     """Indices of ``samples`` in order, cut into batches of at most ``batch_size`` same-size images.
 
-    A batch ends where the image size (read from the file header) changes, so raw images of a
-    batch stack into one tensor and predictions stay in the samples' order.
+    A batch ends where the image size changes (``Sample.size``, else read from the file
+    header), so the images of a batch stack into one tensor and predictions stay in order.
     """
     batches: list[list[int]] = []
     previous: tuple[int, int] | None = None
     for index, sample in enumerate(samples):
-        size = image_size(sample.path)
+        size = sample.size or image_size(sample.path)
         if not batches or size != previous or len(batches[-1]) >= batch_size:
             batches.append([])
         batches[-1].append(index)
         previous = size
     return batches
+
+
+def image_loader(samples: Sequence[Sample], mask_size: int | tuple[int, int], batch_size: int) -> DataLoader:
+    """Batches of :class:`ImageDataset` items in sample order, each of one image size."""
+    samples = list(samples)
+    return DataLoader(ImageDataset(samples, mask_size), batch_sampler=same_size_batches(samples, batch_size))
 
 
 # --------------------------------------------------------------------------- checks
@@ -521,7 +486,7 @@ def _size(img: Image.Image) -> tuple[int, int]:
     return img.size
 
 
-def _check_one(sample: Sample) -> None:
+def _check_one(sample: Sample) -> Sample:
     img_size = _decoded(sample.path, "image", _size)
     if sample.mask is not None:
         mask_size = _decoded(sample.mask, "mask", _size)
@@ -530,29 +495,28 @@ def _check_one(sample: Sample) -> None:
                 f"mask {sample.mask} is {mask_size[0]}x{mask_size[1]} but its image {sample.path} is "
                 f"{img_size[0]}x{img_size[1]}; export the mask at the image's size"
             )
+    return replace(sample, size=img_size)
 
 
-def validate_samples(samples: Sequence[Sample], workers: int | None = None) -> None:
+def validate_samples(samples: Sequence[Sample], workers: int | None = None) -> list[Sample]:
     """Fully decode every image and mask; raise :class:`DataError` for the first bad one.
 
     Run before training so a corrupt or truncated file fails the run before any output is
     written.  A full decode is needed because ``verify()`` misses truncated data; threads
     help because PIL releases the GIL while decoding.  "First" is in sample order, so the
-    reported file does not depend on thread timing.
+    reported file does not depend on thread timing.  Returns the samples with their
+    ``size`` filled in.
     """
     samples = list(samples)
     if not samples:
         raise DataError("no images to validate; check the dataset path")
     workers = workers or min(8, os.cpu_count() or 1)
     if workers <= 1:
-        for s in samples:
-            _check_one(s)
-        return
+        return [_check_one(s) for s in samples]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(_check_one, s) for s in samples]
         try:
-            for future in futures:
-                future.result()
+            return [future.result() for future in futures]
         finally:
             for future in futures:
                 future.cancel()
@@ -568,7 +532,7 @@ def split_holdout(
     """
     samples = list(samples)
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+        raise FastFlowError(f"holdout fraction (--holdout) must be between 0 and 1, both excluded, got {fraction!r}")
     anomalous = [s for s in samples if s.label != 0]
     if anomalous:
         raise DataError(

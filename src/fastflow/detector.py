@@ -12,35 +12,31 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from fastflow.data import (
-    ImageDataset,
-    Sample,
-    load_samples,
-    same_size_batches,
-    split_holdout,
-    validate_samples,
-)
+from fastflow.data import Sample, image_loader, load_samples, split_holdout, validate_samples
+from fastflow.engines import ENGINES, Engine, TorchEngine
 from fastflow.errors import FastFlowError
+from fastflow.export import export_engine, to_onnx, to_openvino
 from fastflow.io import load_model, read_model_file, save_model
 from fastflow.metrics import calibrate_threshold
+from fastflow.model.backbones import RANDOM_WEIGHTS
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.model.inference import InferenceGraph
-from fastflow.presets import FastFlowConfig, get_config, get_recipe
+from fastflow.presets import FastFlowConfig, Recipe, get_config, get_recipe
 from fastflow.train import TrainConfig, TrainState, extract_features, fit_flows
-
-if TYPE_CHECKING:
-    from fastflow.export import Engine
 
 __all__ = ["FastFlow", "Prediction", "as_samples"]
 
 ImagesLike = str | Path | Sequence[str | Path | Sample]
+
+# The anomaly map is -p(z) in [-1, 0): with no held-out images to measure a typical normal
+# value (``from_model``), heat maps start from its lowest value.
+_MAP_MINIMUM = -1.0
 
 
 @dataclass
@@ -66,15 +62,17 @@ class FastFlow:
     """FastFlow anomaly detector.
 
     Args:
-        backbone: a preset name (``list_presets()``) or any timm CNN.
-        recipe: ``"improved"`` (default) or ``"reference"`` (the paper's scoring and loss); it
-            sets the scoring fields of the model config (``overrides`` win) and the training
-            fields left at ``None`` (``exact_nll``).
-        weights: backbone weights: ``None`` for timm's hub, a local file, or ``"random"`` (tests).
+        backbone: a preset name (``list_presets()``), any timm CNN, or a whole ``FastFlowConfig``.
+        recipe: ``"improved"`` (default), ``"reference"`` (the paper's loss and scoring) or a
+            ``Recipe``; it decides the loss and how latents become maps and scores, and is
+            saved with the model.
+        weights: backbone weights: ``None`` for timm's hub (or, when refitting, the backbone the
+            detector already holds), a local file, or ``"random"`` (tests).
         training: optimisation settings (epochs, batch size, lr, patience, seed).
         holdout_fraction: share of normal training images held out for model selection and
-            threshold calibration.
-        threshold_quantile: deployment threshold = this quantile of held-out normal scores.
+            threshold calibration, in (0, 1).
+        threshold_quantile: deployment threshold = this quantile of held-out normal scores, in (0, 1].
+        inference_batch_size: images per engine call when scoring.
         **overrides: architecture fields of ``FastFlowConfig`` (``input_size``, ``layers``, ...).
 
     Example:
@@ -84,25 +82,67 @@ class FastFlow:
 
     def __init__(
         self,
-        backbone: str = "resnet18",
+        backbone: str | FastFlowConfig = "resnet18",
         *,
-        recipe: str = "improved",
+        recipe: str | Recipe = "improved",
         weights: str | Path | None = None,
         training: TrainConfig | None = None,
         holdout_fraction: float = 0.1,
         threshold_quantile: float = 0.99,
+        inference_batch_size: int = 32,
         **overrides: Any,
     ) -> None:
+        # Checked here, not in fit: a bad option must stop a run before any image is read.
+        if not (isinstance(holdout_fraction, (int, float)) and 0 < holdout_fraction < 1):
+            raise FastFlowError(f"holdout_fraction (--holdout) must be between 0 and 1, both excluded, got {holdout_fraction!r}")
+        if not (isinstance(threshold_quantile, (int, float)) and 0 < threshold_quantile <= 1):
+            raise FastFlowError(f"threshold_quantile must be in (0, 1], got {threshold_quantile!r}")
+        if not (isinstance(inference_batch_size, int) and inference_batch_size >= 1):
+            raise FastFlowError(f"inference_batch_size must be an integer >= 1, got {inference_batch_size!r}")
         self.backbone = backbone
-        self.recipe = recipe
+        self.recipe = get_recipe(recipe)
         self.weights = weights
-        # The recipe fills in training fields left unset (None); explicit settings win.
-        training = training or TrainConfig()
-        unset = {k: v for k, v in get_recipe(recipe).training.items() if getattr(training, k) is None}
-        self.training = dataclasses.replace(training, **unset)
+        self.training = training or TrainConfig()
         self.holdout_fraction = holdout_fraction
         self.threshold_quantile = threshold_quantile
+        self.inference_batch_size = inference_batch_size
         self.overrides = overrides
+        self.config = self._config()
+        self._graph: InferenceGraph | None = None
+        self._engines: dict[tuple[str, str], Engine] = {}
+
+    def _config(self) -> FastFlowConfig:
+        """The architecture to build: the given config or the backbone's preset, with the overrides."""
+        if isinstance(self.backbone, FastFlowConfig):
+            config = dataclasses.replace(self.backbone, **{k: v for k, v in self.overrides.items() if v is not None})
+        else:
+            config = get_config(self.backbone, **self.overrides)
+        self.recipe.check_fits(config.input_size)
+        return config
+
+    @classmethod
+    def from_model(
+        cls, model: FastFlowModel, threshold: float, recipe: str | Recipe = "improved",
+        map_floor: float | None = None, **params: Any,
+    ) -> FastFlow:
+        """A fitted detector around a trained ``model`` (e.g. from ``fastflow.migrate``).
+
+        Args:
+            model: the trained model; its config becomes the detector's.
+            threshold: deployment threshold on the image score.
+            recipe: how the model's latents are scored.
+            map_floor: typical normal map value, the dark end of heat maps (default: the map's minimum).
+            **params: other constructor arguments (``training``, ``threshold_quantile``, ...).
+        """
+        detector = cls(model.config, recipe=recipe, **params)
+        detector._set_fitted(model.eval(), float(threshold), _MAP_MINIMUM if map_floor is None else float(map_floor))
+        detector.holdout_scores_ = np.array([], dtype=np.float64)
+        detector.best_epoch_, detector.history_ = 0, []
+        return detector
+
+    def _set_fitted(self, model: FastFlowModel, threshold: float, map_floor: float) -> None:
+        self.model_, self.threshold_, self.map_floor_ = model, threshold, map_floor
+        self._graph, self._engines = None, {}
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X: ImagesLike, y: Any = None, checkpoint: str | Path | None = None) -> FastFlow:
@@ -115,72 +155,74 @@ class FastFlow:
                 it exists, training resumes from it.
         """
         del y
-        samples = [s for s in as_samples(X, "train") if s.label == 0]
-        validate_samples(samples)
+        samples = validate_samples([s for s in as_samples(X, "train") if s.label == 0])
         train_samples, holdout_samples = split_holdout(samples, self.holdout_fraction, self.training.seed)
         torch.manual_seed(self.training.seed)
-        config = get_config(self.backbone, self.recipe, **self.overrides)
         resume = Path(checkpoint) if checkpoint is not None and Path(checkpoint).exists() else None
         state = None
         if resume is not None:
-            self.model_, state = _load_checkpoint(resume, config)
+            model, state = _load_checkpoint(resume, self.config, self.recipe)
         else:
-            self.model_ = FastFlowModel(config, self.weights)
-        self.config_ = self.model_.config
-        train_features = extract_features(self.model_, self._loader(train_samples), "train features")
-        holdout_features = extract_features(self.model_, self._loader(holdout_samples), "held-out features")
+            model = self._new_model()
+        train_features = extract_features(model, self._pixels(train_samples), "train features")
+        holdout_features = extract_features(model, self._pixels(holdout_samples), "held-out features")
         on_epoch_end = None
         if checkpoint is not None:
-            on_epoch_end = lambda s: _save_checkpoint(Path(checkpoint), self.model_, s, self.training)
-        state = fit_flows(self.model_, train_features, holdout_features, self.training, state, on_epoch_end)
+            on_epoch_end = lambda s: _save_checkpoint(Path(checkpoint), model, s, self.training, self.recipe)
+        state = fit_flows(model, train_features, holdout_features, self.training, self.recipe.exact_nll, state, on_epoch_end)
+        holdout_scores, holdout_maps = self._score_features(model.fold(), holdout_features)
+        # Typical normal pixel value: the dark end of heat-map pictures.
+        self._set_fitted(model, calibrate_threshold(holdout_scores, self.threshold_quantile), float(np.median(holdout_maps)))
+        self.holdout_scores_ = holdout_scores
         self.history_ = state.history
         self.best_epoch_ = state.best_epoch
-        self._reset_inference()
-        holdout_scores, holdout_maps = self._score_features(holdout_features)
-        self.holdout_scores_ = holdout_scores
-        # Typical normal pixel value: the dark end of heat-map pictures.
-        self.map_floor_ = float(np.median(holdout_maps))
-        self.threshold_ = calibrate_threshold(holdout_scores, self.threshold_quantile)
         return self
 
-    # ------------------------------------------------------------------ inference
-    def _loader(self, samples: list[Sample]) -> DataLoader:
-        dataset = ImageDataset(samples, self.model_.config.input_size, self.model_.mean, self.model_.std)
-        return DataLoader(dataset, batch_size=self.training.batch_size, shuffle=False)
+    def _new_model(self) -> FastFlowModel:
+        """A fresh model; a refit without ``weights`` keeps the backbone the detector already holds."""
+        fitted = getattr(self, "model_", None)
+        same_backbone = fitted is not None and all(
+            getattr(fitted.config, k) == getattr(self.config, k) for k in ("backbone", "layers", "input_size")
+        )
+        if self.weights is None and same_backbone:
+            model = FastFlowModel(self.config, RANDOM_WEIGHTS)
+            model.backbone.load_state_dict(fitted.backbone.state_dict())
+            return model
+        return FastFlowModel(self.config, self.weights)
 
-    def _score_features(self, features: list[Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and maps of cached raw backbone features, through the inference graph's flows and scorer."""
-        graph = self._graph_for(threshold=math.inf)
+    def _pixels(self, samples: list[Sample]) -> Iterator[Tensor]:
+        """uint8 pixel batches of ``samples`` (one image size per batch), in order."""
+        for batch in image_loader(samples, self.config.input_size, self.training.batch_size):
+            yield batch["image"]
+
+    def _score_features(self, folded: FastFlowModel, features: list[Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and maps of cached raw backbone features, with the recipe's scorer."""
         scores, maps = [], []
+        step = self.training.batch_size
         with torch.no_grad():
-            for start in range(0, features[0].shape[0], self.training.batch_size):
-                amap, score, _ = graph.score_features([f[start : start + self.training.batch_size] for f in features])
+            for start in range(0, features[0].shape[0], step):
+                zs, _ = folded.flow([f[start : start + step] for f in features])
+                amap, score = self.recipe.score_latents(zs, self.config.input_size)
                 scores.append(score.numpy())
                 maps.append(amap.numpy())
         return np.concatenate(scores), np.concatenate(maps)
 
+    # ------------------------------------------------------------------ inference
     def _check_fitted(self) -> None:
         if not hasattr(self, "model_"):
             raise FastFlowError("this FastFlow detector is not fitted; call fit(...) or FastFlow.load(path) first")
 
-    def _reset_inference(self) -> None:
-        """Forget the inference graph and engines built from an earlier model."""
-        self._graph: InferenceGraph | None = None
-        self._engines: dict[tuple[str, str, float], Engine] = {}
-
-    def _graph_for(self, threshold: float) -> InferenceGraph:
-        if getattr(self, "_graph", None) is None:
-            self._graph = InferenceGraph(self.model_, threshold)
-        self._graph.set_threshold(threshold)
-        return self._graph
-
     def inference_graph(self) -> InferenceGraph:
         """The module every engine runs: raw pixels -> (anomaly_map, score, label); see ``fastflow.export``.
 
-        Built (flows folded) from the fitted model when first needed; ``fit`` and ``load`` rebuild it.
+        Built (flows folded) from the fitted model and ``threshold_`` when first needed, and
+        again after either changes.
         """
         self._check_fitted()
-        return self._graph_for(self.threshold_)
+        graph = self._graph
+        if graph is None or graph.threshold_value != self.threshold_:
+            self._graph, self._engines = InferenceGraph(self.model_.fold(), self.recipe, self.threshold_), {}
+        return self._graph
 
     def engine(self, name: str = "torch", precision: str = "f32") -> Engine:
         """An inference engine for this detector: ``"torch"`` (the graph in PyTorch), or ``"onnx"`` /
@@ -188,26 +230,30 @@ class FastFlow:
 
         ``precision="bf16"`` (torch autocast, OpenVINO hint) trades exactness for speed.
         """
-        from fastflow.export import ENGINES, TorchEngine, export_engine
-
         if name not in ENGINES:
             raise FastFlowError(f"unknown engine '{name}'; use one of {', '.join(ENGINES)}")
         graph = self.inference_graph()
-        if not hasattr(self, "_engines"):
-            self._reset_inference()
-        key = (name, precision, float(graph.threshold))
+        key = (name, precision)
         if key not in self._engines:
-            self._engines[key] = TorchEngine(graph, precision) if name == "torch" else export_engine(self, name, precision)
+            self._engines[key] = TorchEngine(graph, precision) if name == "torch" else export_engine(graph, name, precision)
         return self._engines[key]
 
-    def raw_batches(self, X: ImagesLike) -> Iterator[tuple[list[Sample], dict[str, Any]]]:
+    def export(self, directory: str | Path, format: str = "onnx", precision: str = "f32") -> Path:
+        """Export the inference graph (``fastflow.export``) with this detector's threshold and map floor."""
+        extra = {"threshold": float(self.threshold_), "map_floor": float(self.map_floor_)}
+        if format == "onnx":
+            if precision != "f32":
+                raise FastFlowError("ONNX exports run in f32; use --format openvino for --precision bf16")
+            return to_onnx(self.inference_graph(), directory, extra)
+        if format == "openvino":
+            return to_openvino(self.inference_graph(), directory, precision, extra)
+        raise FastFlowError(f"unknown export format '{format}'; use onnx or openvino")
+
+    def image_batches(self, X: ImagesLike) -> Iterator[tuple[list[Sample], dict[str, Any]]]:
         """(samples, batch) per batch of ``X``: decoded uint8 images of one size, masks at the model's size."""
-        self._check_fitted()
         samples = as_samples(X)
-        dataset = ImageDataset(samples, self.model_.config.input_size, self.model_.mean, self.model_.std, raw=True)
-        loader = DataLoader(dataset, batch_sampler=same_size_batches(samples, self.training.batch_size))
         done = 0
-        for batch in loader:
+        for batch in image_loader(samples, self.config.input_size, self.inference_batch_size):
             count = len(batch["path"])
             yield samples[done : done + count], batch
             done += count
@@ -215,14 +261,14 @@ class FastFlow:
     def iter_predictions(
         self, X: ImagesLike, engine: str = "torch", precision: str = "f32"
     ) -> Iterator[tuple[list[Sample], Prediction, dict[str, Tensor]]]:
-        """Score ``X`` batch by batch: (samples, prediction, batch dict with masks) per batch.
+        """Score ``X`` batch by batch: (samples, prediction, batch dict with pixels and masks) per batch.
 
         Every engine runs the same ``inference_graph()`` on the decoded pixels (resize and
         normalisation included). Streaming keeps memory flat on large folders; ``predict`` and
         friends collect it.
         """
         run = self.engine(engine, precision)
-        for samples, batch in self.raw_batches(X):
+        for samples, batch in self.image_batches(X):
             amap, scores, labels = run(batch["image"])
             yield samples, Prediction(scores, amap, labels.astype(np.int64)), batch
 
@@ -245,12 +291,13 @@ class FastFlow:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
-        """Write the fitted detector to one safetensors file (weights, config, threshold), atomically."""
+        """Write the fitted detector to one safetensors file (weights, config, recipe, threshold), atomically."""
         self._check_fitted()
         extra = {
-            "recipe": self.recipe,
+            "recipe": self.recipe.to_dict(),
             "threshold": self.threshold_,
             "threshold_quantile": self.threshold_quantile,
+            "holdout_fraction": self.holdout_fraction,
             "holdout_scores": [float(s) for s in self.holdout_scores_],
             "map_floor": self.map_floor_,
             "best_epoch": self.best_epoch_,
@@ -261,24 +308,27 @@ class FastFlow:
 
     @classmethod
     def load(cls, path: str | Path) -> FastFlow:
-        """Load a detector saved by ``save`` (or a RUN folder of ``fastflow train``); works offline."""
+        """Load a detector saved by ``save`` (or a RUN folder of ``fastflow train``); works offline.
+
+        The detector gets the saved config, recipe and training settings, so ``fit`` on it
+        retrains the same model (with the backbone weights it holds).
+        """
         model, extra = load_model(path)
         if "threshold" not in extra:
             raise FastFlowError(f"{path} holds no calibrated threshold (a training checkpoint?); pass the final model.safetensors")
-        detector = cls(model.config.backbone, training=TrainConfig(**extra.get("training", {})))
-        detector.recipe = extra.get("recipe", detector.recipe)
-        detector.threshold_quantile = extra.get("threshold_quantile", detector.threshold_quantile)
-        detector.model_, detector.config_ = model, model.config
-        detector._reset_inference()
-        detector.threshold_ = float(extra["threshold"])
+        detector = cls.from_model(
+            model, extra["threshold"], Recipe.from_dict(extra["recipe"]), extra.get("map_floor"),
+            training=TrainConfig(**extra.get("training", {})),
+            threshold_quantile=extra.get("threshold_quantile", 0.99),
+            holdout_fraction=extra.get("holdout_fraction", 0.1),
+        )
         detector.holdout_scores_ = np.asarray(extra.get("holdout_scores", []), dtype=np.float64)
-        detector.map_floor_ = float(extra.get("map_floor", min(detector.holdout_scores_, default=0.0)))
         detector.best_epoch_ = extra.get("best_epoch", 0)
         detector.history_ = extra.get("history", [])
         return detector
 
 
-def _save_checkpoint(path: Path, model: FastFlowModel, state: TrainState, training: TrainConfig) -> None:
+def _save_checkpoint(path: Path, model: FastFlowModel, state: TrainState, training: TrainConfig, recipe: Recipe) -> None:
     """Resumable checkpoint: current weights, best weights, optimizer state and history."""
     tensors = {f"best.{k}": v for k, v in (state.best_weights or {}).items()}
     optimizer = state.optimizer or {"state": {}, "param_groups": []}
@@ -294,16 +344,17 @@ def _save_checkpoint(path: Path, model: FastFlowModel, state: TrainState, traini
         "history": state.history,
         "param_groups": optimizer["param_groups"],
         "training": asdict(training),
+        "recipe": recipe.to_dict(),
     }
     save_model(path, model, extra, tensors)
 
 
-def _load_checkpoint(path: Path, config: FastFlowConfig) -> tuple[FastFlowModel, TrainState]:
+def _load_checkpoint(path: Path, config: FastFlowConfig, recipe: Recipe) -> tuple[FastFlowModel, TrainState]:
     """Model and training state from a checkpoint written by ``_save_checkpoint``."""
     saved_config, _, extra, tensors = read_model_file(path)
-    if saved_config != config:
+    if saved_config != config or Recipe.from_dict(extra["recipe"]).exact_nll != recipe.exact_nll:
         raise FastFlowError(
-            f"checkpoint {path} was trained with a different model config ({saved_config}); "
+            f"checkpoint {path} was trained with a different model config or loss ({saved_config}); "
             "resume with the same options or use a new --output folder"
         )
     model, _ = load_model(path)

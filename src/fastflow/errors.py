@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["FastFlowError"]
+import re
+
+__all__ = ["FastFlowError", "first_line"]
 
 
 class FastFlowError(ValueError):
@@ -10,3 +12,10 @@ class FastFlowError(ValueError):
 
     The CLI prints these without a traceback and exits non-zero; anything else is a bug.
     """
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's text (its type name if it has none), without
+    terminal colour codes: enough to quote inside a one-line ``FastFlowError``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return re.sub(r"\x1b\[[0-9;]*m", "", lines[0]) if lines else type(error).__name__

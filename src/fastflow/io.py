@@ -8,9 +8,6 @@ touches a model hub), the flows, the architecture config and whatever the estima
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,34 +17,17 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fastflow.errors import FastFlowError
+from fastflow.files import atomic_write
 from fastflow.model.backbones import RANDOM_WEIGHTS
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.presets import FastFlowConfig
 
-__all__ = ["FORMAT_VERSION", "atomic_write", "load_model", "read_model_file", "save_model"]
+__all__ = ["FORMAT_VERSION", "load_model", "read_model_file", "save_model"]
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 _FORMAT_NAME = "fastflow-model"
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
-
-    A crash or error mid-write leaves any previous file at ``path`` untouched and no partial file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+# Format 3 kept the scoring settings in the model config and the loss in the training settings.
+_SCORING_IN_CONFIG_VERSION = 3
 
 
 def save_model(
@@ -87,19 +67,35 @@ def read_model_file(path: str | Path) -> tuple[FastFlowConfig, dict[str, Tensor]
         ) from None
     if metadata.get("format") != _FORMAT_NAME:
         raise FastFlowError(f"{path} is not a fastflow model file; pass the model.safetensors written by 'fastflow train'")
-    if metadata.get("format_version") != str(FORMAT_VERSION):
+    version = metadata.get("format_version")
+    if version not in (str(FORMAT_VERSION), str(_SCORING_IN_CONFIG_VERSION)):
         raise FastFlowError(
             f"model file {path} has format version {metadata.get('format_version')}, this fastflow reads "
             f"version {FORMAT_VERSION}; use the fastflow release that wrote it or retrain"
         )
     try:
-        config = FastFlowConfig.from_dict(json.loads(metadata["config"]))
+        config_fields = json.loads(metadata["config"])
         extra = json.loads(metadata.get("extra", "{}"))
+        if version == str(_SCORING_IN_CONFIG_VERSION):
+            extra = _recipe_from_version_3(config_fields, extra)
+        config = FastFlowConfig.from_dict(config_fields)
     except (KeyError, ValueError, TypeError) as error:
         raise FastFlowError(f"model file {path} has a broken config ({error}); retrain the model") from None
     model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     extra_tensors = {k.removeprefix("extra."): v for k, v in state.items() if k.startswith("extra.")}
     return config, model_state, extra, extra_tensors
+
+
+def _recipe_from_version_3(config_fields: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Move a format-3 file's scoring (config) and loss (training settings) into its recipe."""
+    training = dict(extra.get("training", {}))
+    recipe = {
+        "name": str(extra.get("recipe", "improved")),
+        "exact_nll": bool(training.pop("exact_nll", True) is not False),
+        "map_sigma": config_fields.pop("map_sigma", 0.0),
+        "score_top": config_fields.pop("score_top", 0.0),
+    }
+    return {**extra, "recipe": recipe, "training": training}
 
 
 def load_model(path: str | Path) -> tuple[FastFlowModel, dict[str, Any]]:

@@ -13,7 +13,6 @@ one offending key. Files are read with ``weights_only=True`` so a checkpoint can
 from __future__ import annotations
 
 import dataclasses
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,26 +20,22 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from fastflow.errors import FastFlowError
+from fastflow.files import read_tensor_file
 from fastflow.model.backbones import RANDOM_WEIGHTS, is_transformer
 from fastflow.model.fastflow import FastFlowModel
-from fastflow.presets import RECIPES, FastFlowConfig
+from fastflow.presets import PRESETS, FastFlowConfig
 
 __all__ = ["from_anomalib"]
 
-# The only backbones anomalib's FastFlow builds, and the features it reads from each: CNN stages
-# 1-3 (timm out_indices), or the tokens after block 7 (DeiT) / 40 (CaiT) and the final norm.
-ANOMALIB_LAYERS: dict[str, tuple[int, ...]] = {
-    "resnet18": (1, 2, 3),
-    "wide_resnet50_2": (1, 2, 3),
-    "deit_base_distilled_patch16_384": (7,),
-    "cait_m48_448": (40,),
-}
-# anomalib's constructor defaults, used when a checkpoint's hyper_parameters lack a field.
-_ANOMALIB_DEFAULTS: dict[str, Any] = {"flow_steps": 8, "conv3x3_only": False, "hidden_ratio": 1.0}
+# The only backbones anomalib's FastFlow builds; it reads the features of their presets (CNN
+# stages 1-3, or the tokens after block 7 of DeiT / 40 of CaiT and the final norm).
+ANOMALIB_BACKBONES = ("resnet18", "wide_resnet50_2", "deit_base_distilled_patch16_384", "cait_m48_448")
+# anomalib's constructor defaults for fields a checkpoint's hyper_parameters lack: the same as
+# FastFlowConfig's defaults (not the presets', which follow the paper per backbone).
+_ANOMALIB_FIELDS = ("flow_steps", "conv3x3_only", "hidden_ratio")
 _ANOMALIB_CLAMP = 2.0  # create_fast_flow_block never changes FrEIA's affine clamping
 _CONFIG_HINT = "pass config=get_config(BACKBONE, input_size=(H, W)) (CLI: --backbone/--input-size)"
 _EXPORT_HINT = (
@@ -55,6 +50,9 @@ def from_anomalib(
 ) -> FastFlowModel:
     """Build a ``FastFlowModel`` (eval mode) holding the weights of an anomalib FastFlow model.
 
+    anomalib scores like the ``reference`` recipe: ``FastFlow.from_model(model, threshold,
+    "reference")`` gives a detector with its anomaly maps.
+
     Args:
         source: a Lightning checkpoint (``.ckpt``, whose ``state_dict`` holds the model under
             ``model.``), or an anomalib ``FastflowModel`` state dict: a mapping, or a ``.pth`` /
@@ -67,8 +65,6 @@ def from_anomalib(
     if config is None:
         config = _infer_config(state, hparams, name)
     _check_config(config, name)
-    # anomalib scores like the reference recipe (image score = map maximum).
-    config = dataclasses.replace(config, **RECIPES["reference"].model)
     model = FastFlowModel(config, weights=RANDOM_WEIGHTS)
     model.load_state_dict(_translate(state, model.state_dict(), name))
     return model.eval()
@@ -80,24 +76,10 @@ def _read(source: str | Path | Mapping[str, Tensor], name: str) -> tuple[dict[st
     if isinstance(source, Mapping):
         raw: Any = source
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise FastFlowError(f"anomalib model file {path} does not exist; pass a .ckpt/.pth/.safetensors")
-        try:
-            if path.suffix == ".safetensors":
-                raw = load_file(str(path))
-            else:
-                raw = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # e.g. Lightning hyper_parameters holding config objects
-            message = f"{path} holds objects that only an unsafe unpickling could load; {_EXPORT_HINT}"
-            raise FastFlowError(message) from None
-        except Exception as error:  # noqa: BLE001 - any other decoding failure means the same to the user
-            lines = str(error).strip().splitlines() or [type(error).__name__]
-            reason = re.sub(r"\x1b\[[0-9;]*m", "", lines[0])[:100]  # drop terminal colour codes
-            raise FastFlowError(f"cannot read {path} ({reason}); {_EXPORT_HINT}") from None
-        if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
-            hparams = raw.get("hyper_parameters") or {}
-            raw = raw["state_dict"]
+        raw = read_tensor_file(Path(source), _EXPORT_HINT)
+    if isinstance(raw, Mapping) and isinstance(raw.get("state_dict"), Mapping):
+        hparams = raw.get("hyper_parameters") or {}
+        raw = raw["state_dict"]
     if not isinstance(raw, Mapping) or not all(isinstance(v, Tensor) for v in raw.values()):
         raise FastFlowError(f"{name} is not a state dict of tensors; {_EXPORT_HINT}")
     if not isinstance(hparams, Mapping):
@@ -120,12 +102,12 @@ def _infer_config(state: Mapping[str, Tensor], hparams: Mapping[str, Any], name:
     backbone = hparams.get("backbone")
     if not isinstance(backbone, str):
         raise FastFlowError(f"{name} does not record its backbone; {_CONFIG_HINT}")
-    if backbone not in ANOMALIB_LAYERS:
+    if backbone not in ANOMALIB_BACKBONES:
         raise FastFlowError(
             f"{name} uses backbone '{backbone}', which anomalib's FastFlow does not build "
-            f"({', '.join(ANOMALIB_LAYERS)}); {_CONFIG_HINT}"
+            f"({', '.join(ANOMALIB_BACKBONES)}); {_CONFIG_HINT}"
         )
-    layers = ANOMALIB_LAYERS[backbone]
+    layers = PRESETS[backbone].layers
     input_size = hparams.get("input_size")
     if input_size is None:
         with torch.device("meta"):  # shapes only
@@ -137,7 +119,8 @@ def _infer_config(state: Mapping[str, Tensor], hparams: Mapping[str, Any], name:
                 input_size = tuple(int(n) * reduction for n in state["norms.0.weight"].shape[1:])
         if input_size is None:
             raise FastFlowError(f"cannot tell the input size of {name}; {_CONFIG_HINT}")
-    fields = {k: hparams.get(k, default) for k, default in _ANOMALIB_DEFAULTS.items()}
+    defaults = {f.name: f.default for f in dataclasses.fields(FastFlowConfig)}
+    fields = {k: hparams.get(k, defaults[k]) for k in _ANOMALIB_FIELDS}
     try:
         return FastFlowConfig(backbone, layers, tuple(input_size), clamp=_ANOMALIB_CLAMP, **fields)
     except (TypeError, ValueError) as error:
@@ -146,7 +129,7 @@ def _infer_config(state: Mapping[str, Tensor], hparams: Mapping[str, Any], name:
 
 def _check_config(config: FastFlowConfig, name: str) -> None:
     """Reject settings that change the function without changing any tensor shape."""
-    expected = ANOMALIB_LAYERS.get(config.backbone)
+    expected = PRESETS[config.backbone].layers if config.backbone in ANOMALIB_BACKBONES else None
     if expected is not None and config.layers != expected:
         raise FastFlowError(
             f"anomalib's FastFlow reads layers {expected} of '{config.backbone}' but the config for {name} "

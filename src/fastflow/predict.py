@@ -1,8 +1,8 @@
 """Writing predictions to disk: per-image scores and labels, heat-map overlays, binary masks.
 
-All inputs are decoded before anything is written, and results are assembled in a temporary
-folder that replaces the files in the destination only once everything succeeded, so a bad
-input never leaves half-written output behind.
+All inputs are decoded before anything is written, and results are assembled in a staged
+folder (``fastflow.files.staged_folder``) that replaces the files in the destination only once
+everything succeeded, so a bad input never leaves half-written output behind.
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from __future__ import annotations
 import csv
 import glob
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from fastflow.data import image_size, list_images, validate_samples
+import numpy as np
+
+from fastflow.data import list_images, validate_samples
 from fastflow.detector import FastFlow, ImagesLike, as_samples
 from fastflow.errors import FastFlowError
+from fastflow.files import staged_folder
 from fastflow.viz import save_mask, save_overlay
 
 __all__ = ["expand_inputs", "write_predictions"]
@@ -58,24 +59,22 @@ def write_predictions(
 ) -> list[dict]:
     """Score ``images`` and write ``overlays/``, ``masks/``, ``predictions.csv`` and ``.json`` to ``output``.
 
-    ``engine`` / ``precision``: see ``FastFlow.engine``.
+    ``engine`` / ``precision``: see ``FastFlow.engine``. Each image is decoded twice: once to
+    validate every input before scoring, once to score it; the pictures are drawn from the
+    decoded pixels.
     """
-    samples = as_samples(images)
-    validate_samples(samples)
+    samples = validate_samples(as_samples(images))
     names = _unique_names([s.path for s in samples])
-    output.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp_name:
-        tmp = Path(tmp_name)
+    with staged_folder(output) as tmp:
         (tmp / "overlays").mkdir()
         (tmp / "masks").mkdir()
-        done = 0
-        for batch_samples, prediction, _ in detector.iter_predictions(samples, engine, precision):
+        for batch_samples, prediction, batch in detector.iter_predictions(samples, engine, precision):
             for i, sample in enumerate(batch_samples):
-                name = names[done + i]
-                amap = prediction.maps[i]
-                save_overlay(tmp / "overlays" / f"{name}.png", sample.path, amap, detector.map_floor_, detector.threshold_)
-                save_mask(tmp / "masks" / f"{name}.png", amap, detector.threshold_, image_size(sample.path))
+                name = names[len(rows)]
+                amap, pixels = prediction.maps[i], np.ascontiguousarray(batch["image"][i].permute(1, 2, 0).numpy())
+                save_overlay(tmp / "overlays" / f"{name}.png", pixels, amap, detector.map_floor_, detector.threshold_)
+                save_mask(tmp / "masks" / f"{name}.png", amap, detector.threshold_, sample.size)
                 rows.append(
                     {
                         "path": str(sample.path),
@@ -85,21 +84,10 @@ def write_predictions(
                         "mask": f"masks/{name}.png",
                     }
                 )
-            done += len(batch_samples)
         with open(tmp / "predictions.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
         summary = {"threshold": detector.threshold_, "predictions": rows}
         (tmp / "predictions.json").write_text(json.dumps(summary, indent=2))
-        _merge_into(tmp, output)
     return rows
-
-
-def _merge_into(source: Path, destination: Path) -> None:
-    """Move every finished file of ``source`` into ``destination`` (replacing same-named files)."""
-    for path in sorted(source.rglob("*")):
-        if path.is_file():
-            target = destination / path.relative_to(source)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)

@@ -12,14 +12,17 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
+from torch import Tensor
+
 from fastflow.errors import FastFlowError
+from fastflow.scoring import blur_radius, score_latents
 
 __all__ = ["PRESETS", "RECIPES", "FastFlowConfig", "Recipe", "get_config", "get_recipe", "list_presets"]
 
 
 @dataclass(frozen=True)
 class FastFlowConfig:
-    """Everything that defines a FastFlow model's architecture.
+    """Everything that defines a FastFlow model's architecture (scoring lives in ``Recipe``).
 
     Args:
         backbone: timm model name.
@@ -30,10 +33,6 @@ class FastFlowConfig:
         hidden_ratio: subnet hidden channels = ``hidden_ratio`` x subnet input channels.
         conv3x3_only: use 3x3 kernels in every step instead of alternating 3x3 / 1x1.
         clamp: soft clamp of the coupling log-scale, ``clamp * tanh(0.1 * s)``.
-        score_top: share of the anomaly map's highest pixels averaged into the image score
-            (0: the maximum, as in the reference).
-        map_sigma: standard deviation, in input pixels, of a Gaussian blur of the anomaly map
-            (0: none, as in the reference).
     """
 
     backbone: str
@@ -43,41 +42,54 @@ class FastFlowConfig:
     hidden_ratio: float = 1.0
     conv3x3_only: bool = False
     clamp: float = 2.0
-    score_top: float = 0.001
-    map_sigma: float = 4.0
 
     def __post_init__(self) -> None:
         # Normalise lists from JSON/YAML into tuples so configs compare and hash equal.
-        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
-        object.__setattr__(self, "input_size", tuple(int(i) for i in self.input_size))
-        if len(self.input_size) != 2 or min(self.input_size) < 16:
-            raise ValueError(f"input_size must be (height, width) with both >= 16, got {self.input_size}")
-        if not self.layers:
-            raise ValueError("layers must name at least one backbone stage or block")
-        if self.flow_steps < 1:
-            raise ValueError(f"flow_steps must be >= 1, got {self.flow_steps}")
-        if self.hidden_ratio <= 0:
-            raise ValueError(f"hidden_ratio must be > 0, got {self.hidden_ratio}")
-        if self.clamp <= 0:
-            raise ValueError(f"clamp must be > 0, got {self.clamp}")
-        if not 0 <= self.score_top < 1:
-            raise ValueError(f"score_top must be in [0, 1), got {self.score_top}")
-        # The blur reflects the map at its edges, which needs the radius 4 sigma inside the map.
-        if self.map_sigma < 0 or int(4 * self.map_sigma + 0.5) >= min(self.input_size):
-            raise ValueError(f"map_sigma must be >= 0 and 4 x map_sigma below the input size, got {self.map_sigma}")
+        object.__setattr__(self, "layers", _int_tuple("layers", self.layers))
+        object.__setattr__(self, "input_size", _int_tuple("input_size", self.input_size))
+        _require(len(self.input_size) == 2 and min(self.input_size) >= 16, "input_size", "(height, width), both >= 16", self.input_size)
+        _require(bool(self.layers), "layers", "at least one backbone stage or block", self.layers)
+        _require(_is_number(self.flow_steps) and self.flow_steps >= 1, "flow_steps", "an integer >= 1", self.flow_steps)
+        _require(_is_number(self.hidden_ratio) and self.hidden_ratio > 0, "hidden_ratio", "a number > 0", self.hidden_ratio)
+        _require(_is_number(self.clamp) and self.clamp > 0, "clamp", "a number > 0", self.clamp)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return _as_json(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FastFlowConfig:
         """Inverse of ``to_dict``; unknown keys are an error so a typo never goes unnoticed."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        return cls(**data)
+        return _from_dict(cls, data)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require(ok: bool, name: str, valid: str, value: Any) -> None:
+    """One-line error naming the setting, its valid range and the value given."""
+    if not ok:
+        raise FastFlowError(f"{name} must be {valid}, got {value!r}")
+
+
+def _int_tuple(name: str, values: Any) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        raise FastFlowError(f"{name} must be a list of integers, got {values!r}") from None
+
+
+def _as_json(config: Any) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise FastFlowError(f"unknown {cls.__name__} keys {sorted(unknown)}; valid keys: {sorted(known)}")
+    return cls(**data)
 
 
 PRESETS: dict[str, FastFlowConfig] = {
@@ -90,47 +102,81 @@ PRESETS: dict[str, FastFlowConfig] = {
     ),
     "cait_m48_448": FastFlowConfig("cait_m48_448", (40,), (448, 448), 20, 0.16),
     # Beyond the reference: a light CNN whose ImageNet weights ship with the project's tests.
-    # Stages 1-3 (strides 4-16); adding the stride-32 stage lost on faint painted textures
-    # defects (benchmarks/recipe_study.py).
     "tf_efficientnet_lite0": FastFlowConfig("tf_efficientnet_lite0", (1, 2, 3), (256, 256), 8, 1.0),
 }
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named bundle of settings on top of the presets.
+    """How a model is trained and scored, on top of its architecture; saved in the model file.
 
-    ``model``: ``FastFlowConfig`` fields (scoring) for every backbone; ``training``:
-    ``TrainConfig`` fields. Features (layers, input size) stay with the presets.
+    The defaults are the improved recipe, chosen on painted defects of held-out normal images
+    (``benchmarks/recipe_study.py``), never on test images.
+
+    Args:
+        name: the recipe's name in ``RECIPES`` (or a user's own label).
+        exact_nll: train on the exact NLL of the normalised features, counting the LayerNorm
+            affine's log-determinant. The reference loss omits it and so rewards shrinking the
+            LayerNorm scale, a direction that lowers the NLL without modelling the features better.
+        map_sigma: standard deviation, in input pixels, of a Gaussian blur of the anomaly map
+            (0: none). Its radius ``blur_radius(map_sigma)`` must stay inside the map.
+        score_top: share of the anomaly map's highest pixels averaged into the image score
+            (0: the map's maximum).
+        description: one line for ``fastflow presets``.
     """
 
-    description: str
-    model: dict[str, Any] = dataclasses.field(default_factory=dict)
-    training: dict[str, Any] = dataclasses.field(default_factory=dict)
+    name: str = "improved"
+    exact_nll: bool = True
+    map_sigma: float = 4.0
+    score_top: float = 0.001
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.exact_nll, bool), "exact_nll", "true or false", self.exact_nll)
+        _require(_is_number(self.map_sigma) and self.map_sigma >= 0, "map_sigma", "a number >= 0", self.map_sigma)
+        _require(_is_number(self.score_top) and 0 <= self.score_top < 1, "score_top", "in [0, 1)", self.score_top)
+
+    def check_fits(self, input_size: tuple[int, int]) -> None:
+        """The blur reflects the map at its edges, which needs its radius inside the map."""
+        _require(
+            blur_radius(self.map_sigma) < min(input_size), "map_sigma",
+            f"below {min(input_size) / 4:g} for input size {tuple(input_size)} (4 x sigma inside the map)",
+            self.map_sigma,
+        )
+
+    def score_latents(self, zs: list[Tensor], size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Latents -> (anomaly map (N, H, W) at ``size``, image score (N,)) the recipe's way."""
+        return score_latents(zs, size, self.map_sigma, self.score_top)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return _as_json(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """Inverse of ``to_dict``; unknown keys are an error."""
+        return _from_dict(cls, data)
 
 
 RECIPES: dict[str, Recipe] = {
-    # What the presets and the defaults of FastFlowConfig / TrainConfig hold; chosen on painted
-    # defects of held-out normal images (benchmarks/recipe_study.py), never on test images.
     "improved": Recipe(
-        "exact NLL loss, anomaly map blurred (sigma 4 px), image score = mean of the map's top 0.1%",
-        model={"score_top": 0.001, "map_sigma": 4.0},
-        training={"exact_nll": True},
+        "improved", description="exact NLL loss, anomaly map blurred (sigma 4 px), image score = mean of the map's top 0.1%"
     ),
     # The paper / anomalib recipe, kept so published numbers can be reproduced.
     "reference": Recipe(
-        "FastFlow paper and anomalib: loss without the norm's log-det, unblurred map, image score = map maximum",
-        model={"score_top": 0.0, "map_sigma": 0.0},
-        training={"exact_nll": False},
+        "reference", exact_nll=False, map_sigma=0.0, score_top=0.0,
+        description="FastFlow paper and anomalib: loss without the norm's log-det, unblurred map, image score = map maximum",
     ),
 }
 
 
-def get_recipe(name: str) -> Recipe:
-    """The recipe called ``name``; a clear error listing the valid names otherwise."""
-    if name not in RECIPES:
-        raise FastFlowError(f"unknown recipe '{name}'; use one of {', '.join(RECIPES)}")
-    return RECIPES[name]
+def get_recipe(recipe: str | Recipe) -> Recipe:
+    """``recipe`` itself, or the recipe called so in ``RECIPES``; a clear error listing the valid names otherwise."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe not in RECIPES:
+        raise FastFlowError(f"unknown recipe '{recipe}'; use one of {', '.join(RECIPES)}")
+    return RECIPES[recipe]
 
 
 def list_presets(pattern: str = "*") -> list[str]:
@@ -138,13 +184,11 @@ def list_presets(pattern: str = "*") -> list[str]:
     return sorted(name for name in PRESETS if fnmatch.fnmatch(name, pattern))
 
 
-def get_config(backbone: str, recipe: str = "improved", **overrides: Any) -> FastFlowConfig:
-    """Config for ``backbone``: its preset if it has one, else the generic CNN recipe.
+def get_config(backbone: str, **overrides: Any) -> FastFlowConfig:
+    """Config for ``backbone``: its preset if it has one, else the generic CNN config.
 
-    ``recipe`` (``RECIPES``) sets its fields; ``overrides`` then replace single fields
-    (``input_size=(240, 320)``, ``flow_steps=4``); ``None`` values are ignored so CLI options
-    that were not given keep the preset's value.
+    ``overrides`` replace single fields (``input_size=(240, 320)``, ``flow_steps=4``); ``None``
+    values are ignored so CLI options that were not given keep the preset's value.
     """
     base = PRESETS.get(backbone, FastFlowConfig(backbone))
-    changes = {**get_recipe(recipe).model, **{k: v for k, v in overrides.items() if v is not None}}
-    return dataclasses.replace(base, **changes)
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -5,7 +5,7 @@ Higher always means more anomalous. The anomaly map is the FastFlow reference's:
 An optional Gaussian blur (``sigma`` in map pixels; 0 = none, as in the reference) averages out
 the noise of single feature positions in the blocky upsampled grids. The image score is the
 mean of the map's highest ``top_fraction`` of pixels; with 0 it is the map's maximum, as in the
-reference. ``benchmarks/recipe_study.py`` measured both choices on painted defects.
+reference. Which of these a model uses is its ``Recipe``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["anomaly_map", "fuse_scales", "gaussian_blur", "image_score", "nll_loss"]
+__all__ = ["anomaly_map", "blur_radius", "fuse_scales", "gaussian_blur", "image_score", "nll_loss", "score_latents"]
 
 
 def nll_loss(zs: list[Tensor], log_dets: list[Tensor]) -> Tensor:
@@ -57,10 +57,15 @@ def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
     return rows @ maps @ columns.T
 
 
+def blur_radius(sigma: float) -> int:
+    """Kernel radius of the map blur: 4 sigma, rounded (torchvision's rule)."""
+    return int(4 * sigma + 0.5)
+
+
 @functools.lru_cache(maxsize=16)
 def _blur_band(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(size, size) matrix whose row i is the Gaussian kernel centred on i, reflected at the edges."""
-    radius = int(4 * sigma + 0.5)
+    radius = blur_radius(sigma)
     steps = torch.arange(-radius, radius + 1)
     kernel = torch.exp(-0.5 * (steps.double() / sigma) ** 2)
     kernel = kernel / kernel.sum()
@@ -77,3 +82,11 @@ def image_score(amap: Tensor, top_fraction: float = 0.0) -> Tensor:
         return torch.amax(flat, dim=1)
     count = max(1, math.floor(flat.shape[1] * top_fraction))
     return flat.topk(count, dim=1).values.mean(dim=1)
+
+
+def score_latents(
+    zs: list[Tensor], size: tuple[int, int], sigma: float, top_fraction: float
+) -> tuple[Tensor, Tensor]:
+    """Latents -> (anomaly map (N, H, W) at ``size`` blurred with ``sigma``, image score (N,))."""
+    amap = anomaly_map(zs, size, sigma)
+    return amap, image_score(amap, top_fraction)

@@ -32,7 +32,7 @@ from PIL import Image
 
 from fastflow.data import DataError
 
-__all__ = ["DEFECTS", "PAINTED_DEFECTS", "make_folder_dataset", "make_textures", "paint_defect"]
+__all__ = ["DEFECTS", "PAINTED_DEFECTS", "make_textures", "paint_defect"]
 
 DEFECTS: tuple[str, ...] = ("scratch", "spot", "distortion")
 _FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF"}
@@ -281,41 +281,4 @@ def make_textures(
             _save(img, folder / f"{i:03d}.{fmt}", grayscale, fmt)
             if mask is not None:
                 _save_mask(mask, root / "ground_truth" / str(defect) / f"{i:03d}_mask.png")
-    return root
-
-
-def make_folder_dataset(
-    root: str | os.PathLike[str],
-    *,
-    n_normal: int = 20,
-    n_anomalous: int = 9,
-    seed: int = 0,
-    formats: tuple[str, ...] = ("png", "jpg"),
-    grayscale_every: int = 3,
-) -> Path:
-    """Write the same kind of textures in the generic folder layout into new/empty ``root``.
-
-    ``normal/`` and ``anomalous/`` hold images of mixed sizes and aspect ratios (200..320 per
-    side); the format cycles through ``formats`` and every ``grayscale_every``-th image is
-    grayscale, to exercise loaders on heterogeneous real-world folders.  ``masks/`` holds
-    ``<stem>_mask.png`` for every anomalous image; defect types cycle through :data:`DEFECTS`.
-    ``load_samples(root, "train")`` reads ``normal/``; ``load_samples(root, "test")`` reads
-    ``normal/`` + ``anomalous/`` + ``masks/``.  Returns ``root``.
-    """
-    formats = tuple(_check_fmt(f) for f in formats)
-    root = _prepare_root(root)
-    style = _style(seed)
-    for name in ("normal", "anomalous", "masks"):
-        (root / name).mkdir()
-    for i in range(n_normal + n_anomalous):
-        anomalous = i >= n_normal
-        j = i - n_normal if anomalous else i
-        defect = DEFECTS[j % len(DEFECTS)] if anomalous else None
-        img, mask = _render(seed, (2, int(anomalous), j), None, True, style, defect)
-        fmt = formats[i % len(formats)]
-        gray = grayscale_every > 0 and i % grayscale_every == 0
-        stem = f"{j:03d}"
-        _save(img, root / ("anomalous" if anomalous else "normal") / f"{stem}.{fmt}", gray, fmt)
-        if mask is not None:
-            _save_mask(mask, root / "masks" / f"{stem}_mask.png")
     return root

@@ -34,10 +34,9 @@ def overlay(image: Image.Image, amap: np.ndarray, floor: float, ceiling: float, 
     return Image.blend(image.convert("RGB"), heat, alpha)
 
 
-def save_overlay(path: Path, image_path: Path, amap: np.ndarray, floor: float, ceiling: float) -> None:
-    """Write the overlay of ``amap`` on the original image (at its original size) as PNG."""
-    with Image.open(image_path) as image:
-        overlay(image, amap, floor, ceiling).save(path)
+def save_overlay(path: Path, pixels: np.ndarray, amap: np.ndarray, floor: float, ceiling: float) -> None:
+    """Write the overlay of ``amap`` on the decoded image ``pixels`` ((H, W, 3) uint8 RGB, its own size) as PNG."""
+    overlay(Image.fromarray(pixels), amap, floor, ceiling).save(path)
 
 
 def save_mask(path: Path, amap: np.ndarray, threshold: float, size: tuple[int, int]) -> None:

@@ -8,7 +8,7 @@ import torch
 from fastflow.errors import FastFlowError
 from fastflow.model.backbones import Backbone
 from fastflow.model.fastflow import FastFlowModel
-from fastflow.presets import PRESETS, get_config, list_presets
+from fastflow.presets import PRESETS, RECIPES, get_config, list_presets
 from fastflow.scoring import anomaly_map, image_score, nll_loss
 
 SEED_BACKBONES = ["resnet18", "wide_resnet50_2", "deit_base_distilled_patch16_384", "cait_m48_448"]
@@ -29,7 +29,7 @@ def test_seed_backbones_build_and_run_at_preset_size(backbone):
     config = PRESETS[backbone]
     model = FastFlowModel(config, weights="random").eval()
     with torch.no_grad():
-        zs, log_dets = model(torch.randn(1, 3, *config.input_size))
+        zs, log_dets = model(torch.randint(0, 256, (1, 3, *config.input_size), dtype=torch.uint8))
     strides = 16 if model.backbone.transformer else None
     for z, log_det, shape in zip(zs, log_dets, model.feature_shapes, strict=True):
         assert z.shape == (1, *shape) and log_det.shape == (1, *shape[1:])
@@ -49,10 +49,25 @@ def test_seed_backbones_build_and_run_at_preset_size(backbone):
 def test_non_square_sizes_not_multiple_of_stride(backbone, size):
     model = FastFlowModel(get_config(backbone, input_size=size, flow_steps=2), weights="random").eval()
     with torch.no_grad():
-        zs, _ = model(torch.randn(2, 3, *size))
+        zs, _ = model(torch.randint(0, 256, (2, 3, size[0] + 7, size[1] - 5), dtype=torch.uint8))
     amap = anomaly_map(zs, size)
     assert amap.shape == (2, *size)
-    assert image_score(amap).shape == image_score(amap, model.config.score_top).shape == (2,)
+    assert image_score(amap).shape == image_score(amap, RECIPES["improved"].score_top).shape == (2,)
+
+
+def test_one_pipeline_extract_then_flow():
+    """forward == flow(extract(pixels)); extract resizes and normalises uint8 pixels itself."""
+    model = FastFlowModel(get_config("resnet18", input_size=(64, 48), flow_steps=2), weights="random").eval()
+    pixels = torch.randint(0, 256, (2, 3, 90, 70), dtype=torch.uint8)
+    with torch.no_grad():
+        features = model.extract(pixels)
+        expected = model.backbone(model.preprocess(pixels))
+        zs, log_dets = model(pixels)
+        zs_split, log_dets_split = model.flow(features)
+    for a, b in zip(features, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(zs + log_dets, zs_split + log_dets_split, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_lite0_shared_weights_load_and_are_pretrained(lite0_weights):

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import load_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fastflow.errors import FastFlowError
+from fastflow.errors import FastFlowError, first_line
+from fastflow.files import read_tensor_file
 
 __all__ = ["RANDOM_WEIGHTS", "Backbone", "is_transformer", "load_state_dict_file"]
 
@@ -38,17 +39,7 @@ def is_transformer(name: str) -> bool:
 
 def load_state_dict_file(path: Path) -> dict[str, Tensor]:
     """Read a safetensors or ``.pth`` state dict without unpickling arbitrary objects."""
-    if not path.is_file():
-        raise FastFlowError(f"weights file {path} does not exist; pass the path of a .safetensors or .pth file")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any decoding failure means the same to the user
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FastFlowError(
-            f"cannot read weights file {path} ({first_line}); pass a valid .safetensors or state-dict .pth file"
-        ) from None
+    state = read_tensor_file(Path(path), "pass a valid .safetensors or state-dict .pth weights file")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -79,8 +70,8 @@ class Backbone(nn.Module):
         self.model.requires_grad_(False)
         self.model.eval()
         config = self.model.pretrained_cfg
-        self.mean = tuple(float(v) for v in config.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(float(v) for v in config.get("std", (0.229, 0.224, 0.225)))
+        self.mean = tuple(float(v) for v in config.get("mean", IMAGENET_DEFAULT_MEAN))
+        self.std = tuple(float(v) for v in config.get("std", IMAGENET_DEFAULT_STD))
 
     def _create(self, name: str, weights: str | Path | None, input_size: tuple[int, int]) -> nn.Module:
         kwargs: dict = {}
@@ -97,9 +88,8 @@ class Backbone(nn.Module):
             try:
                 return timm.create_model(name, pretrained=True, **kwargs)
             except Exception as error:  # noqa: BLE001 - hub/network errors come in many types
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise FastFlowError(
-                    f"no pretrained weights for backbone '{name}': the model hub failed ({reason[:120]}); "
+                    f"no pretrained weights for backbone '{name}': the model hub failed ({first_line(error)[:120]}); "
                     "connect to the hub (or warm its cache), or pass a local weights file with --weights FILE"
                 ) from None
         model = timm.create_model(name, pretrained=False, **kwargs)

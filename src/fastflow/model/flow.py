@@ -6,6 +6,7 @@ FastFlow reference uses; ``tests/model/test_flow.py`` proves parity weight for w
 is ours because FrEIA is unmaintained, and because FastFlow needs things FrEIA does not give:
 shapes are not fixed at construction (only channels), direction is a method rather than a flag,
 and the log-determinant is returned per feature position ``(N, H, W)`` so scorers can use it.
+``FlowStack.fold()`` gives the same latent for inference with its constants folded away.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["CouplingStep", "FlowStack", "subnet"]
+__all__ = ["CouplingStep", "FlowStack", "FoldedFlow", "subnet"]
 
 # FrEIA scales the subnet output by 0.1 "for stability and easier initialization".
 _SUBNET_OUTPUT_SCALE = 0.1
@@ -131,3 +132,98 @@ class FlowStack(nn.Module):
         for step in reversed(self.steps):
             z = step.inverse(z)
         return z
+
+    def fold(self) -> FoldedFlow:
+        """This flow for inference, its constants folded (a detached copy; see ``FoldedFlow``)."""
+        return FoldedFlow(self)
+
+
+class _FoldedStep(nn.Module):
+    """One coupling step with its constants folded (see ``FoldedFlow``)."""
+
+    def __init__(self, step: CouplingStep, last: bool) -> None:
+        super().__init__()
+        self.passive, self.active, self.clamp = step.passive, step.active, step.clamp
+        conv1, conv2 = step.subnet[0], step.subnet[2]
+        with torch.no_grad():
+            scale = _softplus_global_scale(step.global_scale).flatten()
+            offset = step.global_offset.flatten()
+            passive_scale, active_scale = scale[: self.passive], scale[self.passive :]
+            passive_offset, active_offset = offset[: self.passive], offset[self.passive :]
+            # conv2 output a = 0.1 * (W x + b): log-scale rows keep 0.1; shift rows also take the
+            # global affine of the active half: (0.1 (W x + b)) * scale + offset.
+            weight = conv2.weight.detach().clone() * _SUBNET_OUTPUT_SCALE
+            bias = conv2.bias.detach().clone() * _SUBNET_OUTPUT_SCALE
+            weight[self.active :] *= active_scale.view(-1, 1, 1, 1)
+            bias[self.active :] = bias[self.active :] * active_scale + active_offset
+        self.conv1 = _copy_conv(conv1)
+        self.conv2 = _copy_conv(conv2, weight, bias)
+        # exp(s) * scale = exp(s + log(scale)): the active half's global scale joins the log-scale.
+        self.register_buffer("log_active_scale", torch.log(active_scale).view(1, -1, 1, 1))
+        self.register_buffer("passive_scale", passive_scale.view(1, -1, 1, 1))
+        self.register_buffer("passive_offset", passive_offset.view(1, -1, 1, 1))
+        # The permutation is not applied to the whole output: the next step's two halves are
+        # gathered straight from it (no permuted copy to split), and the last step skips it.
+        permutation = step.permutation.clone()
+        self.register_buffer("next_passive", None if last else permutation[: step.passive])
+        self.register_buffer("next_active", None if last else permutation[step.passive :])
+
+    def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+        """Halves of the input -> halves of the next step's input (or of the unpermuted ``z``)."""
+        a = self.conv2(F.relu(self.conv1(x1)))
+        log_scale = self.clamp * torch.tanh(a[:, : self.active]) + self.log_active_scale
+        y2 = x2 * torch.exp(log_scale) + a[:, self.active :]
+        y1 = x1 * self.passive_scale + self.passive_offset
+        if self.next_passive is None:
+            return y1, y2
+        y = torch.cat((y1, y2), dim=1)
+        return y.index_select(1, self.next_passive), y.index_select(1, self.next_active)
+
+
+def _copy_conv(conv: nn.Conv2d, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Conv2d:
+    """A detached copy of ``conv`` (optionally with new weight and bias), channels-last."""
+    copy = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding)
+    with torch.no_grad():
+        copy.weight.copy_(conv.weight if weight is None else weight)
+        copy.bias.copy_(conv.bias if bias is None else bias)
+    copy.requires_grad_(False)
+    return copy.to(memory_format=torch.channels_last)
+
+
+class FoldedFlow(nn.Module):
+    """``FlowStack`` for inference: the same latent ``z`` up to a fixed channel order, less work.
+
+    Folded at construction, exactly (tests compare with ``FlowStack`` to 1e-5):
+    - the subnet's output factor 0.1 into the second convolution's weights and bias;
+    - the active half's global affine (scale, offset) into that convolution's shift rows, and
+      its scale into the log-scale as ``+ log(scale)``;
+    - each step's channel permutation into the next step's split: the next step gathers its
+      passive and active halves directly; the last step's permutation is dropped, so ``z``
+      comes out in the order ``output_permutation`` describes (the anomaly map averages over
+      channels, so it does not care);
+    - no log-determinant is computed.
+    The passive half's global offset is not folded into the next convolution: with zero padding
+    a 3x3 convolution of ``x + offset`` differs from ``conv(x) + conv(offset)`` at the borders.
+    """
+
+    def __init__(self, flow: FlowStack) -> None:
+        super().__init__()
+        steps = list(flow.steps)
+        self.passive = steps[0].passive
+        self.steps = nn.ModuleList(
+            _FoldedStep(step, last=i == len(steps) - 1) for i, step in enumerate(steps)
+        )
+        # The last step's permutation, not applied: FlowStack's z == this module's z[:, output_permutation].
+        self.register_buffer("output_permutation", steps[-1].permutation.clone())
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        """``x`` (N, C, h, w) -> (``z`` (N, C, h, w), no log-determinant).
+
+        ``z[:, self.output_permutation]`` is ``FlowStack``'s ``z``; the pair keeps the one
+        contract of a flow, so ``FastFlowModel.flow`` runs folded and training flows alike.
+        """
+        x1, x2 = x[:, : self.passive], x[:, self.passive :]
+        for step in self.steps:
+            x1, x2 = step(x1, x2)
+        return torch.cat((x1, x2), dim=1), None
+

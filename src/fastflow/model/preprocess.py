@@ -80,11 +80,13 @@ class Preprocess(nn.Module):
     def __init__(self, size: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.size = (int(size[0]), int(size[1]))
-        std_t = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        mean_t = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.register_buffer("mean", mean_t, persistent=False)
-        self.register_buffer("std", std_t, persistent=False)
+        # Plain numbers, not buffers: nothing to save or load, and a model built on the meta
+        # device (``load_model``) still pre-processes on the CPU.
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
 
     def forward(self, images: Tensor) -> Tensor:
         images = resize_antialias(images.to(torch.float32), self.size)
-        return (images / 255.0 - self.mean) / self.std
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        return (images / 255.0 - mean) / std

@@ -1,0 +1,232 @@
+"""Inference engines: the inference graph in PyTorch, or an exported model in ONNX Runtime or OpenVINO.
+
+Each engine takes (N, 3, H, W) uint8 RGB pixels and returns (anomaly_map, score, label) as
+numpy arrays; ``fastflow.export`` writes the files the exported engines load. ONNX Runtime
+and OpenVINO are optional (``pip install "fastflow[export]"``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastflow.errors import FastFlowError
+from fastflow.model.inference import InferenceGraph
+
+__all__ = [
+    "ENGINES",
+    "INPUT_NAME",
+    "OUTPUT_NAMES",
+    "PRECISIONS",
+    "Engine",
+    "OnnxRuntimeEngine",
+    "OpenVinoEngine",
+    "TorchEngine",
+    "as_uint8",
+    "check_precision",
+    "choose_engine",
+    "import_optional",
+    "load_exported",
+    "physical_cores",
+    "read_metadata",
+]
+
+ENGINES = ("torch", "onnx", "openvino")
+PRECISIONS = ("f32", "bf16")
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("anomaly_map", "score", "label")
+_INSTALL_HINT = 'install the export extra: pip install "fastflow[export]"'
+_OPENVINO_BF16_WARNING = (
+    "OpenVINO bf16 runs every layer in bf16 and fails fastflow's accuracy check (see the README); "
+    "use f32, or the torch engine's bf16 (flows only)"
+)
+
+
+def physical_cores() -> int:
+    """Physical CPU cores available to this process (hyper-threads do not speed up these kernels)."""
+    try:
+        available = os.sched_getaffinity(0)
+        cores = set()
+        for cpu in available:
+            topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+            package = (topology / "physical_package_id").read_text().strip()
+            core = (topology / "core_id").read_text().strip()
+            cores.add((package, core))
+        return max(1, len(cores))
+    except (AttributeError, OSError, ValueError):
+        return max(1, (os.cpu_count() or 2) // 2)
+
+
+def import_optional(name: str) -> Any:
+    try:
+        return __import__(name)
+    except ImportError:
+        raise FastFlowError(f"the {name} package is needed for this engine or format; {_INSTALL_HINT}") from None
+
+
+class Engine(Protocol):
+    """Runs an inference graph: (N, 3, H, W) uint8 pixels -> (anomaly_map, score, label) as numpy."""
+
+    def __call__(self, images: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+def as_uint8(images: np.ndarray | Tensor) -> np.ndarray:
+    array = images.numpy() if isinstance(images, Tensor) else np.asarray(images)
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1] != 3:
+        raise FastFlowError(f"exported models take (N, 3, H, W) uint8 RGB images, got {array.dtype} {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+class TorchEngine:
+    """The ``InferenceGraph`` in PyTorch.
+
+    ``precision="bf16"`` runs only the flows under CPU autocast (their convolutions in bf16);
+    pre-processing, backbone and scorer stay in f32: a trained flow amplifies the backbone's
+    rounding, so a bf16 backbone ruins the scores (see the README).
+    """
+
+    name = "torch"
+
+    def __init__(self, graph: InferenceGraph, precision: str = "f32") -> None:
+        check_precision(precision)
+        self.graph, self.precision = graph.eval(), precision
+
+    def __call__(self, images: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pixels = torch.as_tensor(images)
+        with torch.inference_mode():
+            if self.precision == "f32":
+                amap, score, label = self.graph(pixels)
+            else:
+                features = self.graph.model.extract(pixels)
+                with torch.autocast("cpu", torch.bfloat16):
+                    zs, _ = self.graph.model.flow(features)
+                amap, score = self.graph.score_latents([z.float() for z in zs])
+                label = self.graph.label(score)
+        return amap.numpy(), score.numpy(), label.numpy()
+
+
+class OnnxRuntimeEngine:
+    """An exported ``.onnx`` model in ONNX Runtime (CPU), one intra-op thread per physical core."""
+
+    name = "onnx"
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        ort = import_optional("onnxruntime")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or physical_cores()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.precision = "f32"
+
+    def __call__(self, images: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        amap, score, label = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: as_uint8(images)})
+        return amap, score, label
+
+
+class OpenVinoEngine:
+    """An exported OpenVINO IR (``model.xml``) on the CPU.
+
+    Args:
+        path: the ``.xml`` file.
+        precision: ``"f32"`` or ``"bf16"`` (OpenVINO's inference precision hint; the IR holds
+            f32 weights either way). bf16 fails the accuracy check (see the README): it warns.
+        hint: ``"throughput"`` (several streams; a batch is split across them) or ``"latency"``
+            (one stream using every core, for single images).
+    """
+
+    name = "openvino"
+
+    def __init__(self, path: str | Path, precision: str = "f32", hint: str = "throughput") -> None:
+        check_precision(precision)
+        if precision == "bf16":
+            warnings.warn(_OPENVINO_BF16_WARNING, stacklevel=2)
+        ov = import_optional("openvino")
+        if hint not in ("throughput", "latency"):
+            raise FastFlowError(f"unknown OpenVINO hint '{hint}'; use 'throughput' or 'latency'")
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint.upper()}
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.precision, self.hint = precision, hint
+        self.streams = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.queue = ov.AsyncInferQueue(self.compiled, self.streams)
+        self.queue.set_callback(self._collect)
+        self._results: dict[int, tuple[np.ndarray, ...]] = {}
+
+    def _collect(self, request: Any, index: int) -> None:
+        self._results[index] = tuple(np.array(request.get_output_tensor(i).data) for i in range(3))
+
+    def __call__(self, images: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pixels = as_uint8(images)
+        chunk = -(-pixels.shape[0] // self.streams)  # one part per stream: all cores busy
+        self._results = {}
+        for index, start in enumerate(range(0, pixels.shape[0], chunk)):
+            self.queue.start_async({0: pixels[start : start + chunk]}, index)
+        self.queue.wait_all()
+        parts = [self._results[i] for i in range(len(self._results))]
+        amap, score, label = (np.concatenate([p[k] for p in parts]) for k in range(3))
+        return amap, score, label
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise FastFlowError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
+
+
+
+
+def choose_engine(count: int, onnx_from: int) -> str:
+    """``"onnx"`` for ``count >= onnx_from`` images when ONNX Runtime is installed, else ``"torch"``.
+
+    ONNX Runtime is the fastest exact (f32) CPU engine measured, but it needs an export
+    first; below the break-even count (``onnx_from``, measured per machine) PyTorch finishes
+    sooner.
+    """
+    if count < onnx_from:
+        return "torch"
+    try:
+        __import__("onnxruntime")
+        __import__("onnx")
+    except ImportError:
+        return "torch"
+    return "onnx"
+
+
+def _model_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in ("model.xml", "model.onnx") if (path / name).is_file()]
+        if not found:
+            raise FastFlowError(f"{path} holds no model.onnx or model.xml; pass a folder written by 'fastflow export'")
+        return found[0]
+    if not path.is_file():
+        raise FastFlowError(f"exported model {path} does not exist; pass a folder written by 'fastflow export'")
+    if path.suffix not in (".onnx", ".xml"):
+        raise FastFlowError(f"{path} is neither an .onnx nor an OpenVINO .xml file")
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``model.json`` written beside an exported model (empty if there is none)."""
+    meta = _model_file(path).with_suffix(".json")
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def load_exported(path: str | Path, precision: str | None = None, hint: str = "throughput") -> Engine:
+    """An engine for an exported model: a folder from ``to_onnx`` / ``to_openvino`` or the model file.
+
+    ``precision`` (OpenVINO only) defaults to the one recorded at export.
+    """
+    file = _model_file(path)
+    if file.suffix == ".onnx":
+        if precision not in (None, "f32"):
+            raise FastFlowError("ONNX Runtime runs exported models in f32 only; use the openvino engine for bf16")
+        return OnnxRuntimeEngine(file)
+    return OpenVinoEngine(file, precision or read_metadata(file).get("precision", "f32"), hint)
+
+
