@@ -35,13 +35,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from fastflow.errors import FastFlowError
+from fastflow.errors import FastFlowError, is_real, require
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "DataError",
     "ImageDataset",
     "Sample",
+    "check_holdout_fraction",
     "decode_image",
     "detect_layout",
     "folder_samples",
@@ -474,12 +475,15 @@ def _check_mask_sizes(samples: Sequence[Sample]) -> None:
     for s in samples:
         if s.mask is None:
             continue
-        img_size, mask_size = image_size(s.path), image_size(s.mask, "mask")
-        if img_size != mask_size:
-            raise DataError(
-                f"mask {s.mask} is {mask_size[0]}x{mask_size[1]} but its image {s.path} is "
-                f"{img_size[0]}x{img_size[1]}; export the mask at the image's size"
-            )
+        _check_mask_size(s, image_size(s.path), image_size(s.mask, "mask"))
+
+
+def _check_mask_size(sample: Sample, img_size: tuple[int, int], mask_size: tuple[int, int]) -> None:
+    if mask_size != img_size:
+        raise DataError(
+            f"mask {sample.mask} is {mask_size[0]}x{mask_size[1]} but its image {sample.path} is "
+            f"{img_size[0]}x{img_size[1]}; export the mask at the image's size"
+        )
 
 
 def _size(img: Image.Image) -> tuple[int, int]:
@@ -489,12 +493,7 @@ def _size(img: Image.Image) -> tuple[int, int]:
 def _check_one(sample: Sample) -> Sample:
     img_size = _decoded(sample.path, "image", _size)
     if sample.mask is not None:
-        mask_size = _decoded(sample.mask, "mask", _size)
-        if mask_size != img_size:
-            raise DataError(
-                f"mask {sample.mask} is {mask_size[0]}x{mask_size[1]} but its image {sample.path} is "
-                f"{img_size[0]}x{img_size[1]}; export the mask at the image's size"
-            )
+        _check_mask_size(sample, img_size, _decoded(sample.mask, "mask", _size))
     return replace(sample, size=img_size)
 
 
@@ -522,6 +521,11 @@ def validate_samples(samples: Sequence[Sample], workers: int | None = None) -> l
                 future.cancel()
 
 
+def check_holdout_fraction(fraction: float) -> None:
+    """The held-out share must leave images on both sides of the split."""
+    require(is_real(fraction) and 0 < fraction < 1, "holdout_fraction (--holdout)", "between 0 and 1, both excluded", fraction)
+
+
 def split_holdout(
     samples: Sequence[Sample], fraction: float = 0.1, seed: int = 0
 ) -> tuple[list[Sample], list[Sample]]:
@@ -531,8 +535,7 @@ def split_holdout(
     one image is held out and at least one kept; both parts keep the input order.
     """
     samples = list(samples)
-    if not 0.0 < fraction < 1.0:
-        raise FastFlowError(f"holdout fraction (--holdout) must be between 0 and 1, both excluded, got {fraction!r}")
+    check_holdout_fraction(fraction)
     anomalous = [s for s in samples if s.label != 0]
     if anomalous:
         raise DataError(

@@ -18,11 +18,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastflow.data import Sample, image_loader, load_samples, split_holdout, validate_samples
+from fastflow.data import (
+    Sample,
+    check_holdout_fraction,
+    image_loader,
+    load_samples,
+    split_holdout,
+    validate_samples,
+)
 from fastflow.engines import ENGINES, Engine, TorchEngine
-from fastflow.errors import FastFlowError
+from fastflow.errors import FastFlowError, is_integer, is_real, require
 from fastflow.export import export_engine, to_onnx, to_openvino
-from fastflow.io import load_model, read_model_file, save_model
+from fastflow.io import build_model, load_model, read_model_file, save_model
 from fastflow.metrics import calibrate_threshold
 from fastflow.model.backbones import RANDOM_WEIGHTS
 from fastflow.model.fastflow import FastFlowModel
@@ -93,12 +100,10 @@ class FastFlow:
         **overrides: Any,
     ) -> None:
         # Checked here, not in fit: a bad option must stop a run before any image is read.
-        if not (isinstance(holdout_fraction, (int, float)) and 0 < holdout_fraction < 1):
-            raise FastFlowError(f"holdout_fraction (--holdout) must be between 0 and 1, both excluded, got {holdout_fraction!r}")
-        if not (isinstance(threshold_quantile, (int, float)) and 0 < threshold_quantile <= 1):
-            raise FastFlowError(f"threshold_quantile must be in (0, 1], got {threshold_quantile!r}")
-        if not (isinstance(inference_batch_size, int) and inference_batch_size >= 1):
-            raise FastFlowError(f"inference_batch_size must be an integer >= 1, got {inference_batch_size!r}")
+        check_holdout_fraction(holdout_fraction)
+        require(is_real(threshold_quantile) and 0 < threshold_quantile <= 1, "threshold_quantile", "in (0, 1]", threshold_quantile)
+        require(is_integer(inference_batch_size) and inference_batch_size >= 1, "inference_batch_size",
+                "an integer >= 1", inference_batch_size)
         self.backbone = backbone
         self.recipe = get_recipe(recipe)
         self.weights = weights
@@ -316,11 +321,10 @@ class FastFlow:
         model, extra = load_model(path)
         if "threshold" not in extra:
             raise FastFlowError(f"{path} holds no calibrated threshold (a training checkpoint?); pass the final model.safetensors")
+        saved = {k: extra[k] for k in ("threshold_quantile", "holdout_fraction") if k in extra}
         detector = cls.from_model(
             model, extra["threshold"], Recipe.from_dict(extra["recipe"]), extra.get("map_floor"),
-            training=TrainConfig(**extra.get("training", {})),
-            threshold_quantile=extra.get("threshold_quantile", 0.99),
-            holdout_fraction=extra.get("holdout_fraction", 0.1),
+            training=TrainConfig(**extra.get("training", {})), **saved,
         )
         detector.holdout_scores_ = np.asarray(extra.get("holdout_scores", []), dtype=np.float64)
         detector.best_epoch_ = extra.get("best_epoch", 0)
@@ -351,13 +355,13 @@ def _save_checkpoint(path: Path, model: FastFlowModel, state: TrainState, traini
 
 def _load_checkpoint(path: Path, config: FastFlowConfig, recipe: Recipe) -> tuple[FastFlowModel, TrainState]:
     """Model and training state from a checkpoint written by ``_save_checkpoint``."""
-    saved_config, _, extra, tensors = read_model_file(path)
+    saved_config, state, extra, tensors = read_model_file(path)
     if saved_config != config or Recipe.from_dict(extra["recipe"]).exact_nll != recipe.exact_nll:
         raise FastFlowError(
             f"checkpoint {path} was trained with a different model config or loss ({saved_config}); "
             "resume with the same options or use a new --output folder"
         )
-    model, _ = load_model(path)
+    model = build_model(saved_config, state, path)
     best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
     optimizer_state: dict[int, dict[str, Tensor]] = {}
     for key, value in tensors.items():

@@ -22,7 +22,7 @@ from fastflow.model.backbones import RANDOM_WEIGHTS
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.presets import FastFlowConfig
 
-__all__ = ["FORMAT_VERSION", "load_model", "read_model_file", "save_model"]
+__all__ = ["FORMAT_VERSION", "build_model", "load_model", "read_model_file", "save_model"]
 
 FORMAT_VERSION = 4
 _FORMAT_NAME = "fastflow-model"
@@ -104,6 +104,11 @@ def load_model(path: str | Path) -> tuple[FastFlowModel, dict[str, Any]]:
     Needs no network and no weights file: the backbone's weights are inside.
     """
     config, state, extra, _ = read_model_file(path)
+    return build_model(config, state, path), extra
+
+
+def build_model(config: FastFlowConfig, state: dict[str, Tensor], path: str | Path) -> FastFlowModel:
+    """The model (eval mode) of ``read_model_file``'s config and state; ``path`` names the file in errors."""
     with torch.device("meta"):  # skip random init: every tensor comes from the file
         model = FastFlowModel(config, weights=RANDOM_WEIGHTS)
     try:
@@ -112,4 +117,4 @@ def load_model(path: str | Path) -> tuple[FastFlowModel, dict[str, Any]]:
         first = str(error).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]
         raise FastFlowError(f"weights in model file {path} do not fit its config ({detail}); retrain the model") from None
-    return model.use_channels_last().eval(), extra
+    return model.use_channels_last().eval()

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fastflow.errors import FastFlowError
+from fastflow.errors import FastFlowError, is_integer, is_real, require
 from fastflow.scoring import blur_radius, score_latents
 
 __all__ = ["PRESETS", "RECIPES", "FastFlowConfig", "Recipe", "get_config", "get_recipe", "list_presets"]
@@ -47,11 +47,11 @@ class FastFlowConfig:
         # Normalise lists from JSON/YAML into tuples so configs compare and hash equal.
         object.__setattr__(self, "layers", _int_tuple("layers", self.layers))
         object.__setattr__(self, "input_size", _int_tuple("input_size", self.input_size))
-        _require(len(self.input_size) == 2 and min(self.input_size) >= 16, "input_size", "(height, width), both >= 16", self.input_size)
-        _require(bool(self.layers), "layers", "at least one backbone stage or block", self.layers)
-        _require(_is_number(self.flow_steps) and self.flow_steps >= 1, "flow_steps", "an integer >= 1", self.flow_steps)
-        _require(_is_number(self.hidden_ratio) and self.hidden_ratio > 0, "hidden_ratio", "a number > 0", self.hidden_ratio)
-        _require(_is_number(self.clamp) and self.clamp > 0, "clamp", "a number > 0", self.clamp)
+        require(len(self.input_size) == 2 and min(self.input_size) >= 16, "input_size", "(height, width), both >= 16", self.input_size)
+        require(bool(self.layers), "layers", "at least one backbone stage or block", self.layers)
+        require(is_integer(self.flow_steps) and self.flow_steps >= 1, "flow_steps", "an integer >= 1", self.flow_steps)
+        require(is_real(self.hidden_ratio) and self.hidden_ratio > 0, "hidden_ratio", "a number > 0", self.hidden_ratio)
+        require(is_real(self.clamp) and self.clamp > 0, "clamp", "a number > 0", self.clamp)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -61,16 +61,6 @@ class FastFlowConfig:
     def from_dict(cls, data: dict[str, Any]) -> FastFlowConfig:
         """Inverse of ``to_dict``; unknown keys are an error so a typo never goes unnoticed."""
         return _from_dict(cls, data)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _require(ok: bool, name: str, valid: str, value: Any) -> None:
-    """One-line error naming the setting, its valid range and the value given."""
-    if not ok:
-        raise FastFlowError(f"{name} must be {valid}, got {value!r}")
 
 
 def _int_tuple(name: str, values: Any) -> tuple[int, ...]:
@@ -132,13 +122,13 @@ class Recipe:
     description: str = ""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.exact_nll, bool), "exact_nll", "true or false", self.exact_nll)
-        _require(_is_number(self.map_sigma) and self.map_sigma >= 0, "map_sigma", "a number >= 0", self.map_sigma)
-        _require(_is_number(self.score_top) and 0 <= self.score_top < 1, "score_top", "in [0, 1)", self.score_top)
+        require(isinstance(self.exact_nll, bool), "exact_nll", "true or false", self.exact_nll)
+        require(is_real(self.map_sigma) and self.map_sigma >= 0, "map_sigma", "a number >= 0", self.map_sigma)
+        require(is_real(self.score_top) and 0 <= self.score_top < 1, "score_top", "in [0, 1)", self.score_top)
 
     def check_fits(self, input_size: tuple[int, int]) -> None:
         """The blur reflects the map at its edges, which needs its radius inside the map."""
-        _require(
+        require(
             blur_radius(self.map_sigma) < min(input_size), "map_sigma",
             f"below {min(input_size) / 4:g} for input size {tuple(input_size)} (4 x sigma inside the map)",
             self.map_sigma,

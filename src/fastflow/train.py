@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fastflow.errors import FastFlowError
+from fastflow.errors import FastFlowError, is_integer, is_real, require
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.scoring import nll_loss
 
@@ -43,26 +43,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "max_epochs": (_is_int(self.max_epochs) and self.max_epochs >= 1, "an integer >= 1"),
-            "batch_size": (_is_int(self.batch_size) and self.batch_size >= 1, "an integer >= 1"),
-            "lr": (_is_real(self.lr) and self.lr > 0, "a number > 0"),
-            "weight_decay": (_is_real(self.weight_decay) and self.weight_decay >= 0, "a number >= 0"),
-            "patience": (_is_int(self.patience) and self.patience >= 1, "an integer >= 1"),
-            "min_delta": (_is_real(self.min_delta) and self.min_delta >= 0, "a number >= 0"),
-            "seed": (_is_int(self.seed) and self.seed >= 0, "an integer >= 0"),
+            "max_epochs": (is_integer(self.max_epochs) and self.max_epochs >= 1, "an integer >= 1"),
+            "batch_size": (is_integer(self.batch_size) and self.batch_size >= 1, "an integer >= 1"),
+            "lr": (is_real(self.lr) and self.lr > 0, "a number > 0"),
+            "weight_decay": (is_real(self.weight_decay) and self.weight_decay >= 0, "a number >= 0"),
+            "patience": (is_integer(self.patience) and self.patience >= 1, "an integer >= 1"),
+            "min_delta": (is_real(self.min_delta) and self.min_delta >= 0, "a number >= 0"),
+            "seed": (is_integer(self.seed) and self.seed >= 0, "an integer >= 0"),
         }
         for name, (ok, valid) in checks.items():
-            if not ok:
-                flag = "--" + {"max_epochs": "epochs"}.get(name, name).replace("_", "-")
-                raise FastFlowError(f"{name} ({flag}) must be {valid}, got {getattr(self, name)!r}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            flag = "--" + {"max_epochs": "epochs"}.get(name, name).replace("_", "-")
+            require(ok, f"{name} ({flag})", valid, getattr(self, name))
 
 
 @dataclass
