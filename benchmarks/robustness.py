@@ -1,258 +1,33 @@
-"""Robustness: how a trained model's scores survive changes no inspector could see.
+"""Robustness benchmark: a trained model's test scores under changes no inspector could see.
 
     python benchmarks/robustness.py RUN DATA [--json out.json] [--perturbations noise1,noise2,...]
 
 RUN is a run folder or ``model.safetensors``, DATA an MVTec-layout dataset folder (its test
-split). Every test image is scored once per perturbation; each row gives image AUROC, pixel
-AUROC (normal images plus anomalous images with a mask, as ``fastflow.evaluation`` counts
-them), both as deltas against ``clean`` too, and the median normal-score drift::
-
-    (median normal score, perturbed - median normal score, clean)
-        / (median anomalous score, clean - median normal score, clean)
-
-0 means the normal images did not move; 1 means they moved as far up as the gap that separates
-the normal from the anomalous images in clean data. A change that an inspector cannot see
-should leave all three near 0. ``clean`` is always computed, first: the others are measured
-against it.
-
-The perturbations (pixel ones act on the decoded uint8 RGB image at its own size, before the
-model's resize, which happens inside the graph; noise is drawn per image from
-``numpy.random.default_rng([seed, image index])``, so a run is deterministic for a ``--seed``
-and ``noise2`` is ``noise1``'s noise doubled before rounding):
-
-- ``clean``: the decoded pixels, float32 graph.
-- ``noise1``, ``noise2``: Gaussian noise, sigma 1 / 2 grey levels, rounded and clipped to 0..255.
-- ``shift4``: content moved 4 pixels right and down; the uncovered top rows and left columns
-  repeat the edge pixels (edge padding then crop: no wrap-around). The mask moves the same way:
-  it is read at the image's full resolution (``fastflow.data.load_mask``), shifted there
-  exactly as the image, then resized to the model size (nearest, as ``load_mask`` resizes).
-  Shifting the model-size mask instead would round 4 * 256 / 900 = 1.14 pixels to 1.
-- ``jpeg95``, ``jpeg80``: re-encoded as JPEG (Pillow, quality 95 / 80, Pillow's default 4:2:0
-  chroma subsampling) and decoded again.
-- ``bright3``: +3 grey levels, clipped to 255.
-- ``bf16_backbone``: clean pixels; the resize and normalisation in float32, the backbone under
-  ``torch.autocast("cpu", torch.bfloat16)``, its features cast back to float32 for the flows
-  and the scorer. (``FastFlowModel.extract`` under autocast would also run the resize's matrix
-  products in bf16: up to 1.5 grey levels, mean 0.13, on bottle; a pixel change, not the
-  backbone's.)
-- ``bf16_graph``: the whole inference graph (resize, backbone, flows, scorer) under CPU bf16
-  autocast; map and score cast to float32.
-
-Prints a markdown table, the CPU model and the command line; ``--json`` keeps the rows.
+split). The perturbations, the rows and the drift are ``fastflow.robustness``'s (its docstring
+lists them); ``fastflow test RUN DATA --robustness`` prints the same table. This script adds the
+CPU model and the command line, which a README table needs beside its figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shlex
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 # Before torch loads OpenMP: worker threads sleep at barriers instead of spinning, which matters
 # on a machine shared with other jobs (see benchmarks/inference.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np
 import torch
-from PIL import Image
-from torch import Tensor
 
 from fastflow import FastFlow
-from fastflow.data import Sample, load_mask, load_samples
+from fastflow.data import load_samples
 from fastflow.engines import physical_cores
-from fastflow.metrics import image_auroc, pixel_auroc
-from fastflow.model.inference import InferenceGraph
-
-ImageChange = Callable[[np.ndarray, np.random.Generator], np.ndarray]  # one (H, W, 3) uint8 image
-Runner = Callable[[InferenceGraph, Tensor], tuple[Tensor, Tensor]]  # pixels -> (anomaly map, score)
-
-
-# --------------------------------------------------------------------------- pixel changes
-
-
-def unchanged(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return image
-
-
-def gaussian_noise(image: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
-    """Sensor-like noise: ``sigma`` grey levels, rounded back to uint8 as a camera would store it."""
-    noisy = image + rng.normal(0.0, sigma, image.shape)
-    return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
-
-
-def shift_down_right(array: np.ndarray, by: int) -> np.ndarray:
-    """Content of an (H, W, ...) array moved ``by`` pixels right and down; the edge repeats.
-
-    Edge padding then cropping, not ``np.roll``: wrapping would carry the bottom rows to the top
-    and change what the image shows, not just where it is.
-    """
-    padded = np.pad(array, [(by, 0), (by, 0)] + [(0, 0)] * (array.ndim - 2), mode="edge")
-    return padded[: array.shape[0], : array.shape[1]]
-
-
-def shifted(image: np.ndarray, rng: np.random.Generator, by: int) -> np.ndarray:
-    return shift_down_right(image, by)
-
-
-def jpeg(image: np.ndarray, rng: np.random.Generator, quality: int) -> np.ndarray:
-    """One JPEG round trip, as when images pass through a camera or a storage system that compresses."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "JPEG", quality=quality)
-    buffer.seek(0)
-    return np.array(Image.open(buffer).convert("RGB"))
-
-
-def brighter(image: np.ndarray, rng: np.random.Generator, levels: int) -> np.ndarray:
-    """A slightly brighter light or longer exposure: ``levels`` grey levels added, clipped."""
-    return np.clip(image.astype(np.int16) + levels, 0, 255).astype(np.uint8)
-
-
-# --------------------------------------------------------------------------- precisions
-
-
-def run_f32(graph: InferenceGraph, pixels: Tensor) -> tuple[Tensor, Tensor]:
-    amap, score, _ = graph(pixels)
-    return amap, score
-
-
-def run_bf16_backbone(graph: InferenceGraph, pixels: Tensor) -> tuple[Tensor, Tensor]:
-    """Only the backbone in bf16: how much of the bf16 damage its rounding alone does."""
-    model = graph.model
-    normalised = model.preprocess(pixels)
-    with torch.autocast("cpu", torch.bfloat16):
-        features = model.backbone(normalised)
-    features = [f.float().contiguous(memory_format=torch.channels_last) for f in features]
-    zs, _ = model.flow(features)
-    return graph.score_latents(zs)
-
-
-def run_bf16_graph(graph: InferenceGraph, pixels: Tensor) -> tuple[Tensor, Tensor]:
-    """Everything in bf16, as an engine compiled with a bf16 precision hint runs it."""
-    with torch.autocast("cpu", torch.bfloat16):
-        amap, score, _ = graph(pixels)
-    return amap.float(), score.float()
-
-
-@dataclass(frozen=True)
-class Perturbation:
-    """What changes: the pixels (``image``), where the content is (``moves``, masks too), or arithmetic."""
-
-    image: ImageChange = unchanged
-    moves: Callable[[np.ndarray], np.ndarray] | None = None
-    run: Runner = run_f32
-
-
-PERTURBATIONS: dict[str, Perturbation] = {
-    "clean": Perturbation(),
-    "noise1": Perturbation(partial(gaussian_noise, sigma=1.0)),
-    "noise2": Perturbation(partial(gaussian_noise, sigma=2.0)),
-    "shift4": Perturbation(partial(shifted, by=4), partial(shift_down_right, by=4)),
-    "jpeg95": Perturbation(partial(jpeg, quality=95)),
-    "jpeg80": Perturbation(partial(jpeg, quality=80)),
-    "bright3": Perturbation(partial(brighter, levels=3)),
-    "bf16_backbone": Perturbation(run=run_bf16_backbone),
-    "bf16_graph": Perturbation(run=run_bf16_graph),
-}
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-def perturbed_pixels(images: Tensor, change: ImageChange, first_index: int, seed: int) -> Tensor:
-    """(N, 3, H, W) uint8 -> the same with ``change`` applied per image, each with its own generator."""
-    changed = []
-    for offset, image in enumerate(images):
-        rng = np.random.default_rng([seed, first_index + offset])
-        result = change(image.permute(1, 2, 0).numpy(), rng)
-        changed.append(torch.from_numpy(np.ascontiguousarray(result)).permute(2, 0, 1))
-    return torch.stack(changed)
-
-
-def moved_mask(sample: Sample, image_size: tuple[int, int], model_size: tuple[int, int],
-               moves: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """The ground truth of a moved image: moved at full resolution, then resized as ``load_mask`` does."""
-    full = moves(load_mask(sample.mask, image_size).numpy())
-    height, width = model_size
-    small = Image.fromarray(full.astype(np.uint8) * 255, "L").resize((width, height), Image.NEAREST)
-    return np.asarray(small) > 0
-
-
-def score_test_set(detector: FastFlow, samples: list[Sample], perturbation: Perturbation,
-                   seed: int) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    """Scores of all ``samples``; maps and masks of the ones with pixel truth (normal, or with a mask)."""
-    graph = detector.inference_graph()
-    model_size = detector.config.input_size
-    scores, maps, masks = [], [], []
-    done = 0
-    with torch.inference_mode():
-        for batch_samples, batch in detector.image_batches(samples):
-            pixels = perturbed_pixels(batch["image"], perturbation.image, done, seed)
-            amap, score = perturbation.run(graph, pixels)
-            scores.append(score.numpy())
-            for i, sample in enumerate(batch_samples):
-                if sample.label == 0 or bool(batch["has_mask"][i]):
-                    mask = batch["mask"][i].numpy()
-                    if perturbation.moves is not None and sample.mask is not None:
-                        mask = moved_mask(sample, tuple(pixels.shape[-2:]), model_size, perturbation.moves)
-                    masks.append(mask)
-                    maps.append(amap[i].numpy())
-            done += len(batch_samples)
-    return np.concatenate(scores), maps, masks
-
-
-def measure(detector: FastFlow, samples: list[Sample], names: list[str], seed: int) -> list[dict]:
-    """One row per perturbation (``clean`` first): AUROCs, their deltas and the normal-score drift."""
-    labels = np.array([s.label for s in samples])
-    rows: list[dict] = []
-    for name in names:
-        start = time.perf_counter()
-        scores, maps, masks = score_test_set(detector, samples, PERTURBATIONS[name], seed)
-        row = {
-            "perturbation": name,
-            "image_auroc": image_auroc(labels, scores),
-            "pixel_auroc": pixel_auroc(np.stack(masks), np.stack(maps)),
-            "median_normal_score": float(np.median(scores[labels == 0])),
-            "median_anomalous_score": float(np.median(scores[labels == 1])),
-            "seconds": round(time.perf_counter() - start, 1),
-        }
-        clean = rows[0] if rows else row
-        gap = clean["median_anomalous_score"] - clean["median_normal_score"]
-        row.update(
-            delta_image_auroc=row["image_auroc"] - clean["image_auroc"],
-            delta_pixel_auroc=row["pixel_auroc"] - clean["pixel_auroc"],
-            normal_drift=(row["median_normal_score"] - clean["median_normal_score"]) / gap,
-        )
-        rows.append(row)
-        print(f"{name}: image {row['image_auroc']:.4f} pixel {row['pixel_auroc']:.4f} "
-              f"drift {row['normal_drift']:+.4f} {row['seconds']:.0f}s", file=sys.stderr, flush=True)
-    return rows
-
-
-def cpu_model() -> str:
-    """The ``model name`` line of /proc/cpuinfo: robustness to bf16 depends on the CPU's kernels."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-def print_table(rows: list[dict]) -> None:
-    print("| perturbation | image AUROC | delta | pixel AUROC | delta | median normal drift | seconds |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['perturbation']} | {row['image_auroc']:.4f} | {row['delta_image_auroc']:+.4f} | "
-              f"{row['pixel_auroc']:.4f} | {row['delta_pixel_auroc']:+.4f} | {row['normal_drift']:+.4f} | "
-              f"{row['seconds']:.0f} |")
+from fastflow.errors import FastFlowError
+from fastflow.robustness import PERTURBATIONS, cpu_model, markdown_table, measure, perturbation_names
 
 
 def main() -> None:
@@ -266,17 +41,16 @@ def main() -> None:
                         help=f"comma-separated, of {', '.join(PERTURBATIONS)}; clean is always run first")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pixel noise")
     args = parser.parse_args()
-    names = [n for n in args.perturbations.split(",") if n]
-    unknown = [n for n in names if n not in PERTURBATIONS]
-    if unknown:
-        parser.error(f"unknown perturbation(s) {', '.join(unknown)}; use {', '.join(PERTURBATIONS)}")
-    names = ["clean"] + [n for n in dict.fromkeys(names) if n != "clean"]
+    try:
+        names = perturbation_names(args.perturbations)
+    except FastFlowError as error:
+        parser.error(str(error))
     torch.set_num_threads(physical_cores())
     detector = FastFlow.load(args.run)
     samples = load_samples(args.data, "test")
     rows = measure(detector, samples, names, args.seed)
     print(f"\n### Robustness on {args.data} ({len(samples)} test images), model {args.run}\n")
-    print_table(rows)
+    print(markdown_table(rows))
     print(f"\nCPU: {cpu_model()}, {physical_cores()} physical cores, torch {torch.__version__}")
     print(f"command: {shlex.join(['python', *sys.argv])}")
     if args.json:

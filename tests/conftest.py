@@ -7,11 +7,11 @@ import os
 # Model hubs are unreachable here; fail fast instead of retrying for a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
+from collections.abc import Iterator
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 LITE0_WEIGHTS = SHARED / "weights" / "tf_efficientnet_lite0.safetensors"

@@ -18,11 +18,11 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import save_file
+from support import make_folder_dataset
 
 from fastflow import FastFlow
 from fastflow.cli import main
 from fastflow.synthetic import make_textures
-from support import make_folder_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,6 +160,20 @@ def test_train_test_predict_mvtec_layout(capsys, mvtec: Path, mvtec_run: Path, t
     assert f"wrote {len(test_images)} predictions" in out
     rows = check_predictions(output, test_images)
     assert len({row["overlay"] for row in rows}) == len(test_images)
+
+
+def test_test_with_robustness_adds_a_row_per_change(capsys, mvtec: Path, mvtec_run: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    code, out, err = run_cli(capsys, "test", mvtec_run, mvtec, "--perturbations", "noise1,bright3", "--json", report)
+    assert code == 0, err
+    assert "| clean |" in out and "| noise1 |" in out and "| bright3 |" in out and "| shift4 |" not in out
+    rows = json.loads(report.read_text())["robustness"]
+    assert [row["perturbation"] for row in rows] == ["clean", "noise1", "bright3"]
+    assert rows[0]["normal_drift"] == 0.0 and rows[1]["normal_drift"] != 0.0
+
+    code, _, err = run_cli(capsys, "test", mvtec_run, mvtec, "--perturbations", "noise3", "--json", tmp_path / "x.json")
+    assert_user_error(code, err, "noise3", "noise1")
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_predict_a_folder_and_a_file(capsys, mvtec: Path, mvtec_run: Path, tmp_path: Path) -> None:

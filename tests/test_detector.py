@@ -14,9 +14,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-import fastflow.model.backbones as backbones
 from fastflow import FastFlow, FastFlowError, TrainConfig
 from fastflow.data import Sample, load_mask, load_samples
+from fastflow.model import backbones
 from fastflow.synthetic import make_textures
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import perturb_trainable
 from torch.nn import functional as F
 
 from fastflow import FastFlow, FastFlowError
@@ -23,13 +24,12 @@ from fastflow.model.flow import FlowStack, FoldedFlow
 from fastflow.model.inference import InferenceGraph, float32_threshold
 from fastflow.presets import get_config, get_recipe
 from fastflow.scoring import anomaly_map, image_score
-from support import perturb_trainable
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 
-from fastflow.engines import choose_engine, load_exported, read_metadata  # noqa: E402
-from fastflow.export import check_parity, to_onnx, to_openvino  # noqa: E402
+from fastflow.engines import choose_engine, load_exported, read_metadata
+from fastflow.export import check_parity, to_onnx, to_openvino
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

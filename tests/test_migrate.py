@@ -17,13 +17,13 @@ from torch import Tensor
 
 pytest.importorskip("anomalib")
 
-from anomalib.models.image.fastflow.lightning_model import Fastflow  # noqa: E402
+from anomalib.models.image.fastflow.lightning_model import Fastflow
+from support import perturb_trainable
 
-from fastflow.errors import FastFlowError  # noqa: E402
-from fastflow.migrate import from_anomalib  # noqa: E402
-from fastflow.presets import get_config  # noqa: E402
-from fastflow.scoring import anomaly_map, image_score  # noqa: E402
-from support import perturb_trainable  # noqa: E402
+from fastflow.errors import FastFlowError
+from fastflow.migrate import from_anomalib
+from fastflow.presets import get_config
+from fastflow.scoring import anomaly_map, image_score
 
 # The two backbone families anomalib supports, at the presets' sizes and flow settings.
 BACKBONES = ["resnet18", "deit_base_distilled_patch16_384"]

@@ -44,3 +44,11 @@ def test_map_blur_must_fit_inside_the_map():
     assert FastFlow("resnet18", recipe="reference", input_size=(16, 64)).config.input_size == (16, 64)
     with pytest.raises(FastFlowError, match="score_top"):
         Recipe(score_top=1.0)
+
+
+def test_training_noise_must_be_a_non_negative_number_and_the_reference_has_none():
+    assert RECIPES["reference"].feature_noise == RECIPES["reference"].pixel_noise == 0.0
+    for name in ("feature_noise", "pixel_noise"):
+        for bad in (-0.1, "0.1", True):
+            with pytest.raises(FastFlowError, match=name):
+                Recipe(**{name: bad})

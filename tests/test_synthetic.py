@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from support import make_folder_dataset
 
 from fastflow.data import DataError, ImageDataset, load_samples, mvtec_samples, validate_samples
 from fastflow.synthetic import DEFECTS, make_textures, paint_defect
-from support import make_folder_dataset
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -155,3 +155,14 @@ def test_defect_opacity_blends_defects_with_the_texture(tmp_path: Path) -> None:
         strong, weak = (np.asarray(Image.open(r / "test" / defect / "000.png"), dtype=np.float32) for r in (full, faint))
         ratio = visibility(weak / 255, mask, defect) - 1, visibility(strong / 255, mask, defect) - 1
         assert 0 < ratio[0] < ratio[1]  # fainter, still there
+
+
+def test_clean_images_on_a_backdrop_are_flat_outside_the_part(tmp_path: Path) -> None:
+    root = make_textures(tmp_path / "t", n_train=2, n_test_good=1, n_test_defect=1, size=(60, 80),
+                         noise=0.0, backdrop=True)
+    image = np.asarray(Image.open(root / "train" / "good" / "000.png")).astype(int)
+    corner, centre = image[:8, :8], image[24:36, 34:46]
+    assert corner.min() == corner.max() and centre.std() > 2
+    noisy = np.asarray(Image.open(make_textures(tmp_path / "n", n_train=1, n_test_good=1, n_test_defect=1,
+                                                size=(60, 80), backdrop=True) / "train" / "good" / "000.png"))
+    assert noisy[:8, :8].std() > 2  # the default fine noise covers the backdrop too

@@ -6,7 +6,7 @@ import torch
 
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.presets import get_config
-from fastflow.train import _flow_nll
+from fastflow.train import TrainConfig, _flow_nll, add_pixel_noise, channel_noise_scales, fit_flows
 
 
 def _model() -> FastFlowModel:
@@ -37,3 +37,40 @@ def test_reference_loss_pulls_the_layernorm_scale_down_exact_nll_does_not():
     assert (mean_grads[False] > 0.5).all()  # descent lowers the scales
     assert (mean_grads[True].abs() < 0.25 * mean_grads[False]).all()
 
+
+
+def _cached_features(model: FastFlowModel, count: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(count, *shape, generator=generator) for shape in model.feature_shapes]
+
+
+def test_channel_noise_scales_follow_each_channels_spread():
+    features = [torch.randn(6, 3, 4, 5) * torch.tensor([0.5, 1.0, 4.0]).view(1, 3, 1, 1)]
+    (scale,) = channel_noise_scales(features, 0.2)
+    assert scale.shape == (1, 3, 1, 1)
+    torch.testing.assert_close(scale.flatten(), 0.2 * features[0].std(dim=(0, 2, 3)))
+
+
+def test_training_noise_is_drawn_reproducibly_and_changes_what_the_flow_learns():
+    def trained(noise: float, noisy_copies: bool = False) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = _model()
+        noisy = _cached_features(model, 8, 3) if noisy_copies else None
+        fit_flows(model, _cached_features(model, 8, 1), _cached_features(model, 4, 2),
+                  TrainConfig(max_epochs=2, batch_size=4), feature_noise=noise, noisy_features=noisy, progress=False)
+        return model.flow_state_dict()
+
+    clean = trained(0.0)
+    for noise, copies in ((0.5, False), (0.0, True)):
+        first, again = trained(noise, copies), trained(noise, copies)
+        assert all(torch.equal(first[k], again[k]) for k in first)
+        assert any(not torch.equal(clean[k], first[k]) for k in clean)
+
+
+def test_pixel_noise_is_rounded_sensor_noise_of_the_asked_size():
+    pixels = torch.full((2, 3, 64, 64), 100, dtype=torch.uint8)
+    pixels[0, 0, 0, 0], pixels[0, 0, 0, 1] = 0, 255
+    noisy = add_pixel_noise(pixels, 2.0, torch.Generator().manual_seed(0))
+    assert noisy.dtype == torch.uint8
+    difference = noisy.float() - pixels.float()
+    assert 1.8 < difference[:, :, 1:].std() < 2.2 and difference.abs().max() <= 12

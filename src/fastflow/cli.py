@@ -199,17 +199,28 @@ def test(
     run: Annotated[Path, typer.Argument(help="Run folder or model.safetensors from 'fastflow train'.")],
     data: Annotated[Path, typer.Argument(help="Dataset with test images: MVTec AD layout or good/ + defect folders.")],
     json_path: Annotated[Path | None, typer.Option("--json", help="Write metrics and per-image scores to this JSON file.")] = None,
+    robustness: Annotated[bool, typer.Option("--robustness", help="Also score the test set under invisible changes (pixel noise, 4 px shift, JPEG, brightness, bf16) and print AUROC and drift per change.")] = False,
+    perturbations: Annotated[str, typer.Option(help="Comma-separated changes for --robustness (implies it; default: all).")] = "",
 ) -> None:
     """Evaluate a trained model: image/pixel AUROC, F1, AUPRO, deployment-threshold scores."""
+    from fastflow.data import load_samples
     from fastflow.detector import FastFlow
     from fastflow.evaluation import evaluate_detector
     from fastflow.files import atomic_write
+    from fastflow.robustness import PERTURBATIONS, markdown_table, measure, perturbation_names
 
+    names = perturbation_names(perturbations or list(PERTURBATIONS))
     with _physical_core_threads():
-        report = evaluate_detector(FastFlow.load(run), data)
-    typer.echo(_metrics_table(report.metrics))
+        detector = FastFlow.load(run)
+        report = evaluate_detector(detector, data)
+        typer.echo(_metrics_table(report.metrics))
+        rows = measure(detector, load_samples(data, "test"), names, seed=0) if robustness or perturbations else None
+    result: dict[str, Any] = {**report.metrics, "images": report.images}
+    if rows is not None:
+        typer.echo("\n" + markdown_table(rows))
+        result["robustness"] = rows
     if json_path is not None:
-        text = json.dumps({**report.metrics, "images": report.images}, indent=2)
+        text = json.dumps(result, indent=2)
         atomic_write(json_path, lambda tmp: tmp.write_text(text))
 
 

@@ -35,7 +35,7 @@ from fastflow.model.backbones import RANDOM_WEIGHTS
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.model.inference import InferenceGraph
 from fastflow.presets import FastFlowConfig, Recipe, get_config, get_recipe
-from fastflow.train import TrainConfig, TrainState, extract_features, fit_flows
+from fastflow.train import TrainConfig, TrainState, add_pixel_noise, extract_features, fit_flows
 
 __all__ = ["FastFlow", "Prediction", "as_samples"]
 
@@ -171,10 +171,18 @@ class FastFlow:
             model = self._new_model()
         train_features = extract_features(model, self._pixels(train_samples), "train features")
         holdout_features = extract_features(model, self._pixels(holdout_samples), "held-out features")
+        noisy_features = None
+        if self.recipe.pixel_noise > 0:
+            generator = torch.Generator().manual_seed(self.training.seed)
+            noisy_pixels = (add_pixel_noise(p, self.recipe.pixel_noise, generator) for p in self._pixels(train_samples))
+            noisy_features = extract_features(model, noisy_pixels, "noisy train features")
         on_epoch_end = None
         if checkpoint is not None:
             on_epoch_end = lambda s: _save_checkpoint(Path(checkpoint), model, s, self.training, self.recipe)
-        state = fit_flows(model, train_features, holdout_features, self.training, self.recipe.exact_nll, state, on_epoch_end)
+        state = fit_flows(
+            model, train_features, holdout_features, self.training, self.recipe.exact_nll,
+            self.recipe.feature_noise, noisy_features, state, on_epoch_end,
+        )
         holdout_scores, holdout_maps = self._score_features(model.fold(), holdout_features)
         # Typical normal pixel value: the dark end of heat-map pictures.
         self._set_fitted(model, calibrate_threshold(holdout_scores, self.threshold_quantile), float(np.median(holdout_maps)))
@@ -356,9 +364,11 @@ def _save_checkpoint(path: Path, model: FastFlowModel, state: TrainState, traini
 def _load_checkpoint(path: Path, config: FastFlowConfig, recipe: Recipe) -> tuple[FastFlowModel, TrainState]:
     """Model and training state from a checkpoint written by ``_save_checkpoint``."""
     saved_config, state, extra, tensors = read_model_file(path)
-    if saved_config != config or Recipe.from_dict(extra["recipe"]).exact_nll != recipe.exact_nll:
+    saved_recipe = Recipe.from_dict(extra["recipe"])
+    trained_as = (saved_recipe.exact_nll, saved_recipe.feature_noise, saved_recipe.pixel_noise)
+    if saved_config != config or trained_as != (recipe.exact_nll, recipe.feature_noise, recipe.pixel_noise):
         raise FastFlowError(
-            f"checkpoint {path} was trained with a different model config or loss ({saved_config}); "
+            f"checkpoint {path} was trained with a different model config, loss or training noise ({saved_config}, {saved_recipe}); "
             "resume with the same options or use a new --output folder"
         )
     model = build_model(saved_config, state, path)

@@ -108,6 +108,13 @@ class Recipe:
         exact_nll: train on the exact NLL of the normalised features, counting the LayerNorm
             affine's log-determinant. The reference loss omits it and so rewards shrinking the
             LayerNorm scale, a direction that lowers the NLL without modelling the features better.
+        feature_noise: during training, Gaussian noise of this many standard deviations (each
+            channel's, over the training features) is added to every batch of backbone features,
+            so the flow cannot learn to expand directions in which normal features barely vary
+            (``fastflow.train.channel_noise_scales``). 0: none, as in the reference.
+        pixel_noise: std, in grey levels, of sensor-like Gaussian noise added to a second copy
+            of every training image (features cached for both); each epoch every image is seen
+            clean or noisy at random. 0: no noisy copy.
         map_sigma: standard deviation, in input pixels, of a Gaussian blur of the anomaly map
             (0: none). Its radius ``blur_radius(map_sigma)`` must stay inside the map.
         score_top: share of the anomaly map's highest pixels averaged into the image score
@@ -117,12 +124,18 @@ class Recipe:
 
     name: str = "improved"
     exact_nll: bool = True
+    feature_noise: float = 0.0
+    pixel_noise: float = 0.0
     map_sigma: float = 4.0
     score_top: float = 0.001
     description: str = ""
 
     def __post_init__(self) -> None:
         require(isinstance(self.exact_nll, bool), "exact_nll", "true or false", self.exact_nll)
+        require(is_real(self.feature_noise) and self.feature_noise >= 0, "feature_noise", "a number >= 0",
+                self.feature_noise)
+        require(is_real(self.pixel_noise) and self.pixel_noise >= 0, "pixel_noise", "a number >= 0 (grey levels)",
+                self.pixel_noise)
         require(is_real(self.map_sigma) and self.map_sigma >= 0, "map_sigma", "a number >= 0", self.map_sigma)
         require(is_real(self.score_top) and 0 <= self.score_top < 1, "score_top", "in [0, 1)", self.score_top)
 
@@ -154,7 +167,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     # The paper / anomalib recipe, kept so published numbers can be reproduced.
     "reference": Recipe(
-        "reference", exact_nll=False, map_sigma=0.0, score_top=0.0,
+        "reference", exact_nll=False, feature_noise=0.0, pixel_noise=0.0, map_sigma=0.0, score_top=0.0,
         description="FastFlow paper and anomalib: loss without the norm's log-det, unblurred map, image score = map maximum",
     ),
 }

@@ -38,6 +38,7 @@ DEFECTS: tuple[str, ...] = ("scratch", "spot", "distortion")
 _FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF"}
 _LUMA = np.array([0.299, 0.587, 0.114])
 _MIXED_RANGE = (200, 320)  # inclusive side lengths for mixed sizes
+_BACKDROP = 0.08  # grey level (0..1) of the flat surround of ``backdrop`` images
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,8 @@ def paint_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tupl
 
 
 def _render(seed: int, key: tuple[int, ...], size: tuple[int, int] | None, mixed_sizes: bool,
-            style: _Style, defect: str | None, opacity: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
+            style: _Style, defect: str | None, opacity: float = 1.0,
+            noise: float = 0.015, backdrop: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """One image as float (H, W, 3) in [0, 1] plus its mask (None for normal images)."""
     rng = np.random.default_rng([seed, *key])
     if mixed_sizes or size is None:
@@ -200,12 +202,15 @@ def _render(seed: int, key: tuple[int, ...], size: tuple[int, int] | None, mixed
     yy, xx = np.ogrid[0:h, 0:w]
     yy, xx = yy.astype(np.float32), xx.astype(np.float32)
     img = _normal(rng, style, yy, xx)
+    if backdrop:
+        outside = (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2 > (0.4 * min(h, w)) ** 2
+        img = np.where(outside[..., None], np.float32(_BACKDROP), img)
     mask = None
     if defect is not None:
         defective, mask = _DEFECT_FNS[defect](img, rng, style, yy, xx)
         img = defective if opacity == 1.0 else img + opacity * (defective - img)
-    img = img + 0.015 * rng.standard_normal((h, w, 1), dtype=np.float32)
-    img = img + 0.005 * rng.standard_normal((h, w, 3), dtype=np.float32)
+    img = img + noise * rng.standard_normal((h, w, 1), dtype=np.float32)
+    img = img + noise / 3 * rng.standard_normal((h, w, 3), dtype=np.float32)
     return np.clip(img, 0, 1), mask
 
 
@@ -252,6 +257,8 @@ def make_textures(
     fmt: str = "png",
     size: tuple[int, int] = (256, 256),
     defect_opacity: float = 1.0,
+    noise: float = 0.015,
+    backdrop: bool = False,
 ) -> Path:
     """Write an MVTec-AD-layout texture dataset into the new/empty folder ``root``.
 
@@ -260,6 +267,11 @@ def make_textures(
     Images are ``size`` = (H, W), or random sizes in 200..320 per side with ``mixed_sizes``;
     ``grayscale`` writes L-mode images; ``fmt`` is the image format (masks are always PNG);
     ``defect_opacity`` < 1 blends each defect with the normal texture, for fainter defects.
+    ``noise`` is the std of the fine pixel noise (0..1 scale; 0.015 is about 4 grey levels):
+    with 0 the images are as clean as a studio camera's, the case in which a flow trained
+    without ``Recipe.feature_noise`` learns to amplify a single grey level of sensor noise.
+    ``backdrop`` keeps the texture inside a centred disk (radius 0.4 of the shorter side) on
+    a flat dark surround, as a part photographed on a plain table; defects may fall on either.
     Returns ``root``.
     """
     if not 0.0 < defect_opacity <= 1.0:
@@ -277,7 +289,8 @@ def make_textures(
         if defect is not None:
             (root / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            img, mask = _render(seed, (1, code, i), tuple(size), mixed_sizes, style, defect, defect_opacity)
+            img, mask = _render(seed, (1, code, i), tuple(size), mixed_sizes, style, defect, defect_opacity, noise,
+                                backdrop)
             _save(img, folder / f"{i:03d}.{fmt}", grayscale, fmt)
             if mask is not None:
                 _save_mask(mask, root / "ground_truth" / str(defect) / f"{i:03d}_mask.png")

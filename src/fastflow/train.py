@@ -22,7 +22,7 @@ from fastflow.errors import FastFlowError, is_integer, is_real, require
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.scoring import nll_loss
 
-__all__ = ["TrainConfig", "TrainState", "extract_features", "fit_flows"]
+__all__ = ["TrainConfig", "TrainState", "add_pixel_noise", "channel_noise_scales", "extract_features", "fit_flows"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,23 @@ def extract_features(model: FastFlowModel, batches: Iterable[Tensor], desc: str 
     return [torch.cat(store).contiguous(memory_format=torch.channels_last) for store in per_scale]
 
 
+def add_pixel_noise(pixels: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
+    """uint8 pixels plus Gaussian noise of ``sigma`` grey levels, rounded back to uint8 as a camera stores them."""
+    noisy = pixels.float() + sigma * torch.randn(pixels.shape, generator=generator)
+    return noisy.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def channel_noise_scales(features: list[Tensor], fraction: float) -> list[Tensor]:
+    """Per scale, ``fraction`` x each channel's std over all images and positions, shaped (1, C, 1, 1).
+
+    Why noise at all: clean features of normal images lie close to a thin manifold, and maximum
+    likelihood then teaches the flow to expand the directions of tiny variance, so a change no
+    inspector sees (a grey level of sensor noise, bf16 rounding) becomes a large ||z||^2. Noise
+    of a known size in every direction bounds how far the flow can expand any of them.
+    """
+    return [fraction * f.std(dim=(0, 2, 3), keepdim=True) for f in features]
+
+
 def _flow_nll(model: FastFlowModel, features: list[Tensor], exact: bool) -> Tensor:
     """``nll_loss`` of a batch of raw features through the model's norms and flows."""
     return nll_loss(*model.flow(features, with_norm_log_det=exact))
@@ -114,6 +131,8 @@ def fit_flows(
     val_features: list[Tensor],
     config: TrainConfig,
     exact_nll: bool = True,
+    feature_noise: float = 0.0,
+    noisy_features: list[Tensor] | None = None,
     state: TrainState | None = None,
     on_epoch_end: Callable[[TrainState], None] | None = None,
     progress: bool = True,
@@ -125,6 +144,10 @@ def fit_flows(
         train_features / val_features: outputs of ``extract_features`` on normal images.
         config: optimisation and stopping settings.
         exact_nll: train on the exact NLL (``Recipe.exact_nll``), else the reference loss.
+        feature_noise: std of the Gaussian noise added to each training batch's features, as a
+            fraction of each channel's std over ``train_features`` (``Recipe.feature_noise``).
+        noisy_features: features of the same training images with pixel noise
+            (``Recipe.pixel_noise``); each epoch every image is taken clean or noisy at random.
         state: a previous ``TrainState`` to resume from (weights already loaded in ``model``).
         on_epoch_end: called after each epoch (e.g. to write a resumable checkpoint).
         progress: show a progress bar with the loss.
@@ -138,6 +161,7 @@ def fit_flows(
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
     generator = torch.Generator()
+    noise_scales = channel_noise_scales(train_features, feature_noise)
     count = train_features[0].shape[0]
     bar = tqdm(total=config.max_epochs, initial=state.epoch, desc="train", unit="epoch", disable=not progress)
     while state.epoch < config.max_epochs and state.epochs_without_progress < config.patience:
@@ -147,7 +171,13 @@ def fit_flows(
         losses = []
         for start in range(0, count, config.batch_size):
             index = order[start : start + config.batch_size]
-            loss = _flow_nll(model, [f[index] for f in train_features], exact_nll)
+            batch = [f[index] for f in train_features]
+            if noisy_features is not None:
+                noisy = torch.rand(len(index), generator=generator) < 0.5
+                batch = [torch.where(noisy.view(-1, 1, 1, 1), n[index], f) for f, n in zip(batch, noisy_features, strict=True)]
+            if feature_noise > 0:
+                batch = [f + scale * torch.randn(f.shape, generator=generator) for f, scale in zip(batch, noise_scales, strict=True)]
+            loss = _flow_nll(model, batch, exact_nll)
             if not torch.isfinite(loss):
                 raise FastFlowError(
                     f"training loss became {loss.item()} at epoch {state.epoch + 1}; the flows diverged: "

@@ -8,8 +8,8 @@ import torch
 from fastflow.model.flow import CouplingStep, FlowStack
 
 FrEIA = pytest.importorskip("FrEIA")
-from FrEIA.framework import SequenceINN  # noqa: E402
-from FrEIA.modules import AllInOneBlock  # noqa: E402
+from FrEIA.framework import SequenceINN
+from FrEIA.modules import AllInOneBlock
 
 
 def freia_flow(channels: int, height: int, width: int, steps: int, kernels, hidden_ratio: float):

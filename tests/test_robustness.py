@@ -1,9 +1,7 @@
-"""benchmarks/robustness.py: its perturbations do what its docstring says, and a run is reproducible."""
+"""fastflow.robustness: its perturbations do what its docstring says, and a run is reproducible."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,19 +9,13 @@ import pytest
 import torch
 from support import perturb_trainable
 
-from fastflow import FastFlow
+from fastflow import FastFlow, robustness
 from fastflow.data import load_samples
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.presets import get_config
 from fastflow.synthetic import make_textures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "robustness.py"
-_spec = importlib.util.spec_from_file_location("robustness", _SCRIPT)
-robustness = importlib.util.module_from_spec(_spec)
-sys.modules["robustness"] = robustness  # its dataclasses look their module up while it loads
-_spec.loader.exec_module(robustness)
 
 
 def test_pixel_changes():
