@@ -40,7 +40,7 @@ def test_tiny_real_run_writes_one_json_per_run(tmp_path, lite0_weights):
     runs = run_benchmark(
         [data], ["tf_efficientnet_lite0"], tmp_path / "out", weights={"tf_efficientnet_lite0": lite0_weights},
         seeds=(0, 1), recipes=("reference", "improved"), training=TrainConfig(max_epochs=1, batch_size=8),
-        input_size=(64, 64),
+        input_size=(64, 64), robustness=["clean", "noise1"],
     )
     assert [(r.recipe, r.seed) for r in runs] == [("reference", 0), ("reference", 1), ("improved", 0), ("improved", 1)]
     files = sorted((tmp_path / "out").glob("*.json"))
@@ -49,7 +49,12 @@ def test_tiny_real_run_writes_one_json_per_run(tmp_path, lite0_weights):
     ]
     record = json.loads(files[0].read_text())
     assert 0.0 <= record["metrics"]["image_auroc"] <= 1.0 and record["epochs"] == 1
-    assert "tf_efficientnet_lite0 (reference)" in markdown_tables(runs)
+    assert [row["perturbation"] for row in record["robustness"]] == ["clean", "noise1"]
+    assert record["robustness"][0]["image_auroc"] == record["metrics"]["image_auroc"]
+    tables = markdown_tables(runs)
+    assert "tf_efficientnet_lite0 (reference)" in tables
+    robustness = tables.split("### Robustness")[1].splitlines()
+    assert sum(line.startswith("| tex | tf_efficientnet_lite0") for line in robustness) == 4  # 2 recipes x 2 changes
 
 
 def test_recipes_get_their_own_columns():

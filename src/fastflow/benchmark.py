@@ -5,6 +5,10 @@ Each run trains on a category's normal images and tests on its test split exactl
 pixel AUROC, image F1, pixel F1, AUPRO) get one row per category, one column per backbone and
 recipe, and an Average row. With several seeds a cell shows the mean and the spread (min-max).
 
+With ``robustness`` (``--robustness``) every run is also scored under the invisible changes of
+``fastflow.robustness`` and a last table gives, per change, image and pixel AUROC with their
+change against clean and the median drift of normal scores.
+
 A dataset argument is a folder, or the name of a built-in generated dataset (``textures``),
 which is written under ``OUTPUT/data`` the first time and reused after that.
 """
@@ -14,13 +18,15 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastflow.data import load_samples
 from fastflow.detector import FastFlow
 from fastflow.evaluation import evaluate_detector
 from fastflow.files import atomic_write
+from fastflow.robustness import measure
 from fastflow.synthetic import make_textures
 from fastflow.train import TrainConfig
 
@@ -65,6 +71,7 @@ class BenchmarkRun:
     seed: int
     metrics: dict[str, float]
     recipe: str = "improved"
+    robustness: list[dict[str, Any]] = field(default_factory=list)  # fastflow.robustness.measure rows
 
     @property
     def column(self) -> str:
@@ -81,11 +88,12 @@ def run_benchmark(
     seeds: Iterable[int] = (0,),
     recipes: Iterable[str] = ("improved",),
     training: TrainConfig | None = None,
+    robustness: Iterable[str] = (),
     **overrides: Any,
 ) -> list[BenchmarkRun]:
     """Train and test every (dataset, backbone, recipe, seed); write one JSON file per run to ``output``."""
     runs = []
-    seeds, recipes, backbones = list(seeds), list(recipes), list(backbones)
+    seeds, recipes, backbones, changes = list(seeds), list(recipes), list(backbones), list(robustness)
     for dataset in datasets:
         root = resolve_dataset(dataset, output)
         for backbone in backbones:
@@ -95,7 +103,8 @@ def run_benchmark(
                     detector = FastFlow(backbone, recipe=recipe, weights=weights.get(backbone), training=config, **overrides)
                     detector.fit(root)
                     metrics = evaluate_detector(detector, root).metrics
-                    run = BenchmarkRun(root.name, backbone, seed, metrics, recipe)
+                    rows = measure(detector, load_samples(root, "test"), changes, seed=0) if changes else []
+                    run = BenchmarkRun(root.name, backbone, seed, metrics, recipe, rows)
                     record = {**vars(run), "epochs": len(detector.history_), "best_epoch": detector.best_epoch_}
                     name = f"{run.category}__{backbone}__{recipe}__seed{seed}.json"
                     atomic_write(output / name, lambda tmp, r=record: tmp.write_text(json.dumps(r, indent=2)))
@@ -128,4 +137,27 @@ def markdown_tables(runs: list[BenchmarkRun]) -> str:
         averages = [f"{statistics.mean(v):.3f}" if v else "-" for v in per_column_means.values()]
         lines.append("| **Average** | " + " | ".join(averages) + " |")
         blocks.append("\n".join(lines))
+    if any(r.robustness for r in runs):
+        blocks.append(_robustness_table(runs, categories, columns))
     return "\n\n".join(blocks) + "\n"
+
+
+def _robustness_table(runs: list[BenchmarkRun], categories: list[str], columns: list[str]) -> str:
+    """One row per (category, column, change): means over seeds of AUROCs, their deltas and the drift."""
+    lines = [
+        "### Robustness (image AUROC (delta) / pixel AUROC (delta) / median normal drift)", "",
+        "| category | model | change | image AUROC | pixel AUROC | normal drift |", "|---|---|---|---|---|---|",
+    ]
+    for category in categories:
+        for column in columns:
+            group = [r.robustness for r in runs if r.category == category and r.column == column and r.robustness]
+            for index, row in enumerate(group[0] if group else []):
+                def mean(key: str, index: int = index) -> float:
+                    return statistics.mean(rows[index][key] for rows in group)
+
+                lines.append(
+                    f"| {category} | {column} | {row['perturbation']} | {mean('image_auroc'):.3f} "
+                    f"({mean('delta_image_auroc'):+.3f}) | {mean('pixel_auroc'):.3f} ({mean('delta_pixel_auroc'):+.3f}) "
+                    f"| {mean('normal_drift'):+.3f} |"
+                )
+    return "\n".join(lines)

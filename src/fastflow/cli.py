@@ -329,11 +329,13 @@ def benchmark(
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; cells show mean and min-max.")] = "0",
     epochs: Annotated[int, typer.Option(help="Maximum epochs per run.")] = 100,
     input_size: Annotated[str | None, typer.Option(help="Model input HEIGHTxWIDTH (default: each preset's).")] = None,
+    robustness: Annotated[bool, typer.Option("--robustness", help="Also score each run under invisible changes (see 'fastflow test --robustness') and add a robustness table.")] = False,
 ) -> None:
     """Train and test every dataset x backbone x recipe x seed; print the metric tables in markdown."""
     from fastflow.benchmark import markdown_tables, run_benchmark
     from fastflow.files import atomic_write
     from fastflow.presets import get_recipe
+    from fastflow.robustness import PERTURBATIONS
     from fastflow.train import TrainConfig
 
     pairs = _parse_weights(weights)
@@ -347,6 +349,7 @@ def benchmark(
     runs = run_benchmark(
         datasets, backbone, output, weights=per_backbone, seeds=seed_list, recipes=recipe,
         training=TrainConfig(max_epochs=epochs), input_size=parse_size(input_size),
+        robustness=list(PERTURBATIONS) if robustness else (),
     )
     tables = markdown_tables(runs)
     atomic_write(output / "results.md", lambda tmp: tmp.write_text(tables))
