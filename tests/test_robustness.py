@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from support import perturb_trainable
 
 from fastflow import FastFlow, robustness
-from fastflow.data import load_samples
+from fastflow.data import Sample, load_samples
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.presets import get_config
 from fastflow.synthetic import make_textures
@@ -23,8 +25,8 @@ def test_pixel_changes():
     image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
     noisy = robustness.gaussian_noise(image, np.random.default_rng(1), sigma=1.0)
     assert noisy.dtype == np.uint8 and 0.5 < np.abs(noisy.astype(int) - image).mean() < 1.5
-    moved = robustness.shift_down_right(image, 4)
-    assert np.array_equal(moved[4:, 4:], image[:-4, :-4]) and np.array_equal(moved[:4, 4:], image[:1, :-4].repeat(4, 0))
+    moved = robustness.crop_top_left(image, 4)
+    assert moved.shape == (16, 26, 3) and np.array_equal(moved, image[4:, 4:])
     bright = robustness.brighter(image, rng, levels=3)
     assert np.array_equal(bright, np.minimum(image.astype(int) + 3, 255))
     assert np.abs(robustness.jpeg(image, rng, quality=95).astype(int) - image).max() > 0
@@ -44,3 +46,14 @@ def test_measure_is_reproducible_and_clean_is_the_reference(tmp_path: Path):
     assert first[0]["delta_image_auroc"] == first[0]["normal_drift"] == 0.0
     assert [row["perturbation"] for row in first] == names
     assert any(row["normal_drift"] != 0.0 for row in first[1:])  # the changes reach the scores
+
+
+def test_a_moved_mask_is_cropped_at_full_resolution_like_its_image(tmp_path: Path):
+    mask = np.zeros((40, 60), dtype=np.uint8)
+    mask[10:20, 30:50] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    sample = Sample(tmp_path / "x.png", 1, tmp_path / "m.png", "cut")
+    moved = robustness.moved_mask(sample, (40, 60), (36, 56), partial(robustness.crop_top_left, by=4))
+    expected = np.zeros((36, 56), dtype=bool)
+    expected[6:16, 26:46] = True
+    assert np.array_equal(moved, expected)

@@ -101,7 +101,8 @@ class Recipe:
     """How a model is trained and scored, on top of its architecture; saved in the model file.
 
     The defaults are the improved recipe, chosen on painted defects of held-out normal images
-    (``benchmarks/recipe_study.py``), never on test images.
+    (``benchmarks/recipe_study.py``; its training noise with ``benchmarks/robust_study.py``),
+    never on test images.
 
     Args:
         name: the recipe's name in ``RECIPES`` (or a user's own label).
@@ -114,7 +115,9 @@ class Recipe:
             (``fastflow.train.channel_noise_scales``). 0: none, as in the reference.
         pixel_noise: std, in grey levels, of sensor-like Gaussian noise added to a second copy
             of every training image (features cached for both); each epoch every image is seen
-            clean or noisy at random. 0: no noisy copy.
+            clean or noisy at random. Without it a flow trained on camera-clean images learns to
+            expand the directions in which they barely vary, and one grey level of sensor noise
+            (or bf16 rounding) then looks like a defect. 0: no noisy copy, as in the reference.
         map_sigma: standard deviation, in input pixels, of a Gaussian blur of the anomaly map
             (0: none). Its radius ``blur_radius(map_sigma)`` must stay inside the map.
         score_top: share of the anomaly map's highest pixels averaged into the image score
@@ -124,8 +127,8 @@ class Recipe:
 
     name: str = "improved"
     exact_nll: bool = True
-    feature_noise: float = 0.0
-    pixel_noise: float = 0.0
+    feature_noise: float = 0.1
+    pixel_noise: float = 2.0
     map_sigma: float = 4.0
     score_top: float = 0.001
     description: str = ""
@@ -163,7 +166,10 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "improved": Recipe(
-        "improved", description="exact NLL loss, anomaly map blurred (sigma 4 px), image score = mean of the map's top 0.1%"
+        "improved",
+        description="exact NLL loss, trained on clean and noisy (sigma 2 grey levels) copies of each image "
+        "with feature noise 0.1 std, "
+        "anomaly map blurred (sigma 4 px), image score = mean of the map's top 0.1%",
     ),
     # The paper / anomalib recipe, kept so published numbers can be reproduced.
     "reference": Recipe(

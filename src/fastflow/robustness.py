@@ -21,11 +21,14 @@ and ``noise2`` is ``noise1``'s noise doubled before rounding):
 
 - ``clean``: the decoded pixels, float32 graph.
 - ``noise1``, ``noise2``: Gaussian noise, sigma 1 / 2 grey levels, rounded and clipped to 0..255.
-- ``shift4``: content moved 4 pixels right and down; the uncovered top rows and left columns
-  repeat the edge pixels (edge padding then crop: no wrap-around). The mask moves the same way:
-  it is read at the image's full resolution (``fastflow.data.load_mask``), shifted there
-  exactly as the image, then resized to the model size (nearest, as ``load_mask`` resizes).
-  Shifting the model-size mask instead would round 4 * 256 / 900 = 1.14 pixels to 1.
+- ``shift4``: what a camera moved by 4 pixels sees: the first 4 rows and columns cropped, so
+  the content moves 4 pixels up and left and the image is 4 pixels smaller each way (a 0.4 %
+  zoom at 900 px, 1.5 % at 260 px, once resized to the model's input). Nothing is invented:
+  filling the uncovered edge (edge padding, as an earlier version did) paints a 4-pixel smear
+  that is visible on a textured part. The mask is cropped the same way at the image's full
+  resolution (``fastflow.data.load_mask``), then resized to the model size (nearest, as
+  ``load_mask`` resizes); moving the model-size mask instead would round 4 * 256 / 900 = 1.14
+  pixels to 1.
 - ``jpeg95``, ``jpeg80``: re-encoded as JPEG (Pillow, quality 95 / 80, Pillow's default 4:2:0
   chroma subsampling) and decoded again.
 - ``bright3``: +3 grey levels, clipped to 255.
@@ -78,18 +81,17 @@ def gaussian_noise(image: np.ndarray, rng: np.random.Generator, sigma: float) ->
     return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
 
 
-def shift_down_right(array: np.ndarray, by: int) -> np.ndarray:
-    """Content of an (H, W, ...) array moved ``by`` pixels right and down; the edge repeats.
+def crop_top_left(array: np.ndarray, by: int) -> np.ndarray:
+    """An (H, W, ...) array without its first ``by`` rows and columns: the view of a camera moved by ``by``.
 
-    Edge padding then cropping, not ``np.roll``: wrapping would carry the bottom rows to the top
-    and change what the image shows, not just where it is.
+    Cropping, not ``np.roll`` or padding: wrapping would carry the bottom rows to the top and
+    padding would invent pixels; either changes what the image shows, not just where it is.
     """
-    padded = np.pad(array, [(by, 0), (by, 0)] + [(0, 0)] * (array.ndim - 2), mode="edge")
-    return padded[: array.shape[0], : array.shape[1]]
+    return array[by:, by:]
 
 
 def shifted(image: np.ndarray, rng: np.random.Generator, by: int) -> np.ndarray:
-    return shift_down_right(image, by)
+    return crop_top_left(image, by)
 
 
 def jpeg(image: np.ndarray, rng: np.random.Generator, quality: int) -> np.ndarray:
@@ -144,7 +146,7 @@ PERTURBATIONS: dict[str, Perturbation] = {
     "clean": Perturbation(),
     "noise1": Perturbation(partial(gaussian_noise, sigma=1.0)),
     "noise2": Perturbation(partial(gaussian_noise, sigma=2.0)),
-    "shift4": Perturbation(partial(shifted, by=4), partial(shift_down_right, by=4)),
+    "shift4": Perturbation(partial(shifted, by=4), partial(crop_top_left, by=4)),
     "jpeg95": Perturbation(partial(jpeg, quality=95)),
     "jpeg80": Perturbation(partial(jpeg, quality=80)),
     "bright3": Perturbation(partial(brighter, levels=3)),
@@ -191,7 +193,7 @@ def score_test_set(detector: FastFlow, samples: list[Sample], perturbation: Pert
                 if sample.label == 0 or bool(batch["has_mask"][i]):
                     mask = batch["mask"][i].numpy()
                     if perturbation.moves is not None and sample.mask is not None:
-                        mask = moved_mask(sample, tuple(pixels.shape[-2:]), model_size, perturbation.moves)
+                        mask = moved_mask(sample, tuple(batch["image"].shape[-2:]), model_size, perturbation.moves)
                     masks.append(mask)
                     maps.append(amap[i].numpy())
             done += len(batch_samples)
