@@ -121,17 +121,23 @@ def scoring_variants(
     return maps
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", type=Path)
+def study_arguments(description: str, data_type: type, opacity: float) -> argparse.ArgumentParser:
+    """The arguments every study on painted held-out normals takes (this one and ``robust_study.py``)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", type=data_type)
     parser.add_argument("--weights", required=True)
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--variants", default="reference,exact")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--opacity", type=float, default=1.0, help="blend painted defects in (1 = opaque)")
+    parser.add_argument("--opacity", type=float, default=opacity, help="blend painted defects in (1 = opaque)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--models", type=Path, help="folder to keep the fitted models in and reuse them from")
+    return parser
+
+
+def main() -> None:
+    parser = study_arguments(__doc__, Path, opacity=1.0)
+    parser.add_argument("--variants", default="reference,exact")
     args = parser.parse_args()
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):

@@ -19,7 +19,6 @@ keeps every row.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from recipe_study import validation_set
+from recipe_study import study_arguments, validation_set
 
 from fastflow import FastFlow, TrainConfig
 from fastflow.benchmark import resolve_dataset
@@ -75,17 +74,9 @@ def summary(rows: list[dict]) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data")
-    parser.add_argument("--weights", required=True)
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser = study_arguments(__doc__, str, opacity=0.3)  # str: DATA may name a built-in dataset
     parser.add_argument("--candidates", default="noise0,noise0.1")
-    parser.add_argument("--seeds", default="0")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--opacity", type=float, default=0.3, help="blend painted defects in (1 = opaque)")
     parser.add_argument("--perturbations", default=",".join(PERTURBATIONS))
-    parser.add_argument("--models", type=Path, help="folder to keep the fitted models in and reuse them from")
-    parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not os.environ.get("OMP_NUM_THREADS"):  # one study per core is allowed, as with the CLI
         torch.set_num_threads(physical_cores())

@@ -35,7 +35,7 @@ from fastflow.model.backbones import RANDOM_WEIGHTS
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.model.inference import InferenceGraph
 from fastflow.presets import FastFlowConfig, Recipe, get_config, get_recipe
-from fastflow.train import TrainConfig, TrainState, add_pixel_noise, extract_features, fit_flows
+from fastflow.train import TrainConfig, TrainState, extract_features, extract_with_noisy_copies, fit_flows
 
 __all__ = ["FastFlow", "Prediction", "as_samples"]
 
@@ -169,13 +169,14 @@ class FastFlow:
             model, state = _load_checkpoint(resume, self.config, self.recipe)
         else:
             model = self._new_model()
-        train_features = extract_features(model, self._pixels(train_samples), "train features")
-        holdout_features = extract_features(model, self._pixels(holdout_samples), "held-out features")
         noisy_features = None
         if self.recipe.pixel_noise > 0:
-            generator = torch.Generator().manual_seed(self.training.seed)
-            noisy_pixels = (add_pixel_noise(p, self.recipe.pixel_noise, generator) for p in self._pixels(train_samples))
-            noisy_features = extract_features(model, noisy_pixels, "noisy train features")
+            train_features, noisy_features = extract_with_noisy_copies(
+                model, self._pixels(train_samples), self.recipe.pixel_noise, self.training.seed, "train features"
+            )
+        else:
+            train_features = extract_features(model, self._pixels(train_samples), "train features")
+        holdout_features = extract_features(model, self._pixels(holdout_samples), "held-out features")
         on_epoch_end = None
         if checkpoint is not None:
             on_epoch_end = lambda s: _save_checkpoint(Path(checkpoint), model, s, self.training, self.recipe)

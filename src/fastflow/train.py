@@ -22,7 +22,7 @@ from fastflow.errors import FastFlowError, is_integer, is_real, require
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.scoring import nll_loss
 
-__all__ = ["TrainConfig", "TrainState", "add_pixel_noise", "channel_noise_scales", "extract_features", "fit_flows"]
+__all__ = ["TrainConfig", "TrainState", "add_pixel_noise", "channel_noise_scales", "extract_features", "extract_with_noisy_copies", "fit_flows"]
 
 
 @dataclass(frozen=True)
@@ -74,16 +74,27 @@ class TrainState:
         return self.epoch - self.progress_epoch
 
 
+def _stack_scales(per_batch: list[list[Tensor]]) -> list[Tensor]:
+    """Per-batch lists of per-scale features -> one (N, C, h, w) channels-last tensor per scale."""
+    return [torch.cat(scale).contiguous(memory_format=torch.channels_last) for scale in zip(*per_batch, strict=True)]
+
+
 def extract_features(model: FastFlowModel, batches: Iterable[Tensor], desc: str = "features") -> list[Tensor]:
     """Raw backbone features of every uint8 pixel batch, one (N, C, h, w) tensor per scale."""
-    per_scale: list[list[Tensor]] = []
+    return _stack_scales([model.extract(pixels) for pixels in tqdm(batches, desc=desc, leave=False, unit="batch")])
+
+
+def extract_with_noisy_copies(
+    model: FastFlowModel, batches: Iterable[Tensor], sigma: float, seed: int, desc: str = "features"
+) -> tuple[list[Tensor], list[Tensor]]:
+    """``extract_features`` of the batches as they are and with pixel noise (``add_pixel_noise``),
+    from one pass over them: each image is decoded once for both copies."""
+    generator = torch.Generator().manual_seed(seed)
+    clean, noisy = [], []
     for pixels in tqdm(batches, desc=desc, leave=False, unit="batch"):
-        features = model.extract(pixels)
-        if not per_scale:
-            per_scale = [[] for _ in features]
-        for store, feature in zip(per_scale, features, strict=True):
-            store.append(feature)
-    return [torch.cat(store).contiguous(memory_format=torch.channels_last) for store in per_scale]
+        clean.append(model.extract(pixels))
+        noisy.append(model.extract(add_pixel_noise(pixels, sigma, generator)))
+    return _stack_scales(clean), _stack_scales(noisy)
 
 
 def add_pixel_noise(pixels: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
@@ -161,7 +172,7 @@ def fit_flows(
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
     generator = torch.Generator()
-    noise_scales = channel_noise_scales(train_features, feature_noise)
+    noise_scales = channel_noise_scales(train_features, feature_noise) if feature_noise > 0 else []
     count = train_features[0].shape[0]
     bar = tqdm(total=config.max_epochs, initial=state.epoch, desc="train", unit="epoch", disable=not progress)
     while state.epoch < config.max_epochs and state.epochs_without_progress < config.patience:
