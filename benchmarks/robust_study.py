@@ -1,20 +1,22 @@
-"""Robust-training study: which training makes the flow's scores survive invisible changes.
+"""Validation study of training and architecture candidates: detection, localisation, robustness.
 
 Chosen under the project's validation protocol, without a single test image: for a dataset and
 a seed the normal training images are split as ``fit`` splits them, defects are painted on
 copies of the held-out normals (``recipe_study.validation_set``), and every candidate is
 measured on that validation set with the robustness benchmark's perturbations
-(``robustness.measure``): validation image / pixel AUROC, their change under each
-perturbation, and the drift of the held-out normals' median score.
+(``robustness.measure``): validation image / pixel AUROC and AUPRO, the AUROCs' change under
+each perturbation, and the drift of the held-out normals' median score.
 
     python benchmarks/robust_study.py ../shared/datasets/mvtec_ad/bottle \
         --weights ../shared/weights/tf_efficientnet_lite0.safetensors \
         --candidates noise0,noise0.3,pixel2,noise0.1+pixel2 --seeds 0,1 --epochs 40 --opacity 0.3
 
 DATA may be ``textures`` (the built-in generated set, written under ``--models`` or a temporary
-folder). A candidate names what differs from the improved recipe without training noise
-(``candidate``'s tokens). Prints one summary line per (seed, candidate) and, with ``--json``,
-keeps every row.
+folder). A candidate names what differs from the improved recipe without training noise and
+without context options (``candidate``'s tokens). The training noise of the improved recipe
+was chosen with it (``noise0.1+pixel2``), and the context options on top of that
+(``noise0.1+pixel2+pool3``, ...). Prints one summary line per (seed, candidate) and, with
+``--json``, keeps every row.
 """
 
 from __future__ import annotations
@@ -36,17 +38,29 @@ from fastflow.engines import physical_cores
 from fastflow.presets import RECIPES, Recipe
 from fastflow.robustness import PERTURBATIONS, cpu_model, measure
 
+# Architecture tokens: the context options of ``FastFlowConfig`` (``fastflow.model.context``).
+ARCHITECTURE_TOKENS: dict[str, dict] = {
+    "pool3": {"context_pool": 3},
+    "pool5": {"context_pool": 5},
+    "fuse": {"fuse_scales": True},
+    "pos16": {"positional_channels": 16},
+    "pos32": {"positional_channels": 32},
+    "l23": {"layers": (2, 3)},
+}
 
-def candidate(name: str) -> Recipe:
-    """A candidate's recipe, from its name: ``+``-joined tokens.
+
+def candidate(name: str) -> tuple[Recipe, dict]:
+    """A candidate's recipe and architecture overrides, from its name: ``+``-joined tokens.
 
     ``reference`` (the paper's loss and scoring instead of the improved recipe's), ``noiseX``
-    (``Recipe.feature_noise=X``), ``pixelX`` (``Recipe.pixel_noise=X``), e.g. ``noise0.1+pixel2``.
-    ``noise0`` is the improved recipe as it was before training noise (the previous default).
+    (``Recipe.feature_noise=X``), ``pixelX`` (``Recipe.pixel_noise=X``), and the architecture
+    tokens of ``ARCHITECTURE_TOKENS``, e.g. ``noise0.1+pixel2+pool3``. ``noise0`` is the improved
+    recipe as it was before training noise.
     """
-    # Every candidate starts from the improved recipe *without* training noise (its scoring and
-    # loss), whatever the current default's noise is, so names keep their meaning.
-    recipe = dataclasses.replace(RECIPES["improved"], feature_noise=0.0, pixel_noise=0.0)
+    # Every candidate starts from the improved recipe *without* training noise or context
+    # options (its scoring and loss), whatever the current default is, so names keep their meaning.
+    recipe = dataclasses.replace(RECIPES["improved"], feature_noise=0.0, pixel_noise=0.0, architecture={})
+    architecture: dict = {}
     for token in name.split("+"):
         if token == "reference":
             recipe = dataclasses.replace(RECIPES["reference"], feature_noise=recipe.feature_noise,
@@ -55,18 +69,21 @@ def candidate(name: str) -> Recipe:
             recipe = dataclasses.replace(recipe, feature_noise=float(token.removeprefix("noise")))
         elif token.startswith("pixel"):
             recipe = dataclasses.replace(recipe, pixel_noise=float(token.removeprefix("pixel")))
+        elif token in ARCHITECTURE_TOKENS:
+            architecture.update(ARCHITECTURE_TOKENS[token])
         else:
             raise SystemExit(f"unknown candidate token {token!r} in {name!r}")
-    return recipe
+    return recipe, architecture
 
 
 def summary(rows: list[dict]) -> dict[str, float]:
-    """Clean validation AUROCs, the worst AUROC drop over the perturbations and the noise-1 drift."""
+    """Clean validation AUROCs and AUPRO, the worst AUROC drop over the perturbations and the noise-1 drift."""
     clean, others = rows[0], rows[1:]
     by_name = {row["perturbation"]: row for row in rows}
     return {
         "image_auroc": clean["image_auroc"],
         "pixel_auroc": clean["pixel_auroc"],
+        "aupro": clean["aupro"],
         "worst_image_drop": max((-row["delta_image_auroc"] for row in others), default=0.0),
         "worst_pixel_drop": max((-row["delta_pixel_auroc"] for row in others), default=0.0),
         "noise1_drift": by_name["noise1"]["normal_drift"] if "noise1" in by_name else float("nan"),
@@ -97,7 +114,9 @@ def main() -> None:
                     detector = FastFlow.load(saved)
                 else:
                     training = TrainConfig(max_epochs=args.epochs, seed=seed)
-                    detector = FastFlow(args.backbone, recipe=candidate(name), weights=args.weights, training=training)
+                    recipe, architecture = candidate(name)
+                    detector = FastFlow(args.backbone, recipe=recipe, weights=args.weights, training=training,
+                                        **architecture)
                     detector.fit(data)
                     if saved is not None:
                         detector.save(saved)
@@ -107,7 +126,7 @@ def main() -> None:
                           "fit_seconds": round(seconds, 1), **summary(rows), "rows": rows}
                 results.append(result)
                 print(f"{data.name} seed {seed} {name:20s} image {result['image_auroc']:.4f} "
-                      f"pixel {result['pixel_auroc']:.4f} worst drop {result['worst_image_drop']:+.4f} / "
+                      f"pixel {result['pixel_auroc']:.4f} aupro {result['aupro']:.4f} worst drop {result['worst_image_drop']:+.4f} / "
                       f"{result['worst_pixel_drop']:+.4f} noise1 drift {result['noise1_drift']:+.4f} "
                       f"best epoch {detector.best_epoch_} {seconds:.0f}s", flush=True)
     print(f"CPU: {cpu_model()}, torch {torch.__version__}")

@@ -403,6 +403,17 @@ def test_help(capsys) -> None:
         assert option in out, option
 
 
+def test_context_options_reach_the_saved_model(mvtec, lite0_weights, tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text("positional_channels: 8\n")
+    code, _, err = run_cli(capsys, *train_args(mvtec, tmp_path / "run", lite0_weights, "--epochs", 1,
+                                               "--context-pool", 3, "--fuse-scales", "--config", config))
+    assert code == 0, err
+    saved = FastFlow.load(tmp_path / "run")
+    assert (saved.config.context_pool, saved.config.fuse_scales, saved.config.positional_channels) == (3, True, 8)
+    assert len(saved.model_.flows) == 1
+
+
 def test_unknown_recipe_is_a_user_error(mvtec, lite0_weights, tmp_path, capsys):
     code, _, err = run_cli(capsys, *train_args(mvtec, tmp_path / "run", lite0_weights, "--recipe", "paper"))
     assert_user_error(code, err, "paper", "improved", "reference")
@@ -425,6 +436,8 @@ def test_unknown_recipe_is_a_user_error(mvtec, lite0_weights, tmp_path, capsys):
         (["--patience", "0"], ["--patience", ">= 1"]),
         (["--seed", "-1"], ["--seed", ">= 0"]),
         (["--input-size", "8"], ["input size", "at least 16"]),
+        (["--context-pool", "2"], ["context_pool", "odd"]),
+        (["--positional-channels", "6"], ["positional_channels", "multiple of 4"]),
     ],
 )
 def test_bad_option_values_are_one_line_errors(capsys, flags, names, mvtec: Path, lite0_weights: Path,
@@ -453,6 +466,7 @@ def test_bad_option_values_are_one_line_errors(capsys, flags, names, mvtec: Path
         ("exact_nll: maybe\n", ["exact_nll", "true or false"]),
         ("layers: [one]\n", ["layers", "integers"]),
         ("recipe: paper\n", ["paper", "improved, reference"]),
+        ("fuse_scales: sometimes\n", ["fuse_scales", "true or false"]),
     ],
 )
 def test_bad_config_file_values_are_one_line_errors(capsys, yaml_text, names, mvtec: Path,

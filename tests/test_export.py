@@ -157,6 +157,24 @@ def test_onnx_and_openvino_reproduce_pytorch(backbone, detectors, lite0_weights,
     assert amap.std() > 1e-3  # the maps have structure
 
 
+def test_context_options_export_with_parity(tmp_path):
+    """Neighbourhood average, fused scales and the folded positional condition trace like the rest."""
+    config = get_config("resnet18", input_size=INPUT_SIZE, context_pool=3, fuse_scales=True, positional_channels=8)
+    model = FastFlowModel(config, "random").eval()
+    _perturb(model)
+    detector = FastFlow.from_model(model, -0.45, map_floor=-0.6)
+    reloaded = FastFlow.load(detector.save(tmp_path / "run" / "model.safetensors"))
+    assert reloaded.config == config
+    graph = reloaded.inference_graph()
+    pixels = _pixels(2, (150, 170), 8)
+    with torch.no_grad():
+        amap, score, _ = graph(pixels)
+        np.testing.assert_allclose(detector.inference_graph()(pixels)[1].numpy(), score.numpy(), atol=1e-6)
+    assert amap.std() > 1e-3
+    for path in (to_onnx(graph, tmp_path / "onnx"), to_openvino(graph, tmp_path / "openvino")):
+        assert check_parity(graph, path, [pixels]) <= 1e-4
+
+
 def test_metadata_threshold_and_parity_failure(detectors, tmp_path):
     detector = _get(detectors, "resnet18")
     path = detector.export(tmp_path)

@@ -52,3 +52,18 @@ def test_training_noise_must_be_a_non_negative_number_and_the_reference_has_none
         for bad in (-0.1, "0.1", True):
             with pytest.raises(FastFlowError, match=name):
                 Recipe(**{name: bad})
+
+
+def test_recipe_architecture_sets_context_options_that_detector_options_override():
+    pooled = Recipe("pooled", architecture={"context_pool": 3, "positional_channels": 8})
+    assert FastFlow("resnet18", recipe=pooled).config.context_pool == 3
+    assert FastFlow("resnet18", recipe=pooled, context_pool=1).config.context_pool == 1
+    assert FastFlow("resnet18", recipe=pooled, context_pool=None).config.positional_channels == 8
+    # A whole config is the user's model: the recipe does not edit it.
+    assert FastFlow(FastFlowConfig("resnet18"), recipe=pooled).config.context_pool == 1
+    assert RECIPES["reference"].architecture == {}
+    assert Recipe.from_dict(pooled.to_dict()) == pooled
+    with pytest.raises(FastFlowError, match="architecture"):
+        Recipe(architecture={"input_size": (64, 64)})  # a recipe gives context, not the model's size
+    with pytest.raises(FastFlowError, match="context_pool"):
+        Recipe(architecture={"context_pool": 4})

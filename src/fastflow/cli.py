@@ -80,6 +80,9 @@ def _train_defaults() -> dict[str, Any]:
         "flow_steps": None,
         "hidden_ratio": None,
         "conv3x3_only": None,
+        "context_pool": None,
+        "fuse_scales": None,
+        "positional_channels": None,
         "holdout": detector.holdout_fraction,
         "threshold_quantile": detector.threshold_quantile,
         "exact_nll": None,
@@ -111,6 +114,8 @@ _OPTION_TYPES: dict[str, tuple[type, str]] = {
     "weight_decay": (float, "a number"), "holdout": (float, "a number"), "threshold_quantile": (float, "a number"),
     "hidden_ratio": (float, "a number"), "exact_nll": (bool, "true or false"), "conv3x3_only": (bool, "true or false"),
     "backbone": (str, "a name"), "recipe": (str, "a name"), "weights": (str, "a file path"),
+    "context_pool": (int, "an odd integer"), "fuse_scales": (bool, "true or false"),
+    "positional_channels": (int, "a multiple of 4"),
 }
 
 
@@ -149,17 +154,21 @@ def train(
     holdout: Annotated[float | None, typer.Option(help="Share of normal images held out for selection and threshold, between 0 and 1 (default 0.1).")] = None,
     recipe: Annotated[str | None, typer.Option(help="'improved' (default) or 'reference' (the paper's loss, unblurred map and max image score).")] = None,
     exact_nll: Annotated[bool | None, typer.Option("--exact-nll/--reference-nll", help="Loss: exact NLL of the normalised features, or the reference loss (default: the recipe's choice).")] = None,
+    context_pool: Annotated[int | None, typer.Option(help="Average each feature position with its KxK neighbours before the flows (odd K; 1: none; default: the recipe's choice).")] = None,
+    fuse_scales: Annotated[bool | None, typer.Option("--fuse-scales/--separate-scales", help="One flow on all scales joined on the finest grid, or one flow per scale (default: the recipe's choice).")] = None,
+    positional_channels: Annotated[int | None, typer.Option(help="Channels of a sinusoidal positional encoding conditioning the flows (multiple of 4; 0: none; default: the recipe's choice).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (flags win).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last.safetensors (e.g. after an interruption or with more --epochs).")] = False,
 ) -> None:
     """Train a model on the normal images of DATA and write it to --output."""
     from fastflow.detector import FastFlow
     from fastflow.files import atomic_write
-    from fastflow.presets import get_recipe
+    from fastflow.presets import CONTEXT_OPTIONS, get_recipe
     from fastflow.train import TrainConfig
 
     cli = {"backbone": backbone, "weights": weights, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-           "patience": patience, "seed": seed, "input_size": input_size, "holdout": holdout, "exact_nll": exact_nll, "recipe": recipe}
+           "patience": patience, "seed": seed, "input_size": input_size, "holdout": holdout, "exact_nll": exact_nll, "recipe": recipe,
+           "context_pool": context_pool, "fuse_scales": fuse_scales, "positional_channels": positional_channels}
     options = _typed(resolve_train_options(cli, config))
     # Every option is checked before the run folder is looked at or an image is read.
     training = TrainConfig(
@@ -169,7 +178,7 @@ def train(
     chosen = get_recipe(options["recipe"])
     if options["exact_nll"] is not None:
         chosen = dataclasses.replace(chosen, exact_nll=options["exact_nll"])
-    architecture = {k: options[k] for k in ("layers", "flow_steps", "hidden_ratio", "conv3x3_only")}
+    architecture = {k: options[k] for k in ("layers", "flow_steps", "hidden_ratio", "conv3x3_only", *CONTEXT_OPTIONS)}
     detector = FastFlow(
         options["backbone"], recipe=chosen, weights=options["weights"], training=training, holdout_fraction=options["holdout"],
         threshold_quantile=options["threshold_quantile"], input_size=parse_size(options["input_size"]),

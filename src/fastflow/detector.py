@@ -117,11 +117,13 @@ class FastFlow:
         self._engines: dict[tuple[str, str], Engine] = {}
 
     def _config(self) -> FastFlowConfig:
-        """The architecture to build: the given config or the backbone's preset, with the overrides."""
+        """The architecture to build: the given config, or the backbone's preset with the recipe's
+        context options (``Recipe.architecture``); the overrides on top of either."""
+        given = {k: v for k, v in self.overrides.items() if v is not None}
         if isinstance(self.backbone, FastFlowConfig):
-            config = dataclasses.replace(self.backbone, **{k: v for k, v in self.overrides.items() if v is not None})
+            config = dataclasses.replace(self.backbone, **given)
         else:
-            config = get_config(self.backbone, **self.overrides)
+            config = get_config(self.backbone, **{**self.recipe.architecture, **given})
         self.recipe.check_fits(config.input_size)
         return config
 

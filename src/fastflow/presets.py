@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -33,6 +33,12 @@ class FastFlowConfig:
         hidden_ratio: subnet hidden channels = ``hidden_ratio`` x subnet input channels.
         conv3x3_only: use 3x3 kernels in every step instead of alternating 3x3 / 1x1.
         clamp: soft clamp of the coupling log-scale, ``clamp * tanh(0.1 * s)``.
+        context_pool: each feature position averaged with its ``k`` x ``k`` neighbours before
+            the norm (odd ``k``; 1: none, as in the paper). ``fastflow.model.context`` says why.
+        fuse_scales: bring the deeper scales to the finest grid and join them (after their
+            norms), so one flow models all scales; False: one flow per scale (paper).
+        positional_channels: channels of a sinusoidal positional encoding given to every
+            coupling subnet as a condition (a multiple of 4; 0: none, as in the paper).
     """
 
     backbone: str
@@ -42,6 +48,9 @@ class FastFlowConfig:
     hidden_ratio: float = 1.0
     conv3x3_only: bool = False
     clamp: float = 2.0
+    context_pool: int = 1
+    fuse_scales: bool = False
+    positional_channels: int = 0
 
     def __post_init__(self) -> None:
         # Normalise lists from JSON/YAML into tuples so configs compare and hash equal.
@@ -52,6 +61,12 @@ class FastFlowConfig:
         require(is_integer(self.flow_steps) and self.flow_steps >= 1, "flow_steps", "an integer >= 1", self.flow_steps)
         require(is_real(self.hidden_ratio) and self.hidden_ratio > 0, "hidden_ratio", "a number > 0", self.hidden_ratio)
         require(is_real(self.clamp) and self.clamp > 0, "clamp", "a number > 0", self.clamp)
+        require(is_integer(self.context_pool) and self.context_pool >= 1 and self.context_pool % 2 == 1,
+                "context_pool", "an odd integer >= 1", self.context_pool)
+        require(isinstance(self.fuse_scales, bool), "fuse_scales", "true or false", self.fuse_scales)
+        require(is_integer(self.positional_channels) and self.positional_channels >= 0
+                and self.positional_channels % 4 == 0, "positional_channels", "a multiple of 4 >= 0",
+                self.positional_channels)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -81,6 +96,10 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
         raise FastFlowError(f"unknown {cls.__name__} keys {sorted(unknown)}; valid keys: {sorted(known)}")
     return cls(**data)
 
+
+# The architecture fields a recipe may set (``Recipe.architecture``): context for the flows,
+# never the backbone, its layers or the input size, which belong to the user's model.
+CONTEXT_OPTIONS = ("context_pool", "fuse_scales", "positional_channels")
 
 PRESETS: dict[str, FastFlowConfig] = {
     # The paper's official ResNet-18 configuration (3x3 kernels only).
@@ -122,6 +141,10 @@ class Recipe:
             (0: none). Its radius ``blur_radius(map_sigma)`` must stay inside the map.
         score_top: share of the anomaly map's highest pixels averaged into the image score
             (0: the map's maximum).
+        architecture: context options of ``FastFlowConfig`` (``CONTEXT_OPTIONS``) this recipe
+            puts on top of a backbone's preset when a detector is built from a backbone name;
+            options given to the detector win, and a whole ``FastFlowConfig`` is used as given.
+            Empty: the preset's architecture, as in the paper.
         description: one line for ``fastflow presets``.
     """
 
@@ -131,6 +154,7 @@ class Recipe:
     pixel_noise: float = 2.0
     map_sigma: float = 4.0
     score_top: float = 0.001
+    architecture: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -141,6 +165,9 @@ class Recipe:
                 self.pixel_noise)
         require(is_real(self.map_sigma) and self.map_sigma >= 0, "map_sigma", "a number >= 0", self.map_sigma)
         require(is_real(self.score_top) and 0 <= self.score_top < 1, "score_top", "in [0, 1)", self.score_top)
+        require(isinstance(self.architecture, dict) and set(self.architecture) <= set(CONTEXT_OPTIONS),
+                "architecture", f"a mapping of {', '.join(CONTEXT_OPTIONS)}", self.architecture)
+        FastFlowConfig("any", **self.architecture)  # checks the values
 
     def check_fits(self, input_size: tuple[int, int]) -> None:
         """The blur reflects the map at its edges, which needs its radius inside the map."""

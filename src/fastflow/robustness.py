@@ -1,8 +1,8 @@
 """Robustness: how a trained model's scores survive changes no inspector could see.
 
 ``measure(detector, samples, names, seed)`` scores every sample once per perturbation; each row
-gives image AUROC, pixel AUROC (normal images plus anomalous images with a mask, as
-``fastflow.evaluation`` counts them), both as deltas against ``clean`` too, and the median
+gives image AUROC, pixel AUROC and AUPRO (normal images plus anomalous images with a mask, as
+``fastflow.evaluation`` counts them), the AUROCs as deltas against ``clean`` too, and the median
 normal-score drift::
 
     (median normal score, perturbed - median normal score, clean)
@@ -59,7 +59,7 @@ from torch import Tensor
 from fastflow.data import Sample, load_mask
 from fastflow.detector import FastFlow
 from fastflow.errors import FastFlowError
-from fastflow.metrics import image_auroc, pixel_auroc
+from fastflow.metrics import aupro, image_auroc, pixel_auroc
 from fastflow.model.inference import InferenceGraph
 
 __all__ = ["PERTURBATIONS", "Perturbation", "cpu_model", "markdown_table", "measure", "perturbation_names"]
@@ -121,8 +121,7 @@ def run_bf16_backbone(graph: InferenceGraph, pixels: Tensor) -> tuple[Tensor, Te
     normalised = model.preprocess(pixels)
     with torch.autocast("cpu", torch.bfloat16):
         features = model.backbone(normalised)
-    features = [f.float().contiguous(memory_format=torch.channels_last) for f in features]
-    zs, _ = model.flow(features)
+    zs, _ = model.flow(model.with_context([f.float() for f in features]))
     return graph.score_latents(zs)
 
 
@@ -207,10 +206,12 @@ def measure(detector: FastFlow, samples: list[Sample], names: list[str], seed: i
     for name in names:
         start = time.perf_counter()
         scores, maps, masks = score_test_set(detector, samples, PERTURBATIONS[name], seed)
+        masks_array, maps_array = np.stack(masks), np.stack(maps)
         row = {
             "perturbation": name,
             "image_auroc": image_auroc(labels, scores),
-            "pixel_auroc": pixel_auroc(np.stack(masks), np.stack(maps)),
+            "pixel_auroc": pixel_auroc(masks_array, maps_array),
+            "aupro": aupro(masks_array, maps_array),
             "median_normal_score": float(np.median(scores[labels == 0])),
             "median_anomalous_score": float(np.median(scores[labels == 1])),
             "seconds": round(time.perf_counter() - start, 1),

@@ -132,7 +132,7 @@ def _evaluate_nll(model: FastFlowModel, features: list[Tensor], batch_size: int,
 
 def _per_position(model: FastFlowModel, nll: float) -> float:
     """NLL per feature element, a scale-free number for progress bars and logs."""
-    elements = sum(math.prod(shape) for shape in model.feature_shapes)
+    elements = sum(math.prod(shape) for shape in model.flow_shapes)
     return nll / elements
 
 

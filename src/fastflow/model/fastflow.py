@@ -1,4 +1,9 @@
-"""The FastFlow model: pixels -> pre-processing -> frozen backbone -> per-scale norms -> one 2D flow per scale."""
+"""The FastFlow model: pixels -> pre-processing -> frozen backbone -> per-scale norms -> one 2D flow per scale.
+
+The context options of ``FastFlowConfig`` (neighbourhood average, scale fusion, positional
+encoding; ``fastflow.model.context``) slot into this one pipeline, so training, inference and
+the exports all run them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fastflow.model.backbones import Backbone
+from fastflow.model.context import fuse_to_finest, local_average, positional_encoding
 from fastflow.model.flow import FlowStack
 from fastflow.model.preprocess import Preprocess
 from fastflow.presets import FastFlowConfig
@@ -25,7 +31,9 @@ class FastFlowModel(nn.Module):
     a dry run of the backbone at ``config.input_size``, so any size (non-square, not a
     multiple of the stride) works. CNN features get a LayerNorm over (C, h, w) as in the
     reference implementation; transformer tokens are already normalised by the backbone's own
-    final norm.
+    final norm. ``config.context_pool`` averages neighbourhoods inside ``extract`` (so training
+    caches and perturbs what the flows see); ``config.fuse_scales`` joins the normalised scales
+    into one flow; ``config.positional_channels`` conditions every flow on its grid position.
 
     Args:
         config: architecture (backbone, layers, input size, flow settings).
@@ -44,12 +52,30 @@ class FastFlowModel(nn.Module):
             nn.Identity() if self.backbone.transformer else nn.LayerNorm(list(shape))
             for shape in self.feature_shapes
         )
+        if config.fuse_scales:
+            finest = fuse_to_finest([f[:, :1] for f in probe]).shape[-2:]
+            self.flow_shapes = [(sum(shape[0] for shape in self.feature_shapes), *finest)]
+        else:
+            self.flow_shapes = list(self.feature_shapes)
         kernels = (3,) if config.conv3x3_only else (3, 1)
         self.flows = nn.ModuleList(
-            FlowStack(shape[0], config.flow_steps, config.hidden_ratio, kernels, config.clamp, seed=index)
-            for index, shape in enumerate(self.feature_shapes)
+            FlowStack(shape[0], config.flow_steps, config.hidden_ratio, kernels, config.clamp, seed=index,
+                      condition_channels=config.positional_channels)
+            for index, shape in enumerate(self.flow_shapes)
         )
         self.use_channels_last()
+
+    def positions(self, device: torch.device | str = "cpu") -> list[Tensor | None]:
+        """Each flow's condition: its positional encoding (1, P, h, w), or ``None`` without one.
+
+        A fixed function of the grid, computed when needed (a few thousand sines) rather than
+        stored: model files do not carry it, and a model built on the meta device gets it too.
+        """
+        channels = self.config.positional_channels
+        return [
+            positional_encoding(channels, height, width).to(device) if channels else None
+            for _, height, width in self.flow_shapes
+        ]
 
     def use_channels_last(self) -> FastFlowModel:
         """Store the flows' convolutions channels-last: oneDNN runs them about twice as fast on CPUs.
@@ -62,25 +88,47 @@ class FastFlowModel(nn.Module):
 
     def extract(self, pixels: Tensor) -> list[Tensor]:
         """(N, 3, H, W) RGB pixels 0..255 (uint8 or float, any H, W) -> raw backbone features,
-        one (N, C, h, w) map per scale, channels-last (what the flows run fastest on)."""
+        one (N, C, h, w) map per scale (neighbourhood-averaged with ``config.context_pool``),
+        channels-last (what the flows run fastest on)."""
         with torch.no_grad():
-            features = self.backbone(self.preprocess(pixels))
-        return [f.contiguous(memory_format=torch.channels_last) for f in features]
+            return self.with_context(self.backbone(self.preprocess(pixels)))
+
+    def with_context(self, features: list[Tensor]) -> list[Tensor]:
+        """The backbone's own outputs -> ``extract``'s: neighbourhood-averaged, channels-last.
+
+        Apart from ``extract`` so that callers running the backbone their own way (in bf16, say)
+        hand the flows the same kind of features.
+        """
+        pooled = [local_average(f, self.config.context_pool) for f in features]
+        return [f.contiguous(memory_format=torch.channels_last) for f in pooled]
 
     def flow(
         self, features: list[Tensor], with_norm_log_det: bool = False
     ) -> tuple[list[Tensor], list[Tensor | None]]:
-        """Raw features -> ``zs`` [(N, C, h, w)] and log|det J| per position ``log_dets`` [(N, h, w)].
+        """Raw features -> ``zs`` [(N, C, h, w)] and log|det J| per position ``log_dets`` [(N, h, w)],
+        one per flow (one per scale, or a single one with ``config.fuse_scales``).
 
         With ``with_norm_log_det`` each LayerNorm's elementwise affine joins the log-determinant
         (its log|weight| summed over channels, per position), which makes ``nll_loss`` the exact
-        NLL of the features (``Recipe.exact_nll``).
+        NLL of the features (``Recipe.exact_nll``). With fused scales the coarse norms' terms are
+        upsampled like their features: upsampling is not a bijection, so there the loss is the
+        exact NLL of the fused map, with the norms' scales still paid for.
         """
+        normed = [norm(feature) for norm, feature in zip(self.norms, features, strict=True)]
+        norm_log_dets = [
+            norm.weight.abs().log().sum(dim=0, keepdim=True)[None] if isinstance(norm, nn.LayerNorm) else None
+            for norm in self.norms
+        ] if with_norm_log_det else [None] * len(self.norms)
+        if self.config.fuse_scales:
+            normed = [fuse_to_finest(normed)]
+            terms = [t for t in norm_log_dets if t is not None]
+            norm_log_dets = [fuse_to_finest(terms).sum(dim=1, keepdim=True) if terms else None]
         zs, log_dets = [], []
-        for norm, flow, feature in zip(self.norms, self.flows, features, strict=True):
-            z, log_det = flow(norm(feature))
-            if with_norm_log_det and log_det is not None and isinstance(norm, nn.LayerNorm):
-                log_det = log_det + norm.weight.abs().log().sum(dim=0)
+        conditions = self.positions(normed[0].device)
+        for flow, x, condition, norm_term in zip(self.flows, normed, conditions, norm_log_dets, strict=True):
+            z, log_det = flow(x, condition)
+            if log_det is not None and norm_term is not None:
+                log_det = log_det + norm_term[:, 0]
             zs.append(z)
             log_dets.append(log_det)
         return zs, log_dets
@@ -96,7 +144,9 @@ class FastFlowModel(nn.Module):
         ignores), and its flows compute no log-determinant (``flow`` returns ``None`` for it).
         """
         folded = copy.copy(self)
-        folded._modules = {**self._modules, "flows": nn.ModuleList(flow.fold() for flow in self.flows)}
+        conditions = self.positions(next(self.flows.parameters()).device)
+        flows = nn.ModuleList(flow.fold(condition) for flow, condition in zip(self.flows, conditions, strict=True))
+        folded._modules = {**self._modules, "flows": flows}
         return folded.eval()
 
     def flow_state_dict(self) -> dict[str, Tensor]:

@@ -6,6 +6,8 @@ FastFlow reference uses; ``tests/model/test_flow.py`` proves parity weight for w
 is ours because FrEIA is unmaintained, and because FastFlow needs things FrEIA does not give:
 shapes are not fixed at construction (only channels), direction is a method rather than a flag,
 and the log-determinant is returned per feature position ``(N, H, W)`` so scorers can use it.
+A step may take a fixed condition (a positional encoding, ``condition_channels``), which its
+subnet sees beside the passive half, as in CFlow-AD and MSFlow.
 ``FlowStack.fold()`` gives the same latent for inference with its constants folded away.
 """
 
@@ -41,8 +43,9 @@ def _softplus_global_scale(raw: Tensor) -> Tensor:
 class CouplingStep(nn.Module):
     """One flow step: affine coupling, learned per-channel affine, fixed channel permutation.
 
-    Forward, for input ``x`` split into ``x1`` (first ``C - C//2`` channels) and ``x2``:
-        ``a = 0.1 * subnet(x1)``, ``s = clamp * tanh(a[:, :C//2])``, ``t = a[:, C//2:]``,
+    Forward, for input ``x`` split into ``x1`` (first ``C - C//2`` channels) and ``x2``, and an
+    optional fixed ``condition`` (1, P, H, W) with ``P = condition_channels``:
+        ``a = 0.1 * subnet(concat(x1, condition))``, ``s = clamp * tanh(a[:, :C//2])``, ``t = a[:, C//2:]``,
         ``u = concat(x1, x2 * exp(s) + t)``, ``z = (u * scale + offset)[:, permutation]``,
     with ``scale = 0.1 * softplus(global_scale, beta=0.5)``.
     """
@@ -54,6 +57,7 @@ class CouplingStep(nn.Module):
         hidden_ratio: float = 1.0,
         clamp: float = 2.0,
         generator: torch.Generator | None = None,
+        condition_channels: int = 0,
     ) -> None:
         super().__init__()
         if channels < 2:
@@ -62,7 +66,8 @@ class CouplingStep(nn.Module):
         self.clamp = clamp
         self.passive = channels - channels // 2  # x1: conditions the subnet, passes unchanged
         self.active = channels // 2  # x2: gets scaled and shifted
-        self.subnet = subnet(self.passive, 2 * self.active, kernel_size, hidden_ratio)
+        self.condition_channels = condition_channels
+        self.subnet = subnet(self.passive + condition_channels, 2 * self.active, kernel_size, hidden_ratio)
         # Raw value whose softplus activation gives a global scale of exactly 1.0 at init.
         init = 2.0 * math.log(math.exp(0.5 * 10.0 * 1.0) - 1.0)
         self.global_scale = nn.Parameter(torch.full((1, channels, 1, 1), init))
@@ -71,27 +76,29 @@ class CouplingStep(nn.Module):
         self.register_buffer("permutation", permutation)
         self.register_buffer("inverse_permutation", torch.argsort(permutation))
 
-    def _scale_shift(self, x1: Tensor) -> tuple[Tensor, Tensor]:
+    def _scale_shift(self, x1: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.condition_channels:
+            x1 = torch.cat((x1, condition.expand(x1.shape[0], -1, -1, -1)), dim=1)
         a = self.subnet(x1) * _SUBNET_OUTPUT_SCALE
         log_scale = self.clamp * torch.tanh(a[:, : self.active])
         return log_scale, a[:, self.active :]
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x`` (N, C, H, W) -> ``z`` (N, C, H, W) and log|det J| per position (N, H, W)."""
         x1, x2 = x[:, : self.passive], x[:, self.passive :]
-        log_scale, shift = self._scale_shift(x1)
+        log_scale, shift = self._scale_shift(x1, condition)
         u = torch.cat((x1, x2 * torch.exp(log_scale) + shift), dim=1)
         scale = _softplus_global_scale(self.global_scale)
         z = (u * scale + self.global_offset)[:, self.permutation]
         log_det = log_scale.sum(dim=1) + torch.log(scale).sum()
         return z, log_det
 
-    def inverse(self, z: Tensor) -> Tensor:
-        """Exact inverse of ``forward``: ``inverse(forward(x)[0]) == x``."""
+    def inverse(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
+        """Exact inverse of ``forward``: ``inverse(forward(x, c)[0], c) == x``."""
         scale = _softplus_global_scale(self.global_scale)
         u = (z[:, self.inverse_permutation] - self.global_offset) / scale
         x1, y2 = u[:, : self.passive], u[:, self.passive :]
-        log_scale, shift = self._scale_shift(x1)
+        log_scale, shift = self._scale_shift(x1, condition)
         return torch.cat((x1, (y2 - shift) * torch.exp(-log_scale)), dim=1)
 
 
@@ -100,7 +107,8 @@ class FlowStack(nn.Module):
 
     Kernels cycle through ``kernels`` (3x3 then 1x1 in the paper's default, 3x3 only for its
     ResNet-18 setting). Permutations come from a generator seeded with ``seed`` so a model is
-    reproducible; they are saved as buffers, so loading never depends on the seed.
+    reproducible; they are saved as buffers, so loading never depends on the seed. With
+    ``condition_channels`` every step's subnet also sees the fixed condition passed to ``forward``.
     """
 
     def __init__(
@@ -111,40 +119,49 @@ class FlowStack(nn.Module):
         kernels: tuple[int, ...] = (3, 1),
         clamp: float = 2.0,
         seed: int = 0,
+        condition_channels: int = 0,
     ) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.steps = nn.ModuleList(
-            CouplingStep(channels, kernels[i % len(kernels)], hidden_ratio, clamp, generator)
+            CouplingStep(channels, kernels[i % len(kernels)], hidden_ratio, clamp, generator, condition_channels)
             for i in range(steps)
         )
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x`` (N, C, H, W) -> latent ``z`` (N, C, H, W) and log|det J| per position (N, H, W)."""
         log_det = x.new_zeros(x.shape[0], *x.shape[2:])
         for step in self.steps:
-            x, step_log_det = step(x)
+            x, step_log_det = step(x, condition)
             log_det = log_det + step_log_det
         return x, log_det
 
-    def inverse(self, z: Tensor) -> Tensor:
+    def inverse(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
         """Latent ``z`` back to features: the steps' inverses in reverse order."""
         for step in reversed(self.steps):
-            z = step.inverse(z)
+            z = step.inverse(z, condition)
         return z
 
-    def fold(self) -> FoldedFlow:
-        """This flow for inference, its constants folded (a detached copy; see ``FoldedFlow``)."""
-        return FoldedFlow(self)
+    def fold(self, condition: Tensor | None = None) -> FoldedFlow:
+        """This flow for inference, its constants (and ``condition``) folded: a detached copy, see ``FoldedFlow``."""
+        return FoldedFlow(self, condition)
 
 
 class _FoldedStep(nn.Module):
     """One coupling step with its constants folded (see ``FoldedFlow``)."""
 
-    def __init__(self, step: CouplingStep, last: bool) -> None:
+    def __init__(self, step: CouplingStep, last: bool, condition: Tensor | None) -> None:
         super().__init__()
         self.passive, self.active, self.clamp = step.passive, step.active, step.clamp
         conv1, conv2 = step.subnet[0], step.subnet[2]
+        # The condition is fixed, so its part of the first convolution (bias included) is a
+        # constant map: conv(concat(x1, c)) = conv_x1(x1) + conv_c(c), zero padding alike.
+        self.register_buffer("condition_bias", None)
+        if step.condition_channels:
+            with torch.no_grad():
+                part = conv1.weight[:, step.passive :]
+                bias_map = F.conv2d(condition.float(), part, conv1.bias, padding=conv1.padding)
+            self.register_buffer("condition_bias", bias_map.detach().clone())
         with torch.no_grad():
             scale = _softplus_global_scale(step.global_scale).flatten()
             offset = step.global_offset.flatten()
@@ -156,7 +173,10 @@ class _FoldedStep(nn.Module):
             bias = conv2.bias.detach().clone() * _SUBNET_OUTPUT_SCALE
             weight[self.active :] *= active_scale.view(-1, 1, 1, 1)
             bias[self.active :] = bias[self.active :] * active_scale + active_offset
-        self.conv1 = _copy_conv(conv1)
+        if step.condition_channels:
+            self.conv1 = _copy_conv(conv1, conv1.weight[:, : step.passive], torch.zeros_like(conv1.bias))
+        else:
+            self.conv1 = _copy_conv(conv1)
         self.conv2 = _copy_conv(conv2, weight, bias)
         # exp(s) * scale = exp(s + log(scale)): the active half's global scale joins the log-scale.
         self.register_buffer("log_active_scale", torch.log(active_scale).view(1, -1, 1, 1))
@@ -170,7 +190,10 @@ class _FoldedStep(nn.Module):
 
     def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
         """Halves of the input -> halves of the next step's input (or of the unpermuted ``z``)."""
-        a = self.conv2(F.relu(self.conv1(x1)))
+        hidden = self.conv1(x1)
+        if self.condition_bias is not None:
+            hidden = hidden + self.condition_bias
+        a = self.conv2(F.relu(hidden))
         log_scale = self.clamp * torch.tanh(a[:, : self.active]) + self.log_active_scale
         y2 = x2 * torch.exp(log_scale) + a[:, self.active :]
         y1 = x1 * self.passive_scale + self.passive_offset
@@ -182,9 +205,10 @@ class _FoldedStep(nn.Module):
 
 def _copy_conv(conv: nn.Conv2d, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Conv2d:
     """A detached copy of ``conv`` (optionally with new weight and bias), channels-last."""
-    copy = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding)
+    weight = conv.weight if weight is None else weight
+    copy = nn.Conv2d(weight.shape[1], conv.out_channels, conv.kernel_size, padding=conv.padding)
     with torch.no_grad():
-        copy.weight.copy_(conv.weight if weight is None else weight)
+        copy.weight.copy_(weight)
         copy.bias.copy_(conv.bias if bias is None else bias)
     copy.requires_grad_(False)
     return copy.to(memory_format=torch.channels_last)
@@ -201,23 +225,27 @@ class FoldedFlow(nn.Module):
       passive and active halves directly; the last step's permutation is dropped, so ``z``
       comes out in the order ``output_permutation`` describes (the anomaly map averages over
       channels, so it does not care);
+    - a fixed condition's share of each first convolution into a constant bias map;
     - no log-determinant is computed.
     The passive half's global offset is not folded into the next convolution: with zero padding
     a 3x3 convolution of ``x + offset`` differs from ``conv(x) + conv(offset)`` at the borders.
     """
 
-    def __init__(self, flow: FlowStack) -> None:
+    def __init__(self, flow: FlowStack, condition: Tensor | None = None) -> None:
         super().__init__()
         steps = list(flow.steps)
+        if steps[0].condition_channels and condition is None:
+            raise ValueError("this flow is conditioned: fold it with the condition it was trained with")
         self.passive = steps[0].passive
         self.steps = nn.ModuleList(
-            _FoldedStep(step, last=i == len(steps) - 1) for i, step in enumerate(steps)
+            _FoldedStep(step, i == len(steps) - 1, condition) for i, step in enumerate(steps)
         )
         # The last step's permutation, not applied: FlowStack's z == this module's z[:, output_permutation].
         self.register_buffer("output_permutation", steps[-1].permutation.clone())
 
-    def forward(self, x: Tensor) -> tuple[Tensor, None]:
-        """``x`` (N, C, h, w) -> (``z`` (N, C, h, w), no log-determinant).
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, None]:
+        """``x`` (N, C, h, w) -> (``z`` (N, C, h, w), no log-determinant); ``condition`` is
+        already folded in and ignored.
 
         ``z[:, self.output_permutation]`` is ``FlowStack``'s ``z``; the pair keeps the one
         contract of a flow, so ``FastFlowModel.flow`` runs folded and training flows alike.
