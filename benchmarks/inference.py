@@ -59,10 +59,11 @@ LITE0_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "tf
 Runner = Callable[[np.ndarray], object]
 
 
-def perturbed_model(backbone: str, size: int) -> FastFlowModel:
-    """A FastFlow model whose norms and flows look trained (``support.perturb_trainable``)."""
+def perturbed_model(backbone: str, size: int, **options: object) -> FastFlowModel:
+    """A FastFlow model whose norms and flows look trained (``support.perturb_trainable``);
+    ``options`` are ``FastFlowConfig`` fields (``benchmarks/context_cost.py``)."""
     weights = str(LITE0_WEIGHTS) if backbone == "tf_efficientnet_lite0" else "random"
-    model = FastFlowModel(get_config(backbone, input_size=(size, size)), weights).eval()
+    model = FastFlowModel(get_config(backbone, input_size=(size, size), **options), weights).eval()
     perturb_trainable(model, torch.Generator().manual_seed(1))
     return model
 

@@ -1,0 +1,83 @@
+"""Inference cost of the context options (``FastFlowConfig.context_pool``, ``fuse_scales``,
+``positional_channels``), side by side in one run against the model without them.
+
+    python benchmarks/context_cost.py                       # Lite0 at 256, batch 16 and batch 1
+    python benchmarks/context_cost.py --backbone resnet18 --rounds 5
+
+Each variant is a Lite0 (shared ImageNet weights) or random-backbone model with its norms and
+flows perturbed to look trained (``inference.perturbed_model``), folded into its inference
+graph, and timed on the PyTorch fp32 engine (``fastflow predict``'s default for a few images)
+and ONNX Runtime fp32 (its fastest exact engine), interleaved over ``--rounds`` rounds; the best
+round counts. Prints img/s at ``--batch``, batch-1 latency, and each as a ratio to the plain model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see inference.py)
+
+import torch
+from inference import measure, measure_latency, perturbed_model, torch_runner
+from torch.nn import functional as F
+
+from fastflow import FastFlow
+from fastflow.engines import OnnxRuntimeEngine, physical_cores
+from fastflow.export import to_onnx
+from fastflow.robustness import cpu_model
+
+VARIANTS: dict[str, dict] = {
+    "plain (paper)": {},
+    "pool3": {"context_pool": 3},
+    "pool5": {"context_pool": 5},
+    "pos16": {"positional_channels": 16},
+    "pool3+pos16": {"context_pool": 3, "positional_channels": 16},
+    "fuse (layers 1-3, 64x64 grid)": {"fuse_scales": True},
+    "fuse layers 2-3 (32x32 grid)": {"fuse_scales": True, "layers": (2, 3)},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    args = parser.parse_args()
+    torch.set_num_threads(physical_cores())
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand(args.batch, 3, 8, 8, generator=generator) * 255
+    size = (args.size, args.size)
+    pixels = F.interpolate(coarse, size=size, mode="bicubic").clamp(0, 255).round().to(torch.uint8).numpy()
+    names = args.variants.split(",")
+    runners = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, name in enumerate(names):
+            model = perturbed_model(args.backbone, args.size, **VARIANTS[name])
+            graph = FastFlow.from_model(model, threshold=-0.5, map_floor=-0.6).inference_graph()
+            runners[name, "torch fp32"] = torch_runner(graph)
+            runners[name, "onnxruntime fp32"] = OnnxRuntimeEngine(to_onnx(graph, Path(tmp) / str(index)), physical_cores())
+        best: dict[tuple[str, str], tuple[float, float]] = {}
+        for _ in range(args.rounds):
+            for key, run in runners.items():
+                figures = (measure(run, pixels, args.seconds), measure_latency(run, pixels[:1], args.seconds / 2))
+                old = best.get(key, (0.0, float("inf")))
+                best[key] = (max(old[0], figures[0]), min(old[1], figures[1]))
+    print(f"\n### Inference cost of the context options: {args.backbone} at {args.size}x{args.size}\n")
+    print(f"| variant | engine | img/s (batch {args.batch}) | vs plain | batch-1 ms | vs plain |")
+    print("|---|---|---:|---:|---:|---:|")
+    for (name, engine), (speed, latency) in best.items():
+        plain_speed, plain_latency = best[names[0], engine]
+        print(f"| {name} | {engine} | {speed:.1f} | {plain_speed / speed:.2f}x time | {latency:.1f} | "
+              f"{latency / plain_latency:.2f}x |")
+    print(f"\nCPU: {cpu_model()}, {physical_cores()} physical cores, torch {torch.__version__}; "
+          f"ratios are time per image against '{names[0]}', measured in this run")
+
+
+if __name__ == "__main__":
+    main()
