@@ -443,12 +443,14 @@ def test_unknown_recipe_is_a_user_error(mvtec, lite0_weights, tmp_path, capsys):
 def test_bad_option_values_are_one_line_errors(capsys, flags, names, mvtec: Path, lite0_weights: Path,
                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Checked before any image is read or file written: no feature extraction, no run folder."""
-    import fastflow.train
+    import fastflow.detector
 
     def no_extraction(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("features were extracted before the options were checked")
 
-    monkeypatch.setattr(fastflow.train, "extract_features", no_extraction)
+    # Where fit looks them up: the detector imports both by name.
+    monkeypatch.setattr(fastflow.detector, "extract_features", no_extraction)
+    monkeypatch.setattr(fastflow.detector, "extract_with_noisy_copies", no_extraction)
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, *train_args(mvtec, run, lite0_weights), *flags)
     assert_user_error(code, err, *names)
