@@ -156,12 +156,16 @@ class _FoldedStep(nn.Module):
         conv1, conv2 = step.subnet[0], step.subnet[2]
         # The condition is fixed, so its part of the first convolution (bias included) is a
         # constant map: conv(concat(x1, c)) = conv_x1(x1) + conv_c(c), zero padding alike.
-        self.register_buffer("condition_bias", None)
+        condition_bias = None
         if step.condition_channels:
             with torch.no_grad():
-                part = conv1.weight[:, step.passive :]
-                bias_map = F.conv2d(condition.float(), part, conv1.bias, padding=conv1.padding)
-            self.register_buffer("condition_bias", bias_map.detach().clone())
+                condition_bias = F.conv2d(
+                    condition.float(), conv1.weight[:, step.passive :], conv1.bias, padding=conv1.padding
+                )
+            self.conv1 = _copy_conv(conv1, conv1.weight[:, : step.passive], torch.zeros_like(conv1.bias))
+        else:
+            self.conv1 = _copy_conv(conv1)
+        self.register_buffer("condition_bias", condition_bias)
         with torch.no_grad():
             scale = _softplus_global_scale(step.global_scale).flatten()
             offset = step.global_offset.flatten()
@@ -173,10 +177,6 @@ class _FoldedStep(nn.Module):
             bias = conv2.bias.detach().clone() * _SUBNET_OUTPUT_SCALE
             weight[self.active :] *= active_scale.view(-1, 1, 1, 1)
             bias[self.active :] = bias[self.active :] * active_scale + active_offset
-        if step.condition_channels:
-            self.conv1 = _copy_conv(conv1, conv1.weight[:, : step.passive], torch.zeros_like(conv1.bias))
-        else:
-            self.conv1 = _copy_conv(conv1)
         self.conv2 = _copy_conv(conv2, weight, bias)
         # exp(s) * scale = exp(s + log(scale)): the active half's global scale joins the log-scale.
         self.register_buffer("log_active_scale", torch.log(active_scale).view(1, -1, 1, 1))
