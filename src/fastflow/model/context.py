@@ -15,6 +15,7 @@ it no more than that. The detectors that localise best add context before or bes
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -50,12 +51,14 @@ def fuse_to_finest(maps: list[Tensor]) -> Tensor:
     return torch.cat(resized, dim=1)
 
 
+@functools.lru_cache(maxsize=64)
 def positional_encoding(channels: int, height: int, width: int) -> Tensor:
     """A 2D sinusoidal encoding (1, channels, height, width): half the channels code the column,
     half the row, each as sin/cos pairs of geometrically spaced frequencies (Vaswani et al.).
 
     ``channels`` must be a multiple of 4. Positions are counted in grid cells, so every scale's
-    encoding varies at the scale of its own grid.
+    encoding varies at the scale of its own grid. Computed once per shape and shared (every
+    training batch and inference call asks for it): read it, never write into it.
     """
     if channels % 4 or channels <= 0:
         raise ValueError(f"positional encoding channels must be a positive multiple of 4, got {channels}")

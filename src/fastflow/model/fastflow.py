@@ -68,8 +68,8 @@ class FastFlowModel(nn.Module):
     def positions(self, device: torch.device | str = "cpu") -> list[Tensor | None]:
         """Each flow's condition: its positional encoding (1, P, h, w), or ``None`` without one.
 
-        A fixed function of the grid, computed when needed (a few thousand sines) rather than
-        stored: model files do not carry it, and a model built on the meta device gets it too.
+        A fixed function of the grid (``positional_encoding``, computed once per shape) rather
+        than a buffer: model files do not carry it, and a model built on the meta device gets it too.
         """
         channels = self.config.positional_channels
         return [
