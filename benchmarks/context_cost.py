@@ -21,8 +21,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see inference.py)
 
 import torch
-from inference import measure, measure_latency, perturbed_model, torch_runner
-from torch.nn import functional as F
+from inference import best_of_rounds, measure, perturbed_model, smooth_pixels, torch_runner
 
 from fastflow import FastFlow
 from fastflow.engines import OnnxRuntimeEngine, physical_cores
@@ -50,26 +49,20 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
     args = parser.parse_args()
     torch.set_num_threads(physical_cores())
-    generator = torch.Generator().manual_seed(0)
-    coarse = torch.rand(args.batch, 3, 8, 8, generator=generator) * 255
-    size = (args.size, args.size)
-    pixels = F.interpolate(coarse, size=size, mode="bicubic").clamp(0, 255).round().to(torch.uint8).numpy()
+    pixels = smooth_pixels(args.batch, args.size).numpy()
     names = args.variants.split(",")
-    runners = {}
+    configs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for index, name in enumerate(names):
             model = perturbed_model(args.backbone, args.size, **VARIANTS[name])
             graph = FastFlow.from_model(model, threshold=-0.5, map_floor=-0.6).inference_graph()
-            runners[name, "torch fp32"] = torch_runner(graph)
-            runners[name, "onnxruntime fp32"] = OnnxRuntimeEngine(to_onnx(graph, Path(tmp) / str(index)), physical_cores())
-        for run in runners.values():  # a discarded round: first calls pay for allocations and kernel choice
+            torch_run = torch_runner(graph)
+            onnx_run = OnnxRuntimeEngine(to_onnx(graph, Path(tmp) / str(index)), physical_cores())
+            configs[name, "torch fp32"] = (torch_run, torch_run, "pixels")
+            configs[name, "onnxruntime fp32"] = (onnx_run, onnx_run, "pixels")
+        for run, _, _ in configs.values():  # a discarded round: first calls pay for allocations and kernel choice
             measure(run, pixels, 0.2)
-        best: dict[tuple[str, str], tuple[float, float]] = {}
-        for _ in range(args.rounds):
-            for key, run in runners.items():
-                figures = (measure(run, pixels, args.seconds), measure_latency(run, pixels[:1], args.seconds / 2))
-                old = best.get(key, (0.0, float("inf")))
-                best[key] = (max(old[0], figures[0]), min(old[1], figures[1]))
+        best = best_of_rounds(configs, {"pixels": pixels}, args.rounds, args.seconds)
     print(f"\n### Inference cost of the context options: {args.backbone} at {args.size}x{args.size}\n")
     print(f"| variant | engine | img/s (batch {args.batch}) | vs plain | batch-1 ms | vs plain |")
     print("|---|---|---:|---:|---:|---:|")

@@ -136,13 +136,18 @@ def torch_runner(module: Callable) -> Runner:
     return run
 
 
+def smooth_pixels(batch: int, size: int) -> torch.Tensor:
+    """(batch, 3, size, size) uint8 test images: smooth colour fields, the same every run."""
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand(batch, 3, 8, 8, generator=generator) * 255
+    return F.interpolate(coarse, size=(size, size), mode="bicubic").clamp(0, 255).round().to(torch.uint8)
+
+
 def build_configs(backbone: str, size: int, batch: int, workdir: Path) -> tuple[dict, np.ndarray, np.ndarray]:
     """name -> (batch runner, batch-1 runner, input kind); plus the uint8 and normalised inputs."""
     model = perturbed_model(backbone, size)
     detector = FastFlow.from_model(model, threshold=-0.5, map_floor=-0.6)
-    generator = torch.Generator().manual_seed(0)
-    coarse = torch.rand(batch, 3, 8, 8, generator=generator) * 255
-    pixels = F.interpolate(coarse, size=(size, size), mode="bicubic").clamp(0, 255).round().to(torch.uint8)
+    pixels = smooth_pixels(batch, size)
     graph = detector.inference_graph()
     normalised = model.preprocess(pixels).numpy()
     pixels = pixels.numpy()
@@ -216,16 +221,22 @@ def measure_latency(run: Runner, image: np.ndarray, seconds: float) -> float:
     return 1000 * statistics.median(times)
 
 
-def benchmark(backbone: str, size: int, batch: int, rounds: int, seconds: float, workdir: Path) -> dict[str, tuple]:
-    configs, pixels, normalised = build_configs(backbone, size, batch, workdir)
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
+def best_of_rounds(configs: dict, inputs: dict[str, np.ndarray], rounds: int, seconds: float) -> dict:
+    """name -> (best img/s, best batch-1 ms) of ``configs`` (name -> (batch runner, batch-1 runner,
+    input kind)), each timed once per round, interleaved; ``inputs`` maps an input kind to its batch."""
+    results: dict = {name: [] for name in configs}
     for _ in range(rounds):
         for name, (run_batch, run_one, kind) in configs.items():
-            images = pixels if kind == "pixels" else normalised
+            images = inputs[kind]
             results[name].append(
                 (measure(run_batch, images, seconds), measure_latency(run_one, images[:1], seconds / 2))
             )
     return {name: (max(r[0] for r in rows), min(r[1] for r in rows)) for name, rows in results.items()}
+
+
+def benchmark(backbone: str, size: int, batch: int, rounds: int, seconds: float, workdir: Path) -> dict[str, tuple]:
+    configs, pixels, normalised = build_configs(backbone, size, batch, workdir)
+    return best_of_rounds(configs, {"pixels": pixels, "normalised": normalised}, rounds, seconds)
 
 
 def anomalib_aurocs(detector: FastFlow, samples: list, labels: np.ndarray) -> list[tuple]:
