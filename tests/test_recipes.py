@@ -62,6 +62,9 @@ def test_recipe_architecture_sets_context_options_that_detector_options_override
     # A whole config is the user's model: the recipe does not edit it.
     assert FastFlow(FastFlowConfig("resnet18"), recipe=pooled).config.context_pool == 1
     assert RECIPES["reference"].architecture == {}
+    # The improved default conditions the flows on position; the reference keeps the paper's model.
+    assert FastFlow("resnet18").config.positional_channels == 16
+    assert FastFlow("resnet18", recipe="reference").config.positional_channels == 0
     assert Recipe.from_dict(pooled.to_dict()) == pooled
     with pytest.raises(FastFlowError, match="architecture"):
         Recipe(architecture={"input_size": (64, 64)})  # a recipe gives context, not the model's size

@@ -144,6 +144,10 @@ class Recipe:
         architecture: context options of ``FastFlowConfig`` (``CONTEXT_OPTIONS``) this recipe
             puts on top of a backbone's preset when a detector is built from a backbone name;
             options given to the detector win, and a whole ``FastFlowConfig`` is used as given.
+            The default, a 16-channel sinusoidal position given to every coupling subnet, lets the
+            flow learn that a part's rim and its centre look different: it lifted pixel AUROC and
+            AUPRO and halved the worst drop under shift and JPEG on validation
+            (``benchmarks/robust_study.py``) for 1.03x the inference time (torch, batch 16).
             Empty: the preset's architecture, as in the paper.
         description: one line for ``fastflow presets``.
     """
@@ -154,7 +158,7 @@ class Recipe:
     pixel_noise: float = 2.0
     map_sigma: float = 4.0
     score_top: float = 0.001
-    architecture: dict[str, Any] = field(default_factory=dict)
+    architecture: dict[str, Any] = field(default_factory=lambda: {"positional_channels": 16})
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -195,12 +199,13 @@ RECIPES: dict[str, Recipe] = {
     "improved": Recipe(
         "improved",
         description="exact NLL loss, trained on clean and noisy (sigma 2 grey levels) copies of each image "
-        "with feature noise 0.1 std, "
+        "with feature noise 0.1 std, a 16-channel positional condition in every coupling, "
         "anomaly map blurred (sigma 4 px), image score = mean of the map's top 0.1%",
     ),
     # The paper / anomalib recipe, kept so published numbers can be reproduced.
     "reference": Recipe(
         "reference", exact_nll=False, feature_noise=0.0, pixel_noise=0.0, map_sigma=0.0, score_top=0.0,
+        architecture={},
         description="FastFlow paper and anomalib: loss without the norm's log-det, unblurred map, image score = map maximum",
     ),
 }
