@@ -57,6 +57,8 @@ from support import perturb_trainable
 
 LITE0_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "tf_efficientnet_lite0.safetensors"
 Runner = Callable[[np.ndarray], object]
+# A precision is offered where image and pixel AUROC stay this close to f32 (the reduced-precision issue).
+AUROC_TOLERANCE = 0.005
 
 
 def perturbed_model(backbone: str, size: int, **options: object) -> FastFlowModel:
@@ -74,6 +76,9 @@ def anomalib_twin(model: FastFlowModel) -> nn.Module:
     from anomalib.models.image.fastflow.torch_model import FastflowModel, create_fast_flow_block
 
     config = model.config
+    if config.positional_channels or config.context_pool > 1 or config.fuse_scales:
+        raise ValueError("anomalib's FastflowModel has no context options (positional condition, pooling, "
+                         "fused scales): its twin needs a model without them")
     supported = config.backbone in ("resnet18", "wide_resnet50_2")
     twin = FastflowModel(
         config.input_size, config.backbone if supported else "resnet18", pre_trained=False,
@@ -248,7 +253,8 @@ def anomalib_aurocs(detector: FastFlow, samples: list, labels: np.ndarray) -> li
 
     try:
         twin = _MapAndScore(anomalib_twin(detector.model_)).eval()
-    except ImportError:
+    except (ImportError, ValueError) as error:
+        print(f"no anomalib rows: {error}", file=sys.stderr)
         return []
     with torch.no_grad():
         batches = [(detector.model_.preprocess(batch["image"]).numpy(), batch) for _, batch in detector.image_batches(samples)]
@@ -309,8 +315,8 @@ def auroc_check(run: Path, data: Path) -> None:
         print(f"| {name} | {image:.4f} ({image - reference[1]:+.4f}) | {pixel:.4f} ({pixel - reference[2]:+.4f}) | "
               f"{np.abs(scores - reference[3]).max():.2g} | {elapsed:.0f} |")
     for name, image, pixel, _, _ in rows[1:]:
-        verdict = "within" if max(abs(image - reference[1]), abs(pixel - reference[2])) <= 0.002 else "NOT within"
-        print(f"{name}: image and pixel AUROC {verdict} 0.002 of torch f32")
+        verdict = "within" if max(abs(image - reference[1]), abs(pixel - reference[2])) <= AUROC_TOLERANCE else "NOT within"
+        print(f"{name}: image and pixel AUROC {verdict} {AUROC_TOLERANCE} of torch f32")
 
 
 def main() -> None:

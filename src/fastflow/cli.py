@@ -257,7 +257,7 @@ def predict(
     inputs: Annotated[list[str], typer.Argument(help="Images, folders or glob patterns.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for overlays/, masks/, predictions.csv/.json.")],
     engine: Annotated[str | None, typer.Option(help="torch, onnx or openvino (default: onnx from --onnx-from images on when installed, else torch).")] = None,
-    precision: Annotated[str, typer.Option(help="f32, or bf16 (torch: bf16 flows, scores differ slightly; openvino: fails the accuracy check).")] = "f32",
+    precision: Annotated[str, typer.Option(help="f32, or bf16 (torch: bf16 flows; openvino: all but the pre-processing in bf16; scores differ slightly, AUROC kept).")] = "f32",
     onnx_from: Annotated[int, typer.Option(help="Without --engine, use ONNX Runtime from this many images on (its export costs seconds; 400 is the break-even measured on 2 CPU cores, see the README).")] = 400,
 ) -> None:
     """Score images: per-image score and label, heat-map overlays, binary masks, a summary."""

@@ -126,11 +126,12 @@ def to_openvino(
 ) -> Path:
     """Write OpenVINO IR (``model.xml`` + ``model.bin``) and ``model.json`` to ``directory``.
 
-    The IR holds f32 weights. ``precision`` is the inference precision to compile it with
-    (OpenVINO's ``INFERENCE_PRECISION_HINT``), recorded in ``model.json`` and used by
-    ``load_exported``; "bf16" fails the accuracy check (see the README). Note that OpenVINO
-    compiles in bf16 by default on CPUs that support it, so other programs must pass
-    ``{"INFERENCE_PRECISION_HINT": "f32"}`` to get fastflow's scores.
+    The IR holds f32 weights. ``precision`` is the inference precision to compile it with,
+    recorded in ``model.json`` and used by ``load_exported``: "bf16" runs the pre-processing
+    as its own f32 model and the rest under OpenVINO's bf16 hint (``split_preprocessing``),
+    which keeps the AUROC (README, Fast inference). Note that OpenVINO compiles *every* layer
+    in bf16 by default on CPUs that support it, which does not keep it, so other programs must
+    pass ``{"INFERENCE_PRECISION_HINT": "f32"}`` or cut the graph as ``split_preprocessing`` does.
     """
     check_precision(precision)
     ov = import_optional("openvino")
