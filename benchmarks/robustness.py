@@ -1,6 +1,7 @@
 """Robustness benchmark: a trained model's test scores under changes no inspector could see.
 
     python benchmarks/robustness.py RUN DATA [--json out.json] [--perturbations noise1,noise2,...]
+    python benchmarks/robustness.py RUN DATA --engine openvino --precision bf16 --perturbations noise1,...
 
 RUN is a run folder or ``model.safetensors``, DATA an MVTec-layout dataset folder (its test
 split). The perturbations, the rows and the drift are ``fastflow.robustness``'s (its docstring
@@ -40,6 +41,9 @@ def main() -> None:
     parser.add_argument("--perturbations", default=",".join(PERTURBATIONS),
                         help=f"comma-separated, of {', '.join(PERTURBATIONS)}; clean is always run first")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pixel noise")
+    parser.add_argument("--engine", choices=("torch", "onnx", "openvino"),
+                        help="score with this engine (pixel changes only); default: the float32 PyTorch graph")
+    parser.add_argument("--precision", default="f32", choices=("f32", "bf16"), help="the engine's precision")
     args = parser.parse_args()
     try:
         names = perturbation_names(args.perturbations)
@@ -48,7 +52,8 @@ def main() -> None:
     torch.set_num_threads(physical_cores())
     detector = FastFlow.load(args.run)
     samples = load_samples(args.data, "test")
-    rows = measure(detector, samples, names, args.seed)
+    engine = detector.engine(args.engine, args.precision) if args.engine else None
+    rows = measure(detector, samples, names, args.seed, engine)
     print(f"\n### Robustness on {args.data} ({len(samples)} test images), model {args.run}\n")
     print(markdown_table(rows))
     print(f"\nCPU: {cpu_model()}, {physical_cores()} physical cores, torch {torch.__version__}")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from support import perturb_trainable
 
-from fastflow import FastFlow, robustness
+from fastflow import FastFlow, FastFlowError, robustness
 from fastflow.data import Sample, load_samples
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.presets import get_config
@@ -46,6 +46,15 @@ def test_measure_is_reproducible_and_clean_is_the_reference(tmp_path: Path):
     assert first[0]["delta_image_auroc"] == first[0]["normal_drift"] == 0.0
     assert [row["perturbation"] for row in first] == names
     assert any(row["normal_drift"] != 0.0 for row in first[1:])  # the changes reach the scores
+    # An engine scores the same perturbed pixels: the OpenVINO f32 export gives the graph's rows.
+    pixel_names = names[:3]
+    exported = robustness.measure(detector, samples, pixel_names, seed=0, engine=detector.engine("openvino"))
+    for ours, theirs in zip(first, exported, strict=False):
+        assert theirs["perturbation"] == ours["perturbation"]
+        assert theirs["image_auroc"] == pytest.approx(ours["image_auroc"], abs=1e-9)
+        assert theirs["median_normal_score"] == pytest.approx(ours["median_normal_score"], abs=1e-4)
+    with pytest.raises(FastFlowError, match="bf16 perturbations"):
+        robustness.measure(detector, samples, ["clean", "bf16_graph"], seed=0, engine=detector.engine("openvino"))
 
 
 def test_a_moved_mask_is_cropped_at_full_resolution_like_its_image(tmp_path: Path):

@@ -58,6 +58,7 @@ from torch import Tensor
 
 from fastflow.data import Sample, load_mask
 from fastflow.detector import FastFlow
+from fastflow.engines import Engine
 from fastflow.errors import FastFlowError
 from fastflow.metrics import aupro, image_auroc, pixel_auroc
 from fastflow.model.inference import InferenceGraph
@@ -177,8 +178,14 @@ def moved_mask(sample: Sample, image_size: tuple[int, int], model_size: tuple[in
 
 
 def score_test_set(detector: FastFlow, samples: list[Sample], perturbation: Perturbation,
-                   seed: int) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    """Scores of all ``samples``; maps and masks of the ones with pixel truth (normal, or with a mask)."""
+                   seed: int, engine: Engine | None = None) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """Scores of all ``samples``; maps and masks of the ones with pixel truth (normal, or with a mask).
+
+    ``engine`` (e.g. ``detector.engine("openvino", "bf16")``) scores the pixels instead of the
+    float32 graph; perturbations of the arithmetic (bf16 rows) need the graph itself.
+    """
+    if engine is not None and perturbation.run is not run_f32:
+        raise FastFlowError("the bf16 perturbations change PyTorch's arithmetic; leave them out with an engine")
     graph = detector.inference_graph()
     model_size = detector.config.input_size
     scores, maps, masks = [], [], []
@@ -186,7 +193,10 @@ def score_test_set(detector: FastFlow, samples: list[Sample], perturbation: Pert
     with torch.inference_mode():
         for batch_samples, batch in detector.image_batches(samples):
             pixels = perturbed_pixels(batch["image"], perturbation.image, done, seed)
-            amap, score = perturbation.run(graph, pixels)
+            if engine is None:
+                amap, score = perturbation.run(graph, pixels)
+            else:
+                amap, score, _ = (torch.from_numpy(a) for a in engine(pixels))
             scores.append(score.numpy())
             for i, sample in enumerate(batch_samples):
                 if sample.label == 0 or bool(batch["has_mask"][i]):
@@ -199,13 +209,15 @@ def score_test_set(detector: FastFlow, samples: list[Sample], perturbation: Pert
     return np.concatenate(scores), maps, masks
 
 
-def measure(detector: FastFlow, samples: list[Sample], names: list[str], seed: int) -> list[dict]:
-    """One row per perturbation (``clean`` first): AUROCs, their deltas and the normal-score drift."""
+def measure(detector: FastFlow, samples: list[Sample], names: list[str], seed: int,
+            engine: Engine | None = None) -> list[dict]:
+    """One row per perturbation (``clean`` first): AUROCs, their deltas and the normal-score drift;
+    with ``engine``, of that engine's scores (``score_test_set``)."""
     labels = np.array([s.label for s in samples])
     rows: list[dict] = []
     for name in names:
         start = time.perf_counter()
-        scores, maps, masks = score_test_set(detector, samples, PERTURBATIONS[name], seed)
+        scores, maps, masks = score_test_set(detector, samples, PERTURBATIONS[name], seed, engine)
         masks_array, maps_array = np.stack(masks), np.stack(maps)
         row = {
             "perturbation": name,
