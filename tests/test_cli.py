@@ -448,9 +448,8 @@ def test_bad_option_values_are_one_line_errors(capsys, flags, names, mvtec: Path
     def no_extraction(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("features were extracted before the options were checked")
 
-    # Where fit looks them up: the detector imports both by name.
+    # Where fit looks it up: the detector imports it by name.
     monkeypatch.setattr(fastflow.detector, "extract_features", no_extraction)
-    monkeypatch.setattr(fastflow.detector, "extract_with_noisy_copies", no_extraction)
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, *train_args(mvtec, run, lite0_weights), *flags)
     assert_user_error(code, err, *names)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from fastflow.cache import FeatureCache
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.presets import get_config
-from fastflow.train import TrainConfig, _flow_nll, add_pixel_noise, channel_noise_scales, fit_flows
+from fastflow.train import BatchNll, TrainConfig, add_pixel_noise, channel_noise_scales, fit_flows
 
 
 def _model() -> FastFlowModel:
@@ -19,7 +20,7 @@ def test_exact_nll_adds_the_layernorm_affine_log_det():
         for norm in model.norms:
             norm.weight.uniform_(0.2, 2.0)
     features = [torch.randn(3, *shape) for shape in model.feature_shapes]
-    reference, exact = _flow_nll(model, features, exact=False), _flow_nll(model, features, exact=True)
+    reference, exact = BatchNll(model, exact=False)(features) / 3, BatchNll(model, exact=True)(features) / 3
     expected = -sum(norm.weight.log().sum() for norm in model.norms)
     torch.testing.assert_close(exact - reference, expected, rtol=1e-4, atol=1e-2)
 
@@ -32,21 +33,21 @@ def test_reference_loss_pulls_the_layernorm_scale_down_exact_nll_does_not():
     mean_grads = {}
     for exact in (False, True):
         model.zero_grad()
-        _flow_nll(model, features, exact).backward()
+        BatchNll(model, exact)(features).backward()
         mean_grads[exact] = torch.stack([n.weight.grad.mean() for n in model.norms])
     assert (mean_grads[False] > 0.5).all()  # descent lowers the scales
     assert (mean_grads[True].abs() < 0.25 * mean_grads[False]).all()
 
 
 
-def _cached_features(model: FastFlowModel, count: int, seed: int) -> list[torch.Tensor]:
+def _cached_features(model: FastFlowModel, count: int, seed: int) -> FeatureCache:
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(count, *shape, generator=generator) for shape in model.feature_shapes]
+    return FeatureCache.of([torch.randn(count, *shape, generator=generator) for shape in model.feature_shapes])
 
 
 def test_channel_noise_scales_follow_each_channels_spread():
     features = [torch.randn(6, 3, 4, 5) * torch.tensor([0.5, 1.0, 4.0]).view(1, 3, 1, 1)]
-    (scale,) = channel_noise_scales(features, 0.2)
+    (scale,) = channel_noise_scales(FeatureCache.of(features), 0.2)
     assert scale.shape == (1, 3, 1, 1)
     torch.testing.assert_close(scale.flatten(), 0.2 * features[0].std(dim=(0, 2, 3)))
 

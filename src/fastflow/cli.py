@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -87,6 +88,9 @@ def _train_defaults() -> dict[str, Any]:
         "threshold_quantile": detector.threshold_quantile,
         "exact_nll": None,
         "recipe": detector.recipe.name,
+        "max_memory": None,
+        "cache_dir": None,
+        "cache_dtype": detector.cache.dtype,
     }
 
 
@@ -115,7 +119,8 @@ _OPTION_TYPES: dict[str, tuple[type, str]] = {
     "hidden_ratio": (float, "a number"), "exact_nll": (bool, "true or false"), "conv3x3_only": (bool, "true or false"),
     "backbone": (str, "a name"), "recipe": (str, "a name"), "weights": (str, "a file path"),
     "context_pool": (int, "an odd integer"), "fuse_scales": (bool, "true or false"),
-    "positional_channels": (int, "a multiple of 4"),
+    "positional_channels": (int, "a multiple of 4"), "max_memory": (str, "a size like 4GB"),
+    "cache_dir": (str, "a folder path"), "cache_dtype": (str, "float32 or float16"),
 }
 
 
@@ -157,10 +162,19 @@ def train(
     context_pool: Annotated[int | None, typer.Option(help="Average each feature position with its KxK neighbours before the flows (odd K; 1: none; default: the recipe's choice).")] = None,
     fuse_scales: Annotated[bool | None, typer.Option("--fuse-scales/--separate-scales", help="One flow on all scales joined on the finest grid, or one flow per scale (default: the recipe's choice).")] = None,
     positional_channels: Annotated[int | None, typer.Option(help="Channels of a sinusoidal positional encoding conditioning the flows (multiple of 4; 0: none; default: the recipe's choice).")] = None,
+    max_memory: Annotated[str | None, typer.Option(help="RAM budget of the training feature cache, e.g. 4GB; past it the cache goes to disk (0: always disk; default: a quarter of the available memory).")] = None,
+    cache_dir: Annotated[str | None, typer.Option(help="Folder for an on-disk feature cache (default: the system's temporary folder); removed after training.")] = None,
+    cache_dtype: Annotated[str | None, typer.Option(help="Feature cache storage: float32 (default) or float16 (half the memory or disk).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (flags win).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last.safetensors (e.g. after an interruption or with more --epochs).")] = False,
 ) -> None:
-    """Train a model on the normal images of DATA and write it to --output."""
+    """Train a model on the normal images of DATA and write it to --output.
+
+    Under torchrun (torchrun --nproc-per-node N -m fastflow train ...) the processes train one
+    model data-parallel; rank 0 writes the files.
+    """
+    from fastflow import distributed
+    from fastflow.cache import CacheConfig, parse_memory
     from fastflow.detector import FastFlow
     from fastflow.files import atomic_write
     from fastflow.presets import CONTEXT_OPTIONS, get_recipe
@@ -168,8 +182,13 @@ def train(
 
     cli = {"backbone": backbone, "weights": weights, "epochs": epochs, "batch_size": batch_size, "lr": lr,
            "patience": patience, "seed": seed, "input_size": input_size, "holdout": holdout, "exact_nll": exact_nll, "recipe": recipe,
-           "context_pool": context_pool, "fuse_scales": fuse_scales, "positional_channels": positional_channels}
+           "context_pool": context_pool, "fuse_scales": fuse_scales, "positional_channels": positional_channels,
+           "max_memory": max_memory, "cache_dir": cache_dir, "cache_dtype": cache_dtype}
     options = _typed(resolve_train_options(cli, config))
+    cache = CacheConfig(
+        max_memory=None if options["max_memory"] is None else parse_memory(options["max_memory"]),
+        directory=None if options["cache_dir"] is None else Path(options["cache_dir"]), dtype=options["cache_dtype"],
+    )
     # Every option is checked before the run folder is looked at or an image is read.
     training = TrainConfig(
         max_epochs=options["epochs"], batch_size=options["batch_size"], lr=options["lr"],
@@ -182,19 +201,40 @@ def train(
     detector = FastFlow(
         options["backbone"], recipe=chosen, weights=options["weights"], training=training, holdout_fraction=options["holdout"],
         threshold_quantile=options["threshold_quantile"], input_size=parse_size(options["input_size"]),
-        **architecture,
+        cache=cache, **architecture,
     )
     checkpoint = output / "last.safetensors"
     if not resume and ((output / "model.safetensors").exists() or checkpoint.exists()):
         raise FastFlowError(f"run folder {output} already holds a run; pass --resume to continue it or choose a new --output")
     if resume and not checkpoint.exists():
         raise FastFlowError(f"nothing to resume: {checkpoint} does not exist; train without --resume")
-    detector.fit(data, checkpoint=checkpoint)
-    path = detector.save(output / "model.safetensors")
-    history = json.dumps(detector.history_, indent=2)
-    atomic_write(output / "history.json", lambda tmp: tmp.write_text(history))
-    typer.echo(f"best epoch {detector.best_epoch_} of {len(detector.history_)}; threshold {detector.threshold_:.6g}")
-    typer.echo(f"saved {path}")
+    _log_to_stderr()
+    try:
+        detector.fit(data, checkpoint=checkpoint)
+        if not distributed.is_main():
+            return
+        path = detector.save(output / "model.safetensors")
+        history = json.dumps(detector.history_, indent=2)
+        atomic_write(output / "history.json", lambda tmp: tmp.write_text(history))
+        typer.echo(f"best epoch {detector.best_epoch_} of {len(detector.history_)}; threshold {detector.threshold_:.6g}")
+        typer.echo(f"saved {path}")
+    finally:
+        distributed.cleanup()
+
+
+class _EchoHandler(logging.Handler):
+    """Log lines through ``typer.echo``: to whatever stderr is at the time (tests capture it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(self.format(record), err=True)
+
+
+def _log_to_stderr() -> None:
+    """Show fastflow's info lines (e.g. where the feature cache went) on stderr, once."""
+    logger = logging.getLogger("fastflow")
+    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
+        logger.addHandler(_EchoHandler())
+        logger.setLevel(logging.INFO)
 
 
 def _metrics_table(metrics: dict[str, float]) -> str:

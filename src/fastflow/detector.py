@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastflow import distributed
+from fastflow.cache import CacheConfig, FeatureCache, open_caches
 from fastflow.data import (
     Sample,
     check_holdout_fraction,
@@ -35,7 +37,7 @@ from fastflow.model.backbones import RANDOM_WEIGHTS
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.model.inference import InferenceGraph
 from fastflow.presets import FastFlowConfig, Recipe, get_config, get_recipe
-from fastflow.train import TrainConfig, TrainState, extract_features, extract_with_noisy_copies, fit_flows
+from fastflow.train import TrainConfig, TrainState, extract_features, fit_flows
 
 __all__ = ["FastFlow", "Prediction", "as_samples"]
 
@@ -80,6 +82,7 @@ class FastFlow:
             threshold calibration, in (0, 1).
         threshold_quantile: deployment threshold = this quantile of held-out normal scores, in (0, 1].
         inference_batch_size: images per engine call when scoring.
+        cache: where training keeps backbone features (RAM up to a budget, else disk; ``CacheConfig``).
         **overrides: architecture fields of ``FastFlowConfig`` (``input_size``, ``layers``, ...).
 
     Example:
@@ -97,6 +100,7 @@ class FastFlow:
         holdout_fraction: float = 0.1,
         threshold_quantile: float = 0.99,
         inference_batch_size: int = 32,
+        cache: CacheConfig | None = None,
         **overrides: Any,
     ) -> None:
         # Checked here, not in fit: a bad option must stop a run before any image is read.
@@ -111,6 +115,7 @@ class FastFlow:
         self.holdout_fraction = holdout_fraction
         self.threshold_quantile = threshold_quantile
         self.inference_batch_size = inference_batch_size
+        self.cache = cache or CacheConfig()
         self.overrides = overrides
         self.config = self._config()
         self._graph: InferenceGraph | None = None
@@ -160,8 +165,13 @@ class FastFlow:
             y: unused, for scikit-learn compatibility.
             checkpoint: optional path of a resumable checkpoint, rewritten after every epoch; if
                 it exists, training resumes from it.
+
+        Under ``torchrun`` (``fastflow.distributed``) every process calls ``fit`` alike: each
+        extracts the features of its share of the images, the flows train data-parallel, and
+        every process ends with the same model and threshold; only rank 0 writes the checkpoint.
         """
         del y
+        distributed.setup()
         samples = validate_samples([s for s in as_samples(X, "train") if s.label == 0])
         train_samples, holdout_samples = split_holdout(samples, self.holdout_fraction, self.training.seed)
         torch.manual_seed(self.training.seed)
@@ -171,22 +181,24 @@ class FastFlow:
             model, state = _load_checkpoint(resume, self.config, self.recipe)
         else:
             model = self._new_model()
-        noisy_features = None
+        counts = {"train": len(train_samples), "holdout": len(holdout_samples)}
         if self.recipe.pixel_noise > 0:
-            train_features, noisy_features = extract_with_noisy_copies(
-                model, self._pixels(train_samples), self.recipe.pixel_noise, self.training.seed, "train features"
+            counts["noisy"] = len(train_samples)
+        with open_caches(self.cache, model.feature_shapes, counts) as caches:
+            noisy = caches.get("noisy")
+            extract_features(model, self._shard_pixels(train_samples), caches["train"], noisy,
+                             self.recipe.pixel_noise, self.training.seed, "train features")
+            extract_features(model, self._shard_pixels(holdout_samples), caches["holdout"], desc="held-out features")
+            for cache in caches.values():
+                cache.synchronise()
+            on_epoch_end = None
+            if checkpoint is not None and distributed.is_main():
+                on_epoch_end = lambda s: _save_checkpoint(Path(checkpoint), model, s, self.training, self.recipe)
+            state = fit_flows(
+                model, caches["train"], caches["holdout"], self.training, self.recipe.exact_nll,
+                self.recipe.feature_noise, noisy, state, on_epoch_end,
             )
-        else:
-            train_features = extract_features(model, self._pixels(train_samples), "train features")
-        holdout_features = extract_features(model, self._pixels(holdout_samples), "held-out features")
-        on_epoch_end = None
-        if checkpoint is not None:
-            on_epoch_end = lambda s: _save_checkpoint(Path(checkpoint), model, s, self.training, self.recipe)
-        state = fit_flows(
-            model, train_features, holdout_features, self.training, self.recipe.exact_nll,
-            self.recipe.feature_noise, noisy_features, state, on_epoch_end,
-        )
-        holdout_scores, holdout_maps = self._score_features(model.fold(), holdout_features)
+            holdout_scores, holdout_maps = self._score_features(model.fold(), caches["holdout"])
         # Typical normal pixel value: the dark end of heat-map pictures.
         self._set_fitted(model, calibrate_threshold(holdout_scores, self.threshold_quantile), float(np.median(holdout_maps)))
         self.holdout_scores_ = holdout_scores
@@ -206,18 +218,23 @@ class FastFlow:
             return model
         return FastFlowModel(self.config, self.weights)
 
-    def _pixels(self, samples: list[Sample]) -> Iterator[Tensor]:
-        """uint8 pixel batches of ``samples`` (one image size per batch), in order."""
-        for batch in image_loader(samples, self.config.input_size, self.training.batch_size):
-            yield batch["image"]
+    def _shard_pixels(self, samples: list[Sample]) -> Iterator[tuple[list[int], Tensor]]:
+        """(positions in ``samples``, uint8 pixels) batches of this process's share of ``samples``:
+        every ``world_size``-th image from its rank on (all of them in a single process)."""
+        positions = list(range(distributed.rank(), len(samples), distributed.world_size()))
+        done = 0
+        for batch in image_loader([samples[i] for i in positions], self.config.input_size, self.training.batch_size):
+            count = len(batch["image"])
+            yield positions[done : done + count], batch["image"]
+            done += count
 
-    def _score_features(self, folded: FastFlowModel, features: list[Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    def _score_features(self, folded: FastFlowModel, features: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
         """Scores and maps of cached raw backbone features, with the recipe's scorer."""
         scores, maps = [], []
         step = self.training.batch_size
         with torch.no_grad():
-            for start in range(0, features[0].shape[0], step):
-                zs, _ = folded.flow([f[start : start + step] for f in features])
+            for start in range(0, len(features), step):
+                zs, _ = folded.flow(features.slice(start, start + step))
                 amap, score = self.recipe.score_latents(zs, self.config.input_size)
                 scores.append(score.numpy())
                 maps.append(amap.numpy())

@@ -20,12 +20,14 @@ from torch.nn import functional as F
 __all__ = ["anomaly_map", "blur_radius", "fuse_scales", "gaussian_blur", "image_score", "nll_loss", "score_latents"]
 
 
-def nll_loss(zs: list[Tensor], log_dets: list[Tensor]) -> Tensor:
-    """Training loss: batch mean of ``0.5 * ||z||^2 - log|det J|``, summed over scales."""
+def nll_loss(zs: list[Tensor], log_dets: list[Tensor], reduction: str = "mean") -> Tensor:
+    """Training loss: batch mean (or ``reduction="sum"``) of ``0.5 * ||z||^2 - log|det J|``, summed
+    over scales. The sum of an empty batch is 0, so a process with no image in a batch still
+    takes part in a distributed step."""
     total = zs[0].new_zeros(())
     for z, log_det in zip(zs, log_dets, strict=True):
         per_image = 0.5 * z.pow(2).flatten(1).sum(dim=1) - log_det.flatten(1).sum(dim=1)
-        total = total + per_image.mean()
+        total = total + (per_image.sum() if reduction == "sum" else per_image.mean())
     return total
 
 

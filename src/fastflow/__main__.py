@@ -1,0 +1,5 @@
+"""``python -m fastflow``: the command line, as ``torchrun -m fastflow train ...`` launches it."""
+
+from fastflow.cli import app
+
+app(prog_name="fastflow")
