@@ -36,7 +36,7 @@ from fastflow.presets import get_config
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from fastflow.serve import ServeConfig, create_app, load_served  # noqa: E402
+from fastflow.serve import MicroBatcher, ServeConfig, create_app, load_served  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,13 +85,10 @@ def test_served_scores_equal_predicts(engine: str, run: Path, images: list[Path]
     if engine == "onnx":
         pytest.importorskip("onnxruntime")
     expected = _predicted(run, images, engine, tmp_path / "predict")
-    # A long wait so that the concurrent requests below share engine calls.
-    app = create_app(load_served(run, engine), ServeConfig(max_batch=8, batch_wait_ms=300))
+    app = create_app(load_served(run, engine), ServeConfig(max_batch=8, batch_wait_ms=50))
     with TestClient(app) as client:
-        # Every image twice: the images differ in size, so only copies can share a call.
         with ThreadPoolExecutor(2 * len(images)) as pool:
             responses = list(pool.map(lambda p: _post(client, p.read_bytes(), "application/octet-stream"), images * 2))
-        calls = client.get("/health").json()["engine_calls"]
     bodies = [r.json() for r in responses]
     assert all(r.status_code == 200 for r in responses), bodies
     worst = max(abs(b["score"] - expected[str(p)]["score"]) for p, b in zip(images * 2, bodies))
@@ -100,11 +97,31 @@ def test_served_scores_equal_predicts(engine: str, run: Path, images: list[Path]
     assert {b["label"] for b in bodies} == {"normal", "anomalous"}
     assert [(b["width"], b["height"]) for b in bodies] == [Image.open(p).size for p in images * 2]
     assert all(b["engine"] == engine and b["model"] == "run" for b in bodies)
-    # Micro-batching: fewer engine calls than requests, and a batch never mixes sizes.
-    assert calls < len(bodies) and max(b["batch_size"] for b in bodies) > 1
-    for body in bodies:
+    for body in bodies:  # a batch never mixes sizes
         same_size = sum((o["width"], o["height"]) == (body["width"], body["height"]) for o in bodies)
         assert body["batch_size"] <= same_size
+
+
+def test_queued_images_share_one_engine_call_per_size() -> None:
+    """Deterministic micro-batching: images queued before the engine thread starts are taken
+    together (up to max_batch) and scored in one call per image size, each getting its own row."""
+    calls: list[tuple[int, ...]] = []
+
+    def engine(pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        calls.append(tuple(pixels.shape))
+        scores = pixels.float().mean(dim=(1, 2, 3)).numpy()
+        return np.zeros((len(pixels), 4, 4)), scores, (scores > 100).astype(np.int64)
+
+    batcher = MicroBatcher(engine, max_batch=8, wait_s=0.0)
+    sizes = [(3, 8, 8), (3, 8, 6), (3, 8, 8), (3, 8, 8), (3, 8, 6)]
+    futures = [batcher.submit(torch.full(size, 10 * i, dtype=torch.uint8)) for i, size in enumerate(sizes)]
+    batcher.start()
+    results = [future.result(timeout=10) for future in futures]
+    batcher.stop()
+    assert sorted(calls) == [(2, 3, 8, 6), (3, 3, 8, 8)]
+    assert [r.score for r in results] == [10.0 * i for i in range(5)]
+    assert [r.batch_size for r in results] == [3, 2, 3, 3, 2]
+    assert batcher.calls == 2
 
 
 def test_default_engine_is_predicts_choice_for_many_images(run: Path) -> None:
