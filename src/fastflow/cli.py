@@ -317,6 +317,50 @@ def predict(
 
 @app.command()
 @_user_errors
+def serve(
+    run: Annotated[Path, typer.Argument(help="Run folder or model.safetensors from 'fastflow train', or a folder from 'fastflow export'.")],
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface (then set --api-key).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    engine: Annotated[str | None, typer.Option(help="torch, onnx or openvino (default: as 'predict' for many images: onnx when installed, else torch).")] = None,
+    precision: Annotated[str | None, typer.Option(help="f32 or bf16 (see 'predict'; default f32, or an exported model's own).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Most images per engine call (concurrent requests share one).")] = 16,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to share its engine call.")] = 5.0,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB.")] = 50.0,
+    max_megapixels: Annotated[float, typer.Option(help="Largest image (width x height, in millions of pixels), checked before decoding.")] = 40.0,
+    api_key: Annotated[str | None, typer.Option(envvar="FASTFLOW_API_KEY", help="Key every request but / and /health must send in X-API-Key.")] = None,
+) -> None:
+    """Serve a model over HTTP: POST /predict, GET /health, GET /model, and a web page at /."""
+    import ipaddress
+
+    from fastflow.engines import ENGINES, check_precision
+
+    try:
+        import uvicorn
+
+        from fastflow.serve import ServeConfig, create_app, load_served
+    except ImportError as error:
+        raise FastFlowError(f"serving needs {error.name}; install the serve extra: pip install \"fastflow[serve]\"") from None
+    # Every option is checked before the model is loaded.
+    if engine is not None and engine not in ENGINES:
+        raise FastFlowError(f"unknown engine '{engine}'; use one of {', '.join(ENGINES)}")
+    if precision is not None:
+        check_precision(precision)
+    if not 1 <= port <= 65535:
+        raise FastFlowError(f"port (--port) must be between 1 and 65535, got {port}")
+    config = ServeConfig(max_batch, batch_wait_ms, round(max_body_mb * 2**20), round(max_megapixels * 1e6), api_key)
+    if not run.exists():
+        raise FastFlowError(f"{run} does not exist; pass a run folder, a model.safetensors or a 'fastflow export' folder")
+    with contextlib.suppress(ValueError):
+        if api_key is None and not ipaddress.ip_address(host).is_loopback:
+            typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use the model", err=True)
+    with _physical_core_threads():
+        model = load_served(run, engine, precision)
+        typer.echo(f"serving {model.name} ({model.engine_name}, {model.precision}) on http://{host}:{port}/")
+        uvicorn.run(create_app(model, config), host=host, port=port, log_level="warning")
+
+
+@app.command()
+@_user_errors
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder or model.safetensors from 'fastflow train'.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the exported model and model.json.")],

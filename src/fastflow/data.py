@@ -22,6 +22,7 @@ training run before anything is written.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -35,14 +36,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from fastflow.errors import FastFlowError, is_real, require
+from fastflow.errors import FastFlowError, first_line, is_real, require
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "UPLOAD_FORMATS",
     "DataError",
     "ImageDataset",
     "Sample",
     "check_holdout_fraction",
+    "decode_bytes",
     "decode_image",
     "detect_layout",
     "folder_samples",
@@ -58,6 +61,8 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# PIL formats of IMAGE_SUFFIXES: the only decoders ``decode_bytes`` lets untrusted uploads reach.
+UPLOAD_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "TIFF")
 
 Split = Literal["train", "test"]
 T = TypeVar("T")
@@ -377,6 +382,37 @@ def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
 def decode_image(path: str | os.PathLike[str]) -> torch.Tensor:
     """Decode ``path`` to an 8-bit RGB (3, H, W) uint8 tensor: the raw input of an exported model."""
     arr = _decoded(Path(path), "image", lambda img: np.array(_to_rgb(img), dtype=np.uint8))
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def decode_bytes(data: bytes, max_pixels: int) -> torch.Tensor:
+    """Decode an uploaded image (PNG, JPEG, BMP or TIFF bytes) exactly as ``decode_image`` decodes a file.
+
+    Untrusted bytes: only the ``UPLOAD_FORMATS`` decoders are tried, and the pixel count is
+    checked from the header before any pixel is decoded, so a small file that would decompress
+    to gigabytes (a decompression bomb) is refused cheaply. Every problem is a one-line
+    :class:`DataError`; ``(3, H, W)`` uint8 RGB otherwise.
+    """
+    if not data:
+        raise DataError("the upload is empty (0 bytes); send the bytes of a PNG, JPEG, BMP or TIFF image")
+    try:
+        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise DataError(
+                    f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels "
+                    "(a decompression bomb?); send a smaller image or raise the server's limit"
+                )
+            img.load()
+            arr = np.array(_to_rgb(img), dtype=np.uint8)
+    except DataError:  # a ValueError, like some of PIL's decoding errors below
+        raise
+    except Image.UnidentifiedImageError:
+        raise DataError("the upload is not a PNG, JPEG, BMP or TIFF image; send one of those formats") from None
+    except Image.DecompressionBombError as err:
+        raise DataError(f"image refused as a decompression bomb ({first_line(err)}); send a smaller image") from None
+    except _DECODE_ERRORS as err:
+        raise DataError(f"the image is corrupt or truncated (PIL: {first_line(err)}); send the complete file") from None
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
