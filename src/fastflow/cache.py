@@ -162,6 +162,7 @@ class FeatureCache:
         self.shapes, self.count, self.dtype = [tuple(s) for s in shapes], count, dtype
         self.itemsize = torch.empty((), dtype=dtype).element_size()
         self._record_elements = [c * h * w for c, h, w in self.shapes]
+        self._record_bytes = [elements * self.itemsize for elements in self._record_elements]
         self._sums = [torch.zeros(c, dtype=torch.float64) for c, _, _ in self.shapes]
         self._squares = [torch.zeros(c, dtype=torch.float64) for c, _, _ in self.shapes]
         self._written = 0
@@ -173,7 +174,7 @@ class FeatureCache:
             try:
                 handle = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0), 0o600)
                 if create:
-                    os.ftruncate(handle, count * elements * self.itemsize)
+                    os.ftruncate(handle, count * self._record_bytes[scale])
             except OSError as error:
                 raise FastFlowError(
                     f"cannot write the feature cache {path} ({error.strerror}); pass a writable --cache-dir with "
@@ -221,7 +222,7 @@ class FeatureCache:
                 self._memory[scale][positions] = records
                 continue
             array = records.numpy().reshape(len(positions), -1)
-            size = self._record_elements[scale] * self.itemsize
+            size = self._record_bytes[scale]
             for row, position in zip(array, positions, strict=True):
                 os.pwrite(self._files[scale], row.tobytes(), position * size)
         self._written += len(positions)
@@ -255,7 +256,7 @@ class FeatureCache:
         index = [int(p) for p in positions]
         batches = []
         for scale, (c, h, w) in enumerate(self.shapes):
-            size = self._record_elements[scale] * self.itemsize
+            size = self._record_bytes[scale]
             raw = b"".join(os.pread(self._files[scale], size, position * size) for position in index)
             batches.append(_as_batch(self._from_bytes(raw, (len(index), h, w, c))))
         return batches
@@ -267,7 +268,7 @@ class FeatureCache:
             return [_as_batch(stored[start:stop]) for stored in self._memory]
         batches = []
         for scale, (c, h, w) in enumerate(self.shapes):
-            size = self._record_elements[scale] * self.itemsize
+            size = self._record_bytes[scale]
             raw = os.pread(self._files[scale], (stop - start) * size, start * size)
             batches.append(_as_batch(self._from_bytes(raw, (stop - start, h, w, c))))
         return batches
