@@ -8,8 +8,8 @@ then trains each (backbone, N) in a fresh child process, so each peak resident s
 (``ru_maxrss``) is that run's alone, and prints a markdown table: images, where the feature
 cache went (the log line ``fit`` prints), cache size, peak RSS, and the peak's growth against
 the first N. The backbone runs with random weights: memory does not depend on their values.
-Defaults are the library's (improved recipe, batch 32, feature cache in RAM up to a quarter of
-the available memory, else on disk).
+Defaults are the library's (improved recipe, batch 32, feature cache in RAM up to 1 GiB, or a
+quarter of the available memory where less, else on disk).
 """
 
 from __future__ import annotations

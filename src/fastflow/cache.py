@@ -33,12 +33,16 @@ from torch import Tensor
 from fastflow import distributed
 from fastflow.errors import FastFlowError, is_integer
 
-__all__ = ["STORAGE_DTYPES", "CacheConfig", "FeatureCache", "available_memory", "open_caches", "parse_memory"]
+__all__ = ["DEFAULT_BUDGET", "STORAGE_DTYPES", "CacheConfig", "FeatureCache", "available_memory", "open_caches", "parse_memory"]
 
 _log = logging.getLogger(__name__)
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
+# The default RAM budget: the caches of a few hundred images (a typical product's normal set)
+# stay in RAM; past it a disk cache read through the page cache costs little time and keeps the
+# peak RSS flat however many images there are, so a bigger default would only buy memory growth.
+DEFAULT_BUDGET = 2**30
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30, "t": 2**40, "tb": 2**40}
 
 
@@ -72,8 +76,9 @@ class CacheConfig:
     """Where training keeps the backbone features: in RAM up to ``max_memory`` bytes, else on disk.
 
     Args:
-        max_memory: RAM budget of the feature cache in bytes (``--max-memory``); ``None``: a quarter
-            of the memory available when training starts; 0: always on disk.
+        max_memory: RAM budget of the feature cache in bytes (``--max-memory``); ``None``:
+            ``DEFAULT_BUDGET`` (1 GiB), or a quarter of the memory available when training starts
+            where that is less; 0: always on disk.
         directory: parent folder of an on-disk cache (``--cache-dir``); ``None``: the system's
             temporary folder (``TMPDIR``). The cache lives in a new subfolder, removed after training.
         dtype: storage precision, ``"float32"`` (exact) or ``"float16"`` (half the bytes).
@@ -90,7 +95,9 @@ class CacheConfig:
             raise FastFlowError(f"bad max_memory {self.max_memory!r} (--max-memory); use a size like 4GB, or 0 for always on disk")
 
     def budget(self) -> int:
-        return available_memory() // 4 if self.max_memory is None else self.max_memory
+        if self.max_memory is None:
+            return min(DEFAULT_BUDGET, available_memory() // 4)
+        return self.max_memory
 
 
 @contextlib.contextmanager

@@ -162,7 +162,7 @@ def train(
     context_pool: Annotated[int | None, typer.Option(help="Average each feature position with its KxK neighbours before the flows (odd K; 1: none; default: the recipe's choice).")] = None,
     fuse_scales: Annotated[bool | None, typer.Option("--fuse-scales/--separate-scales", help="One flow on all scales joined on the finest grid, or one flow per scale (default: the recipe's choice).")] = None,
     positional_channels: Annotated[int | None, typer.Option(help="Channels of a sinusoidal positional encoding conditioning the flows (multiple of 4; 0: none; default: the recipe's choice).")] = None,
-    max_memory: Annotated[str | None, typer.Option(help="RAM budget of the training feature cache, e.g. 4GB; past it the cache goes to disk (0: always disk; default: a quarter of the available memory).")] = None,
+    max_memory: Annotated[str | None, typer.Option(help="RAM budget of the training feature cache, e.g. 4GB; past it the cache goes to disk (0: always disk; default: 1GB, or a quarter of the available memory where less).")] = None,
     cache_dir: Annotated[str | None, typer.Option(help="Folder for an on-disk feature cache (default: the system's temporary folder); removed after training.")] = None,
     cache_dtype: Annotated[str | None, typer.Option(help="Feature cache storage: float32 (default) or float16 (half the memory or disk).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (flags win).")] = None,
