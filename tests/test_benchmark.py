@@ -12,6 +12,7 @@ from fastflow.benchmark import (
     resolve_dataset,
     run_benchmark,
 )
+from fastflow.errors import FastFlowError
 from fastflow.synthetic import make_textures
 from fastflow.train import TrainConfig
 
@@ -76,3 +77,25 @@ def test_builtin_dataset_is_generated_once_under_the_output(tmp_path, monkeypatc
     assert first == tmp_path / "data" / "textures" and (first / "train" / "good").is_dir()
     assert resolve_dataset("textures", tmp_path) == first and len(calls) == 1
     assert resolve_dataset(tmp_path / "elsewhere", tmp_path) == tmp_path / "elsewhere"
+
+
+def test_two_jobs_give_the_runs_one_job_gives(tmp_path, lite0_weights):
+    import pytest
+    import torch
+
+    data = make_textures(tmp_path / "tex", n_train=8, n_test_good=3, n_test_defect=2, size=(64, 64))
+    kwargs = dict(weights={"tf_efficientnet_lite0": lite0_weights}, seeds=(0, 1),
+                  training=TrainConfig(max_epochs=1, batch_size=4), input_size=(64, 64))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of two workers on two cores, so the arithmetic is the same
+    try:
+        serial = run_benchmark([data], ["tf_efficientnet_lite0"], tmp_path / "one", jobs=1, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    parallel = run_benchmark([data], ["tf_efficientnet_lite0"], tmp_path / "two", jobs=2, **kwargs)
+    assert [r.seed for r in parallel] == [0, 1]
+    for one, two in zip(serial, parallel, strict=True):
+        assert two.metrics == pytest.approx(one.metrics, abs=1e-6)
+    assert sorted(f.name for f in (tmp_path / "two").glob("*.json")) == sorted(f.name for f in (tmp_path / "one").glob("*.json"))
+    with pytest.raises(FastFlowError, match="--jobs"):
+        run_benchmark([data], ["tf_efficientnet_lite0"], tmp_path / "bad", jobs=0, **kwargs)

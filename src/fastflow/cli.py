@@ -423,6 +423,7 @@ def benchmark(
     epochs: Annotated[int, typer.Option(help="Maximum epochs per run.")] = 100,
     input_size: Annotated[str | None, typer.Option(help="Model input HEIGHTxWIDTH (default: each preset's).")] = None,
     robustness: Annotated[bool, typer.Option("--robustness", help="Also score each run under invisible changes (see 'fastflow test --robustness') and add a robustness table.")] = False,
+    jobs: Annotated[int, typer.Option(help="Runs trained at once, in worker processes that share the cores.")] = 1,
 ) -> None:
     """Train and test every dataset x backbone x recipe x seed; print the metric tables in markdown."""
     from fastflow.benchmark import markdown_tables, run_benchmark
@@ -442,7 +443,7 @@ def benchmark(
     runs = run_benchmark(
         datasets, backbone, output, weights=per_backbone, seeds=seed_list, recipes=recipe,
         training=TrainConfig(max_epochs=epochs), input_size=parse_size(input_size),
-        robustness=list(PERTURBATIONS) if robustness else (),
+        robustness=list(PERTURBATIONS) if robustness else (), jobs=jobs,
     )
     tables = markdown_tables(runs)
     atomic_write(output / "results.md", lambda tmp: tmp.write_text(tables))
