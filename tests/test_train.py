@@ -75,3 +75,27 @@ def test_pixel_noise_is_rounded_sensor_noise_of_the_asked_size():
     assert noisy.dtype == torch.uint8
     difference = noisy.float() - pixels.float()
     assert 1.8 < difference[:, :, 1:].std() < 2.2 and difference.abs().max() <= 12
+
+
+def test_bfloat16_flows_give_the_float32_loss_and_float32_gradients():
+    """bf16 autocast is an arithmetic choice, not another objective: the loss stays within bf16
+    rounding of float32's, and the parameters and their gradients stay float32."""
+    model = _model()
+    features = [torch.randn(4, *shape) for shape in model.feature_shapes]
+    exact = BatchNll(model, exact=True)(features)
+    fast = BatchNll(model, exact=True, precision="bfloat16")(features)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, exact, rtol=0.02, atol=0.0)
+    assert not torch.equal(fast, exact)  # it did run in bf16
+    fast.backward()
+    grads = [p.grad for name, p in model.named_parameters() if not name.startswith("backbone.") and p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_flow_precision_is_checked():
+    import pytest
+
+    from fastflow.errors import FastFlowError
+
+    with pytest.raises(FastFlowError, match="flow_precision"):
+        TrainConfig(flow_precision="float16")

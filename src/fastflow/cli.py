@@ -76,6 +76,7 @@ def _train_defaults() -> dict[str, Any]:
         "weight_decay": training.weight_decay,
         "patience": training.patience,
         "seed": training.seed,
+        "flow_precision": training.flow_precision,
         "input_size": None,
         "layers": None,
         "flow_steps": None,
@@ -121,6 +122,7 @@ _OPTION_TYPES: dict[str, tuple[type, str]] = {
     "context_pool": (int, "an odd integer"), "fuse_scales": (bool, "true or false"),
     "positional_channels": (int, "a multiple of 4"), "max_memory": (str, "a size like 4GB"),
     "cache_dir": (str, "a folder path"), "cache_dtype": (str, "float32 or float16"),
+    "flow_precision": (str, "float32 or bfloat16"),
 }
 
 
@@ -165,6 +167,7 @@ def train(
     max_memory: Annotated[str | None, typer.Option(help="RAM budget of the training feature cache, e.g. 4GB; past it the cache goes to disk (0: always disk; default: 1GB, or a quarter of the available memory where less).")] = None,
     cache_dir: Annotated[str | None, typer.Option(help="Folder for an on-disk feature cache (default: the system's temporary folder); removed after training.")] = None,
     cache_dtype: Annotated[str | None, typer.Option(help="Feature cache storage: float32 (default) or float16 (half the memory or disk).")] = None,
+    flow_precision: Annotated[str | None, typer.Option(help="Arithmetic of the flows' training passes: float32 (default) or bfloat16 (autocast; faster on CPUs with AMX/AVX-512 bf16). The model is float32 either way.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (flags win).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last.safetensors (e.g. after an interruption or with more --epochs).")] = False,
 ) -> None:
@@ -183,7 +186,7 @@ def train(
     cli = {"backbone": backbone, "weights": weights, "epochs": epochs, "batch_size": batch_size, "lr": lr,
            "patience": patience, "seed": seed, "input_size": input_size, "holdout": holdout, "exact_nll": exact_nll, "recipe": recipe,
            "context_pool": context_pool, "fuse_scales": fuse_scales, "positional_channels": positional_channels,
-           "max_memory": max_memory, "cache_dir": cache_dir, "cache_dtype": cache_dtype}
+           "max_memory": max_memory, "cache_dir": cache_dir, "cache_dtype": cache_dtype, "flow_precision": flow_precision}
     options = _typed(resolve_train_options(cli, config))
     cache = CacheConfig(
         max_memory=None if options["max_memory"] is None else parse_memory(options["max_memory"]),
@@ -193,6 +196,7 @@ def train(
     training = TrainConfig(
         max_epochs=options["epochs"], batch_size=options["batch_size"], lr=options["lr"],
         weight_decay=options["weight_decay"], patience=options["patience"], seed=options["seed"],
+        flow_precision=options["flow_precision"],
     )
     chosen = get_recipe(options["recipe"])
     if options["exact_nll"] is not None:

@@ -26,7 +26,10 @@ from fastflow.errors import FastFlowError, is_integer, is_real, require
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.scoring import nll_loss
 
-__all__ = ["BatchNll", "TrainConfig", "TrainState", "add_pixel_noise", "channel_noise_scales", "extract_features", "fit_flows"]
+__all__ = ["FLOW_PRECISIONS", "BatchNll", "TrainConfig", "TrainState", "add_pixel_noise", "channel_noise_scales", "extract_features", "fit_flows"]
+
+
+FLOW_PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class TrainConfig:
     patience: int = 10
     min_delta: float = 1e-3  # held-out NLL gain (nats per feature element) that counts as progress
     seed: int = 0
+    # Arithmetic of the flows' training passes: "bfloat16" (autocast) is several times faster on
+    # CPUs with AMX or AVX-512 bf16; held-out NLL, selection and the saved model stay float32.
+    flow_precision: str = "float32"
 
     def __post_init__(self) -> None:
         checks = {
@@ -59,6 +65,7 @@ class TrainConfig:
             "patience": (is_integer(self.patience) and self.patience >= 1, "an integer >= 1"),
             "min_delta": (is_real(self.min_delta) and self.min_delta >= 0, "a number >= 0"),
             "seed": (is_integer(self.seed) and self.seed >= 0, "an integer >= 0"),
+            "flow_precision": (self.flow_precision in FLOW_PRECISIONS, " or ".join(FLOW_PRECISIONS)),
         }
         for name, (ok, valid) in checks.items():
             flag = "--" + {"max_epochs": "epochs"}.get(name, name).replace("_", "-")
@@ -128,12 +135,16 @@ class BatchNll(nn.Module):
     the flows (the frozen backbone has none).
     """
 
-    def __init__(self, model: FastFlowModel, exact: bool) -> None:
+    def __init__(self, model: FastFlowModel, exact: bool, precision: str = "float32") -> None:
         super().__init__()
-        self.model, self.exact = model, exact
+        self.model, self.exact, self.precision = model, exact, precision
 
     def forward(self, features: list[Tensor]) -> Tensor:
-        return nll_loss(*self.model.flow(features, with_norm_log_det=self.exact), reduction="sum")
+        # bfloat16 runs the flows' convolutions under autocast; the loss is summed in float32.
+        device = features[0].device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
+            zs, log_dets = self.model.flow(features, with_norm_log_det=self.exact)
+        return nll_loss([z.float() for z in zs], [d.float() for d in log_dets], reduction="sum")
 
 
 def _evaluate_nll(model: FastFlowModel, features: FeatureCache, batch_size: int, exact: bool) -> float:
@@ -247,7 +258,7 @@ def fit_flows(
     optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
-    loss_of = BatchNll(model, exact_nll)
+    loss_of = BatchNll(model, exact_nll, config.flow_precision)
     if ranks > 1:
         # Ranks hold identical frozen backbones: no buffer broadcast at every step.
         # Gradients as views of DDP's buckets: no copy, and no stride mismatch with channels-last weights.
