@@ -150,7 +150,7 @@ def _histogram_figure(fig: Any, labels: np.ndarray, scores: np.ndarray, threshol
     ax.hist(scores[labels == 1], bins=edges, alpha=0.6, color="C1", label=f"anomalous ({int((labels == 1).sum())})")
     ax.axvline(threshold, color="C3", ls="--", label=f"threshold {threshold:.4g}")
     ax.set(title="Image scores of the test set", xlabel="image score (higher = more anomalous)", ylabel="images")
-    ax.legend()
+    ax.legend(loc="upper left")
     fig.tight_layout()
     _save(fig, path)
 
@@ -223,6 +223,7 @@ def _page(
     calibration = (f"the {detector.threshold_quantile:g} quantile of {held_out} held-out normal image scores"
                    if held_out else "as saved with the model")
     height, width = detector.config.input_size
+    name = (run.parent if run.suffix == ".safetensors" else run).resolve().name  # the run folder's name
     about = [
         ("run", str(run)),
         ("test data", f"{data} ({n_normal} normal, {n_anomalous} anomalous images)"),
@@ -234,9 +235,9 @@ def _page(
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>FastFlow test report: {e(run.name or str(run))}</title>",
+        f"<title>FastFlow test report: {e(name)}</title>",
         f"<style>{_STYLE}</style></head><body>",
-        f"<h1>FastFlow test report: {e(run.name or str(run))}</h1>",
+        f"<h1>FastFlow test report: {e(name)}</h1>",
         _table(None, [[key, value] for key, value in about]),
         "<h2>Metrics</h2>",
         "<p>The same metrics as <code>fastflow test</code> prints; <code>deploy_*</code> are measured "
