@@ -7,6 +7,7 @@ report is written through the CLI; the other tests reuse them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from html.parser import HTMLParser
@@ -17,7 +18,7 @@ from PIL import Image
 
 from fastflow import FastFlow
 from fastflow.cli import main
-from fastflow.evaluation import evaluate_detector
+from fastflow.evaluation import EvaluationReport, evaluate_detector
 from fastflow.report import defect_rows, write_report
 from fastflow.synthetic import DEFECTS, make_textures
 
@@ -84,6 +85,11 @@ def report(run: Path, data: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     return folder, json.loads(scores.read_text())
 
 
+@pytest.fixture(scope="module")
+def evaluation(run: Path, data: Path) -> EvaluationReport:
+    return evaluate_detector(FastFlow.load(run), data, keep_pro_curve=True)
+
+
 def page(folder: Path) -> Page:
     return Page((folder / "index.html").read_text(encoding="utf-8"))
 
@@ -140,11 +146,24 @@ def test_defect_rows_auroc_is_against_the_good_images() -> None:
     assert rows[0]["auroc"] == 1.0 and rows[1]["auroc"] == pytest.approx(3 / 6)
 
 
+def test_worst_mistakes_are_overlays_of_at_most_four_each(
+    run: Path, data: Path, evaluation: EvaluationReport, tmp_path: Path
+) -> None:
+    """Every verdict flipped: each normal image a false positive, each anomalous one a false negative."""
+    flipped = [{**row, "predicted": 1 - row["label"]} for row in evaluation.images]
+    folder = tmp_path / "html"
+    write_report(folder, FastFlow.load(run), dataclasses.replace(evaluation, images=flipped), run, data)
+    worst = [link for link in page(folder).links if link.startswith("worst_")]
+    assert len(worst) == 8
+    for name in worst:
+        with Image.open(folder / name) as picture:
+            assert picture.format == "PNG" and picture.mode == "RGB"
+
+
 def test_failure_keeps_the_earlier_report_and_leaves_nothing_half_written(
-    run: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run: Path, data: Path, evaluation: EvaluationReport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     detector = FastFlow.load(run)
-    evaluation = evaluate_detector(detector, data, keep_pro_curve=True)
     folder = tmp_path / "html"
     folder.mkdir()
     (folder / "index.html").write_text("earlier report")
