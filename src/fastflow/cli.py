@@ -254,6 +254,7 @@ def test(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write metrics and per-image scores to this JSON file.")] = None,
     robustness: Annotated[bool, typer.Option("--robustness", help="Also score the test set under invisible changes (pixel noise, 4 px shift, JPEG, brightness, bf16) and print AUROC and drift per change.")] = False,
     perturbations: Annotated[str, typer.Option(help="Comma-separated changes for --robustness (implies it; default: all).")] = "",
+    report_dir: Annotated[Path | None, typer.Option("--report", help="Write an HTML report (index.html and PNG figures: curves, histograms, per-defect table, worst mistakes, training curves) to this folder; needs the report extra.")] = None,
 ) -> None:
     """Evaluate a trained model: image/pixel AUROC, F1, AUPRO, deployment-threshold scores."""
     from fastflow.data import load_samples
@@ -263,11 +264,17 @@ def test(
     from fastflow.robustness import PERTURBATIONS, markdown_table, measure, perturbation_names
 
     names = perturbation_names(perturbations or list(PERTURBATIONS))
+    if report_dir is not None:
+        from fastflow.report import check_report_folder, write_report
+
+        check_report_folder(report_dir)
     with _physical_core_threads():
         detector = FastFlow.load(run)
-        report = evaluate_detector(detector, data)
+        report = evaluate_detector(detector, data, keep_pro_curve=report_dir is not None)
         typer.echo(_metrics_table(report.metrics))
         rows = measure(detector, load_samples(data, "test"), names, seed=0) if robustness or perturbations else None
+        if report_dir is not None:
+            typer.echo(f"wrote report {write_report(report_dir, detector, report, run, data)}")
     result: dict[str, Any] = {**report.metrics, "images": report.images}
     if rows is not None:
         typer.echo("\n" + markdown_table(rows))

@@ -1,7 +1,7 @@
 """Writing files so that a failure never leaves half-written output, and reading tensor files safely.
 
-Every save of the project goes through ``atomic_write`` (one file) or ``staged_folder`` (a set
-of files); every weights or checkpoint file is read by ``read_tensor_file``, which never
+Every save of the project goes through ``atomic_write`` (one file), ``staged_folder`` (a set
+of files added to a folder) or ``replaced_folder`` (a folder written whole); every weights or checkpoint file is read by ``read_tensor_file``, which never
 unpickles anything but tensors and plain containers.
 """
 
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from fastflow.errors import FastFlowError, first_line
 
-__all__ = ["atomic_write", "read_tensor_file", "staged_folder"]
+__all__ = ["atomic_write", "read_tensor_file", "replaced_folder", "staged_folder"]
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
@@ -63,6 +63,35 @@ def staged_folder(destination: Path) -> Iterator[Path]:
                 os.replace(path, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def replaced_folder(destination: Path) -> Iterator[Path]:
+    """A temporary folder beside ``destination`` that is renamed to it once the block succeeds.
+
+    Unlike ``staged_folder`` nothing of a previous ``destination`` stays, so no stale file of
+    an older run lingers beside the new ones. If the block raises, ``destination`` is untouched.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the result should not be
+    previous = staging.with_name(staging.name + ".old")
+    try:
+        yield staging
+        if destination.exists():
+            os.rename(destination, previous)
+        try:
+            os.rename(staging, destination)
+        except OSError:
+            if previous.exists():
+                os.rename(previous, destination)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def read_tensor_file(path: Path, fix: str) -> Any:

@@ -26,6 +26,7 @@ __all__ = [
     "image_auroc",
     "pixel_auroc",
     "pixel_f1_max",
+    "pro_curve",
 ]
 
 # 8-connectivity: diagonal neighbours belong to the same defect region, as in
@@ -138,16 +139,13 @@ def pixel_f1_max(masks: Any, amaps: Any) -> tuple[float, float]:
     return f1_max(m.ravel(), a.ravel())
 
 
-def aupro(masks: Any, amaps: Any, fpr_limit: float = 0.3) -> float:
-    """Normalized area under the per-region-overlap (PRO) curve up to ``fpr_limit``.
+def pro_curve(masks: Any, amaps: Any, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """The per-region-overlap (PRO) curve up to ``fpr_limit``: (fpr, pro) arrays from (0, 0).
 
-    Unlike pixel AUROC, every connected defect region counts equally, so small
-    defects are not drowned out by large ones (Bergmann et al., MVTec AD).
-    Regions are the 8-connected components of each ground-truth mask; the FPR
-    is measured on the normal pixels of all images. The curve is swept exactly
-    over every distinct score, the PRO value at ``fpr_limit`` is linearly
-    interpolated, and the trapezoidal area is divided by ``fpr_limit`` so that
-    a perfect detector scores 1.0.
+    Regions are the 8-connected components of each ground-truth mask; the FPR is measured
+    on the normal pixels of all images. The curve is swept exactly over every distinct
+    score, and the PRO value at ``fpr_limit`` is linearly interpolated, so the curve ends
+    there (or earlier, if every normal pixel is covered before it). :func:`aupro` is its area.
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
@@ -200,6 +198,18 @@ def aupro(masks: Any, amaps: Any, fpr_limit: float = 0.3) -> float:
         y_lim = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
         x = np.append(x, fpr_limit)
         y = np.append(y, y_lim)
+    return x, y
+
+
+def aupro(masks: Any, amaps: Any, fpr_limit: float = 0.3) -> float:
+    """Normalized area under the per-region-overlap (PRO) curve up to ``fpr_limit``.
+
+    Unlike pixel AUROC, every connected defect region counts equally, so small
+    defects are not drowned out by large ones (Bergmann et al., MVTec AD).
+    The trapezoidal area under :func:`pro_curve` is divided by ``fpr_limit`` so
+    that a perfect detector scores 1.0.
+    """
+    x, y = pro_curve(masks, amaps, fpr_limit)
     area = float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) * 0.5))
     return area / fpr_limit
 
