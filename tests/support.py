@@ -5,14 +5,18 @@ Imported as ``support`` (pytest puts ``tests/`` on the path; the benchmarks add 
 
 from __future__ import annotations
 
+import io
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from fastflow.synthetic import DEFECTS, _check_fmt, _prepare_root, _render, _save, _save_mask, _style
 
-__all__ = ["make_folder_dataset", "perturb_trainable"]
+__all__ = ["bad_requests", "make_folder_dataset", "perturb_trainable", "png_claiming"]
 
 
 def perturb_trainable(module: torch.nn.Module, generator: torch.Generator) -> None:
@@ -71,3 +75,33 @@ def make_folder_dataset(
         if mask is not None:
             _save_mask(mask, root / "masks" / f"{stem}_mask.png")
     return root
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 60-byte PNG whose header says ``width`` x ``height`` (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def bad_requests(good: bytes, max_body_bytes: int) -> dict[str, tuple[bytes, str, str, int, str]]:
+    """Uploads ``fastflow serve`` must refuse with a 4xx, built around one ``good`` image's bytes
+    for a server whose body limit is ``max_body_bytes``: name -> (body, content type, query,
+    expected status, words the error must contain). ``tests/test_serve.py`` and
+    ``benchmarks/serve.py`` send these."""
+    gif = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(gif, format="GIF")
+    return {
+        "not an image": (b"hello, this is text" * 10, "image/png", "", 400, "not a PNG, JPEG, BMP or TIFF"),
+        "truncated": (good[: len(good) // 2], "image/png", "", 400, "truncated"),
+        "zero bytes": (b"", "image/png", "", 400, "empty"),
+        "decompression bomb": (png_claiming(100_000, 100_000), "image/png", "", 400, "decompression bomb"),
+        "over the body limit": (os.urandom(max_body_bytes + 1), "image/png", "", 413, "over the limit"),
+        "wrong content type": (good, "application/json", "", 415, "content type"),
+        "text content type": (good, "text/plain", "", 415, "content type"),
+        "GIF": (gif.getvalue(), "image/gif", "", 400, "not a PNG"),
+        "multipart without a file": (b"--b\r\nContent-Disposition: form-data; name=x\r\n\r\n1\r\n--b--\r\n",
+                                     "multipart/form-data; boundary=b", "", 400, "no file"),
+        "bad heatmap flag": (good, "image/png", "?heatmap=maybe", 422, "heatmap"),
+    }

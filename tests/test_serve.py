@@ -14,10 +14,8 @@ import io
 import os
 import shutil
 import socket
-import struct
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support import make_folder_dataset, perturb_trainable
+from support import bad_requests, make_folder_dataset, perturb_trainable
 
 from fastflow import FastFlow
 from fastflow.cli import main
@@ -137,37 +135,10 @@ def client(run: Path) -> TestClient:
         yield test_client
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    """A 60-byte PNG whose header says ``width`` x ``height`` (a decompression bomb's header)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-def _bad_requests(good: bytes) -> dict[str, tuple[bytes, str, str, int, str]]:
-    """name -> (body, content type, query, expected status, words the error must contain)."""
-    gif = io.BytesIO()
-    Image.new("RGB", (32, 32)).save(gif, format="GIF")
-    return {
-        "not an image": (b"hello, this is text" * 10, "image/png", "", 400, "not a PNG, JPEG, BMP or TIFF"),
-        "truncated": (good[: len(good) // 2], "image/png", "", 400, "truncated"),
-        "zero bytes": (b"", "image/png", "", 400, "empty"),
-        "decompression bomb": (_png_claiming(100_000, 100_000), "image/png", "", 400, "decompression bomb"),
-        "over the body limit": (os.urandom(2**20 + 1), "image/png", "", 413, "over the limit"),
-        "wrong content type": (good, "application/json", "", 415, "content type"),
-        "text content type": (good, "text/plain", "", 415, "content type"),
-        "GIF": (gif.getvalue(), "image/gif", "", 400, "not a PNG"),
-        "multipart without a file": (b"--b\r\nContent-Disposition: form-data; name=x\r\n\r\n1\r\n--b--\r\n",
-                                     "multipart/form-data; boundary=b", "", 400, "no file"),
-        "bad heatmap flag": (good, "image/png", "?heatmap=maybe", 422, "heatmap"),
-    }
-
-
 def test_bad_uploads_get_a_4xx_error_and_the_next_request_is_served(client: TestClient, images: list[Path]) -> None:
     good = images[0].read_bytes()
     reference = _post(client, good).json()
-    for name, (body, content_type, query, status, words) in _bad_requests(good).items():
+    for name, (body, content_type, query, status, words) in bad_requests(good, 2**20).items():
         response = _post(client, body, content_type, query)
         assert response.status_code == status, (name, response.text)
         error = response.json()["error"]
