@@ -99,3 +99,14 @@ def test_flow_precision_is_checked():
 
     with pytest.raises(FastFlowError, match="flow_precision"):
         TrainConfig(flow_precision="float16")
+
+
+def test_auto_flow_precision_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
+    from fastflow.train import resolve_flow_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_flow_precision("float32", cpu) == "float32"
+    for amx, avx512_bf16, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        assert resolve_flow_precision("auto", cpu) == expected

@@ -122,7 +122,7 @@ _OPTION_TYPES: dict[str, tuple[type, str]] = {
     "context_pool": (int, "an odd integer"), "fuse_scales": (bool, "true or false"),
     "positional_channels": (int, "a multiple of 4"), "max_memory": (str, "a size like 4GB"),
     "cache_dir": (str, "a folder path"), "cache_dtype": (str, "float32 or float16"),
-    "flow_precision": (str, "float32 or bfloat16"),
+    "flow_precision": (str, "auto, float32 or bfloat16"),
 }
 
 
@@ -167,7 +167,7 @@ def train(
     max_memory: Annotated[str | None, typer.Option(help="RAM budget of the training feature cache, e.g. 4GB; past it the cache goes to disk (0: always disk; default: 1GB, or a quarter of the available memory where less).")] = None,
     cache_dir: Annotated[str | None, typer.Option(help="Folder for an on-disk feature cache (default: the system's temporary folder); removed after training.")] = None,
     cache_dtype: Annotated[str | None, typer.Option(help="Feature cache storage: float32 (default) or float16 (half the memory or disk).")] = None,
-    flow_precision: Annotated[str | None, typer.Option(help="Arithmetic of the flows' training passes: float32 (default) or bfloat16 (autocast; faster on CPUs with AMX/AVX-512 bf16). The model is float32 either way.")] = None,
+    flow_precision: Annotated[str | None, typer.Option(help="Arithmetic of the flows' training passes: auto (default: bfloat16 where the CPU/GPU has native bf16, else float32), float32 or bfloat16 (autocast). The model is float32 either way.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (flags win).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last.safetensors (e.g. after an interruption or with more --epochs).")] = False,
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,10 +27,31 @@ from fastflow.errors import FastFlowError, is_integer, is_real, require
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.scoring import nll_loss
 
-__all__ = ["FLOW_PRECISIONS", "BatchNll", "TrainConfig", "TrainState", "add_pixel_noise", "channel_noise_scales", "extract_features", "fit_flows"]
+__all__ = [
+    "FLOW_PRECISIONS", "BatchNll", "TrainConfig", "TrainState", "add_pixel_noise", "channel_noise_scales",
+    "extract_features", "fit_flows", "resolve_flow_precision",
+]
 
 
-FLOW_PRECISIONS = ("float32", "bfloat16")
+_log = logging.getLogger(__name__)
+
+FLOW_PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def resolve_flow_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` -> bfloat16 where the hardware computes it natively (AMX or AVX-512 bf16 on a CPU,
+    bf16 support on a GPU), float32 elsewhere, where bf16 would be emulated and slower; else as given.
+
+    bf16 flows kept the scores where checked (README, Training at scale: bottle AUROC and the
+    robustness benchmark against float32 at equal epochs) and train several times faster.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    # torch exposes these CPU checks only as underscored functions; absent ones mean no.
+    native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return "bfloat16" if any(native) else "float32"
 
 
 @dataclass(frozen=True)
@@ -53,7 +75,8 @@ class TrainConfig:
     seed: int = 0
     # Arithmetic of the flows' training passes: "bfloat16" (autocast) is several times faster on
     # CPUs with AMX or AVX-512 bf16; held-out NLL, selection and the saved model stay float32.
-    flow_precision: str = "float32"
+    # "auto": bfloat16 where the hardware has it (resolve_flow_precision).
+    flow_precision: str = "auto"
 
     def __post_init__(self) -> None:
         checks = {
@@ -258,7 +281,9 @@ def fit_flows(
     optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
-    loss_of = BatchNll(model, exact_nll, config.flow_precision)
+    precision = resolve_flow_precision(config.flow_precision, next(iter(parameters)).device)
+    _log.info("flows train in %s (--flow-precision %s)", precision, config.flow_precision)
+    loss_of = BatchNll(model, exact_nll, precision)
     if ranks > 1:
         # Ranks hold identical frozen backbones: no buffer broadcast at every step.
         # Gradients as views of DDP's buckets: no copy, and no stride mismatch with channels-last weights.
