@@ -279,3 +279,19 @@ def test_from_model_wraps_a_trained_model(tiny_seed0: FastFlow, test_samples: li
     np.testing.assert_array_equal(wrapped.score(test_samples).maps, tiny_seed0.score(test_samples).maps)
     reference = FastFlow.from_model(tiny_seed0.model_, tiny_seed0.threshold_, "reference")
     assert reference.recipe.score_top == 0 and reference.config == tiny_seed0.config
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_disk_cache_trains_the_model_a_ram_cache_trains(textures: Path, lite0_weights: Path, test_samples, dtype: str):
+    """Where the features are kept is no model choice: on disk the same bytes come back as from
+    RAM (bit-identical weights); float16 storage rounds them, so there the scores stay close."""
+    from fastflow.cache import CacheConfig
+
+    paths = [s.path for s in test_samples]
+    in_ram = make(lite0_weights, 2, **TINY, cache=CacheConfig(dtype=dtype)).fit(textures)
+    on_disk = make(lite0_weights, 2, **TINY, cache=CacheConfig(max_memory=0, dtype=dtype)).fit(textures)
+    for key, value in in_ram.model_.flow_state_dict().items():
+        assert torch.equal(value, on_disk.model_.flow_state_dict()[key]), key
+    if dtype == "float16":
+        exact = make(lite0_weights, 2, **TINY).fit(textures)
+        np.testing.assert_allclose(in_ram.decision_function(paths), exact.decision_function(paths), rtol=0.02, atol=0.02)
