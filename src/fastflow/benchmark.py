@@ -12,9 +12,8 @@ change against clean and the median drift of normal scores.
 A dataset argument is a folder, or the name of a built-in generated dataset (``textures``),
 which is written under ``OUTPUT/data`` the first time and reused after that.
 
-``--jobs N`` trains N runs at once in worker processes (many categories on one machine): a run
-of FastFlow on a few hundred images does not keep many cores busy, so independent runs side by
-side finish the table sooner than one run after another with all the cores.
+``--jobs N`` trains N runs at once in worker processes (many categories on one machine), each
+with its share of the cores, for machines where one run does not keep every core busy.
 """
 
 from __future__ import annotations
