@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.nn import functional as F
 
 from fastflow import FastFlow
@@ -52,8 +53,8 @@ def normalised_images(data: Path, size: int) -> torch.Tensor:
     samples = [s for s in load_samples(data, "train") if s.label == 0]
     resize = lambda pixels: F.interpolate(pixels.float(), (size, size), mode="bilinear", antialias=True)  # noqa: E731
     pixels = torch.cat([resize(batch["image"]) for batch in image_loader(samples, (size, size), BATCH)])
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     return (pixels / 255 - mean) / std
 
 

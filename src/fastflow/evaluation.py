@@ -67,8 +67,9 @@ def evaluate_detector(detector: FastFlow, data: str | Path, keep_pro_curve: bool
     has_pixel_truth = any(mask.any() for mask in masks)
     pixel_masks = np.stack(masks) if has_pixel_truth else None
     pixel_maps = np.stack(maps) if has_pixel_truth else None
-    metrics = evaluate(labels, all_scores, pixel_masks, pixel_maps)
-    curve = _thinned(*pro_curve(pixel_masks, pixel_maps)) if keep_pro_curve and has_pixel_truth else None
+    exact_curve = pro_curve(pixel_masks, pixel_maps) if keep_pro_curve and has_pixel_truth else None
+    metrics = evaluate(labels, all_scores, pixel_masks, pixel_maps, exact_curve)
+    curve = None if exact_curve is None else _thinned(*exact_curve)
     predicted = (all_scores > detector.threshold_).astype(int)
     precision, recall, f1, _ = precision_recall_fscore_support(labels, predicted, average="binary", zero_division=0)
     metrics.update(

@@ -26,6 +26,7 @@ __all__ = [
     "image_auroc",
     "pixel_auroc",
     "pixel_f1_max",
+    "pro_area",
     "pro_curve",
 ]
 
@@ -209,9 +210,12 @@ def aupro(masks: Any, amaps: Any, fpr_limit: float = 0.3) -> float:
     The trapezoidal area under :func:`pro_curve` is divided by ``fpr_limit`` so
     that a perfect detector scores 1.0.
     """
-    x, y = pro_curve(masks, amaps, fpr_limit)
-    area = float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) * 0.5))
-    return area / fpr_limit
+    return pro_area(*pro_curve(masks, amaps, fpr_limit), fpr_limit)
+
+
+def pro_area(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """AUPRO of a curve from :func:`pro_curve` at the same ``fpr_limit``: its trapezoidal area / ``fpr_limit``."""
+    return float(np.sum((fpr[1:] - fpr[:-1]) * (pro[1:] + pro[:-1]) * 0.5)) / fpr_limit
 
 
 def calibrate_threshold(normal_scores: Any, quantile: float = 0.99) -> float:
@@ -233,11 +237,13 @@ def evaluate(
     scores: Any,
     masks: Any | None = None,
     amaps: Any | None = None,
+    pro: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Standard image-level (and optionally pixel-level) metrics as plain floats.
 
     ``masks``/``amaps`` should cover only images that have ground-truth masks;
-    the caller selects those.
+    the caller selects those. ``pro``: their :func:`pro_curve`, where the caller has it
+    already, so the costliest pixel sweep is not done twice.
     """
     y, s = _paired(labels, scores)
     _require_both_classes(y, "evaluate")
@@ -256,6 +262,6 @@ def evaluate(
             pixel_auroc=pixel_auroc(m, a),
             pixel_f1=pf1,
             pixel_f1_threshold=pthr,
-            aupro=aupro(m, a),
+            aupro=aupro(m, a) if pro is None else pro_area(*pro),
         )
     return {k: float(v) for k, v in out.items()}
