@@ -24,8 +24,9 @@ import torch
 from inference import best_of_rounds, measure, perturbed_model, smooth_pixels, torch_runner
 
 from fastflow import FastFlow
-from fastflow.engines import OnnxRuntimeEngine, physical_cores
+from fastflow.engines import OnnxRuntimeEngine
 from fastflow.export import to_onnx
+from fastflow.hardware import physical_cores
 from fastflow.robustness import cpu_model
 
 VARIANTS: dict[str, dict] = {

@@ -34,7 +34,7 @@ from recipe_study import study_arguments, validation_set
 from fastflow import FastFlow, TrainConfig
 from fastflow.benchmark import resolve_dataset
 from fastflow.data import load_samples, split_holdout
-from fastflow.engines import physical_cores
+from fastflow.hardware import physical_cores
 from fastflow.presets import RECIPES, Recipe
 from fastflow.robustness import PERTURBATIONS, cpu_model, measure
 

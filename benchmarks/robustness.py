@@ -26,8 +26,8 @@ import torch
 
 from fastflow import FastFlow
 from fastflow.data import load_samples
-from fastflow.engines import physical_cores
 from fastflow.errors import FastFlowError
+from fastflow.hardware import physical_cores
 from fastflow.robustness import PERTURBATIONS, cpu_model, markdown_table, measure, perturbation_names
 
 

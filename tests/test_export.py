@@ -28,7 +28,13 @@ from fastflow.scoring import anomaly_map, image_score
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 
-from fastflow.engines import choose_engine, load_exported, read_metadata, split_preprocessing
+from fastflow.engines import (
+    choose_engine,
+    default_precision,
+    load_exported,
+    read_metadata,
+    split_preprocessing,
+)
 from fastflow.export import check_parity, to_onnx, to_openvino
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -218,9 +224,20 @@ def test_bf16_engines_run_close_to_f32(detectors, tmp_path):
     np.testing.assert_allclose(halves[1], reference_score, atol=1e-4)
 
 
-def test_default_engine_exports_only_for_many_images():
-    assert choose_engine(399, onnx_from=400) == "torch"
-    assert choose_engine(400, onnx_from=400) == "onnx"
+def test_default_engine_and_precision_follow_the_cpu(detectors, tmp_path, monkeypatch):
+    """Many images: OpenVINO bf16 where the CPU has bf16 units, else ONNX Runtime f32; few: PyTorch f32."""
+    from fastflow import engines
+
+    detector = _get(detectors, "resnet18")
+    path = detector.export(tmp_path, "openvino")
+    assert read_metadata(path)["precision"] == "bf16"  # exports default to the fastest checked precision
+    for native, many in ((True, ("openvino", "bf16")), (False, ("onnx", "f32"))):
+        monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda native=native: native)
+        assert choose_engine(399, export_from=400) == ("torch", "f32")
+        assert choose_engine(400, export_from=400) == many
+        assert default_precision("openvino") == many[1] and default_precision("onnx") == default_precision("torch") == "f32"
+        # A bf16 export runs in f32 where bf16 would be emulated; asked for explicitly, in bf16.
+        assert load_exported(path).precision == many[1] and load_exported(path, "bf16").precision == "bf16"
 
 
 def test_cli_export_and_predict_with_each_engine(detectors, tmp_path, capsys):
@@ -233,12 +250,23 @@ def test_cli_export_and_predict_with_each_engine(detectors, tmp_path, capsys):
     assert "max difference" in capsys.readouterr().out
     assert (tmp_path / "onnx" / "model.onnx").is_file() and (tmp_path / "onnx" / "model.json").is_file()
     scores = {}
-    for engine in ("torch", "onnx", "openvino"):
-        out = tmp_path / f"pred_{engine}"
-        assert main(["predict", str(run), str(tmp_path / "img*.png"), "--engine", engine, "--output", str(out)]) == 0
+    for engine, precision in (("torch", "f32"), ("onnx", "f32"), ("openvino", "f32"), ("openvino", None)):
+        out = tmp_path / f"pred_{engine}_{precision}"
+        asked = ["--precision", precision] if precision else []
+        assert main(["predict", str(run), str(tmp_path / "img*.png"), "--engine", engine, "--output", str(out), *asked]) == 0
         rows = json.loads((out / "predictions.json").read_text())["predictions"]
-        scores[engine] = np.array([row["score"] for row in rows])
-    np.testing.assert_allclose(scores["onnx"], scores["torch"], atol=1e-4)
-    np.testing.assert_allclose(scores["openvino"], scores["torch"], atol=1e-4)
+        scores[engine, precision] = np.array([row["score"] for row in rows])
+        assert f"({engine}, {precision or default_precision(engine)})" in capsys.readouterr().out
+    np.testing.assert_allclose(scores["onnx", "f32"], scores["torch", "f32"], atol=1e-4)
+    np.testing.assert_allclose(scores["openvino", "f32"], scores["torch", "f32"], atol=1e-4)
+    np.testing.assert_allclose(scores["openvino", None], scores["torch", "f32"], atol=0.05)
+    # A bf16 export is checked on good images in bf16, and model.json says so.
+    export = tmp_path / "openvino_export"
+    assert main(["export", str(run), "--format", "openvino", "--output", str(export),
+                 "--check-images", str(tmp_path / "img*.png")]) == 0
+    check = read_metadata(export)["check"]
+    assert check["precision"] == default_precision("openvino") and check["images"] == "2 images"
+    assert check["max_difference"] <= max(check["score_tolerance"], check["map_tolerance"])
+    assert f"checked in {check['precision']}" in capsys.readouterr().out
     assert main(["export", str(run), "--format", "tflite", "--output", str(tmp_path / "x")]) == 2
     assert "unknown export format" in capsys.readouterr().err

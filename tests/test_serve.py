@@ -125,7 +125,8 @@ def test_queued_images_share_one_engine_call_per_size() -> None:
 def test_default_engine_is_predicts_choice_for_many_images(run: Path) -> None:
     from fastflow.engines import choose_engine
 
-    assert load_served(run).engine_name == choose_engine(10**9, 400)
+    served = load_served(run)
+    assert (served.engine_name, served.precision) == choose_engine(10**9, 400)
 
 
 @pytest.fixture(scope="module")

@@ -290,7 +290,7 @@ def _physical_core_threads() -> Iterator[None]:
     command runs, unless ``OMP_NUM_THREADS`` says otherwise; the previous setting comes back after."""
     import torch
 
-    from fastflow.engines import physical_cores
+    from fastflow.hardware import physical_cores
 
     previous = torch.get_num_threads()
     if not os.environ.get("OMP_NUM_THREADS"):
@@ -307,23 +307,27 @@ def predict(
     run: Annotated[Path, typer.Argument(help="Run folder or model.safetensors from 'fastflow train'.")],
     inputs: Annotated[list[str], typer.Argument(help="Images, folders or glob patterns.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for overlays/, masks/, predictions.csv/.json.")],
-    engine: Annotated[str | None, typer.Option(help="torch, onnx or openvino (default: onnx from --onnx-from images on when installed, else torch).")] = None,
-    precision: Annotated[str, typer.Option(help="f32, or bf16 (torch: bf16 flows; openvino: all but the pre-processing in bf16; scores differ slightly, AUROC kept).")] = "f32",
-    onnx_from: Annotated[int, typer.Option(help="Without --engine, use ONNX Runtime from this many images on (its export costs seconds; 400 is the break-even measured on 2 CPU cores, see the README).")] = 400,
+    engine: Annotated[str | None, typer.Option(help="torch, onnx or openvino (default: from --export-from images on, openvino bf16 where the CPU has bf16 units, else onnx, when installed; else torch).")] = None,
+    precision: Annotated[str | None, typer.Option(help="f32, or bf16 (torch: bf16 flows; openvino: all but the pre-processing in bf16; scores differ slightly, AUROC kept). Default: bf16 for openvino where the CPU has bf16 units, else f32.")] = None,
+    export_from: Annotated[int, typer.Option("--export-from", "--onnx-from", help="Without --engine, use an exported engine (OpenVINO or ONNX Runtime) from this many images on: its export costs seconds (see the README for the break-even).")] = 400,
 ) -> None:
     """Score images: per-image score and label, heat-map overlays, binary masks, a summary."""
     from fastflow.detector import FastFlow
-    from fastflow.engines import check_precision, choose_engine
+    from fastflow.engines import check_engine, check_precision, choose_engine, default_precision
     from fastflow.predict import expand_inputs, write_predictions
 
-    check_precision(precision)
+    if engine is not None:
+        check_engine(engine)
+    if precision is not None:
+        check_precision(precision)
     with _physical_core_threads():
         detector = FastFlow.load(run)
         images = expand_inputs(inputs)
-        rows = write_predictions(detector, images, output, engine or choose_engine(len(images), onnx_from), precision)
+        chosen, chosen_precision = (engine, default_precision(engine)) if engine else choose_engine(len(images), export_from)
+        rows = write_predictions(detector, images, output, chosen, precision or chosen_precision)
     for row in rows:
         typer.echo(f"{row['score']:.6f}  {row['label']:<9}  {row['path']}")
-    typer.echo(f"wrote {len(rows)} predictions to {output}")
+    typer.echo(f"wrote {len(rows)} predictions to {output} ({chosen}, {precision or chosen_precision})")
 
 
 @app.command()
@@ -332,8 +336,8 @@ def serve(
     run: Annotated[Path, typer.Argument(help="Run folder or model.safetensors from 'fastflow train', or a folder from 'fastflow export'.")],
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface (then set --api-key).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    engine: Annotated[str | None, typer.Option(help="torch, onnx or openvino (default: as 'predict' for many images: onnx when installed, else torch).")] = None,
-    precision: Annotated[str | None, typer.Option(help="f32 or bf16 (see 'predict'; default f32, or an exported model's own).")] = None,
+    engine: Annotated[str | None, typer.Option(help="torch, onnx or openvino (default: as 'predict' for many images).")] = None,
+    precision: Annotated[str | None, typer.Option(help="f32 or bf16 (see 'predict'; default as 'predict', or an exported model's own).")] = None,
     max_batch: Annotated[int, typer.Option(help="Most images per engine call (concurrent requests share one).")] = 16,
     batch_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to share its engine call.")] = 5.0,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB.")] = 50.0,
@@ -376,26 +380,44 @@ def export(
     run: Annotated[Path, typer.Argument(help="Run folder or model.safetensors from 'fastflow train'.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the exported model and model.json.")],
     format: Annotated[str, typer.Option("--format", "-f", help="onnx (ONNX Runtime) or openvino (OpenVINO IR).")] = "onnx",
-    precision: Annotated[str, typer.Option(help="OpenVINO inference precision recorded with the model: f32 or bf16.")] = "f32",
-    check: Annotated[bool, typer.Option(help="Compare the exported model with PyTorch on random images (f32 only).")] = True,
+    precision: Annotated[str | None, typer.Option(help="Inference precision recorded with the model: f32 or bf16 (default: bf16 for openvino, f32 for onnx).")] = None,
+    check: Annotated[bool, typer.Option(help="Compare the exported model with PyTorch f32 and record the result in model.json.")] = True,
+    check_images: Annotated[list[str] | None, typer.Option(help="Good images (files, folders or globs) to check a bf16 export on; without them the check runs the export in f32 on random images, which cannot tell bf16 rounding from a good export.")] = None,
 ) -> None:
     """Export a trained model with pre- and post-processing: raw uint8 RGB in, map/score/label out."""
-    import torch
+    import numpy as np
 
     from fastflow.detector import FastFlow
-    from fastflow.export import check_parity
+    from fastflow.engines import check_precision, load_exported
+    from fastflow.export import bf16_tolerances, check_parity, random_pixels, record_check
+    from fastflow.predict import expand_inputs
 
+    if precision is not None:
+        check_precision(precision)
     with _physical_core_threads():
         detector = FastFlow.load(run)
+        images = expand_inputs(check_images) if check_images else None
         path = detector.export(output, format, precision)
         typer.echo(f"exported {path} (input 'image': uint8 N x 3 x H x W RGB; outputs anomaly_map, score, label)")
-        if check and precision == "f32":
-            height, width = detector.config.input_size
-            generator = torch.Generator().manual_seed(0)
-            pixels = [torch.randint(0, 256, (2, 3, h, w), generator=generator, dtype=torch.uint8)
-                      for h, w in ((height, width), (height * 2 + 3, width + 5))]
-            worst = check_parity(detector.inference_graph(), path, pixels)
-            typer.echo(f"parity with PyTorch on random images: max difference {worst:.2g}")
+        if not check:
+            return
+        graph = detector.inference_graph()
+        checked = load_exported(path).precision if images else "f32"
+        if images is None:
+            batches, source, tolerance, map_tolerance = random_pixels(detector.config.input_size), "random images", 1e-4, 1e-4
+        else:
+            batches, source = [batch["image"] for _, batch in detector.image_batches(images)], f"{len(images)} images"
+            normal = float(np.median(detector.holdout_scores_)) if len(detector.holdout_scores_) else detector.map_floor_
+            tolerance, map_tolerance = (1e-4, 1e-4) if checked == "f32" else bf16_tolerances(detector.threshold_, normal)
+        try:
+            worst = check_parity(graph, path, batches, tolerance, checked, map_tolerance)
+        except FastFlowError as error:
+            fix = "export it with --precision f32" if checked == "bf16" else "export it again with this fastflow version"
+            raise FastFlowError(f"{error}; this export does not keep the model's scores: {fix}") from None
+        record_check(path, {"precision": checked, "against": "PyTorch f32", "images": source,
+                            "max_difference": worst, "score_tolerance": tolerance, "map_tolerance": map_tolerance})
+        typer.echo(f"checked in {checked} against PyTorch f32 on {source}: max difference {worst:.2g} "
+                   f"(tolerance: scores {tolerance:.2g}, maps {map_tolerance:.2g})")
 
 
 @app.command()

@@ -30,7 +30,7 @@ from fastflow.data import (
 )
 from fastflow.engines import ENGINES, Engine, TorchEngine
 from fastflow.errors import FastFlowError, is_integer, is_real, require
-from fastflow.export import export_engine, to_onnx, to_openvino
+from fastflow.export import EXPORT_PRECISIONS, export_engine, to_onnx, to_openvino
 from fastflow.io import build_model, load_model, read_model_file, save_model
 from fastflow.metrics import calibrate_threshold
 from fastflow.model.backbones import RANDOM_WEIGHTS
@@ -271,16 +271,22 @@ class FastFlow:
             self._engines[key] = TorchEngine(graph, precision) if name == "torch" else export_engine(graph, name, precision)
         return self._engines[key]
 
-    def export(self, directory: str | Path, format: str = "onnx", precision: str = "f32") -> Path:
-        """Export the inference graph (``fastflow.export``) with this detector's threshold and map floor."""
+    def export(self, directory: str | Path, format: str = "onnx", precision: str | None = None) -> Path:
+        """Export the inference graph (``fastflow.export``) with this detector's threshold and map floor.
+
+        ``precision`` (recorded in ``model.json``, used when the export is loaded) defaults to the
+        format's fastest that kept the scores (``fastflow.export.EXPORT_PRECISIONS``): bf16 for
+        OpenVINO, f32 for ONNX.
+        """
         extra = {"threshold": float(self.threshold_), "map_floor": float(self.map_floor_)}
+        if format not in EXPORT_PRECISIONS:
+            raise FastFlowError(f"unknown export format '{format}'; use onnx or openvino")
+        precision = precision or EXPORT_PRECISIONS[format]
         if format == "onnx":
             if precision != "f32":
                 raise FastFlowError("ONNX exports run in f32; use --format openvino for --precision bf16")
             return to_onnx(self.inference_graph(), directory, extra)
-        if format == "openvino":
-            return to_openvino(self.inference_graph(), directory, precision, extra)
-        raise FastFlowError(f"unknown export format '{format}'; use onnx or openvino")
+        return to_openvino(self.inference_graph(), directory, precision, extra)
 
     def image_batches(self, X: ImagesLike) -> Iterator[tuple[list[Sample], dict[str, Any]]]:
         """(samples, batch) per batch of ``X``: decoded uint8 images of one size, masks at the model's size."""

@@ -8,7 +8,6 @@ and OpenVINO are optional (``pip install "fastflow[export]"``).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastflow.errors import FastFlowError
+from fastflow.hardware import cpu_has_native_bf16, physical_cores
 from fastflow.model.inference import InferenceGraph
 
 __all__ = [
@@ -29,11 +29,13 @@ __all__ = [
     "OpenVinoEngine",
     "TorchEngine",
     "as_uint8",
+    "check_engine",
     "check_precision",
     "choose_engine",
+    "default_precision",
     "import_optional",
     "load_exported",
-    "physical_cores",
+    "metadata_path",
     "read_metadata",
     "split_preprocessing",
 ]
@@ -45,21 +47,6 @@ OUTPUT_NAMES = ("anomaly_map", "score", "label")
 _INSTALL_HINT = 'install the export extra: pip install "fastflow[export]"'
 # Where the traced graph's pre-processing (``FastFlowModel.preprocess``) lives: ONNX names ops by module.
 _PREPROCESS_SCOPE = "/model/preprocess/"
-
-
-def physical_cores() -> int:
-    """Physical CPU cores available to this process (hyper-threads do not speed up these kernels)."""
-    try:
-        available = os.sched_getaffinity(0)
-        cores = set()
-        for cpu in available:
-            topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-            package = (topology / "physical_package_id").read_text().strip()
-            core = (topology / "core_id").read_text().strip()
-            cores.add((package, core))
-        return max(1, len(cores))
-    except (AttributeError, OSError, ValueError):
-        return max(1, (os.cpu_count() or 2) // 2)
 
 
 def import_optional(name: str) -> Any:
@@ -230,21 +217,49 @@ def check_precision(precision: str) -> None:
 
 
 
-def choose_engine(count: int, onnx_from: int) -> str:
-    """``"onnx"`` for ``count >= onnx_from`` images when ONNX Runtime is installed, else ``"torch"``.
+def default_precision(engine: str) -> str:
+    """The precision ``engine`` runs at unless asked otherwise: the fastest that keeps the scores.
 
-    ONNX Runtime is the fastest exact (f32) CPU engine measured, but it needs an export
-    first; below the break-even count (``onnx_from``, measured per machine) PyTorch finishes
-    sooner.
+    OpenVINO in bf16 (pre-processing in f32) kept image and pixel AUROC within 0.005 of f32 on
+    bottle and textures and the robustness benchmark's bounds (``benchmarks/inference.py
+    --auroc``, README), and is the fastest engine measured, so it is OpenVINO's default where
+    the CPU computes bf16 natively. PyTorch and ONNX Runtime default to f32: PyTorch's bf16
+    flows barely pay on a CPU, and ONNX Runtime has no bf16 CPU kernels for these layers.
     """
-    if count < onnx_from:
-        return "torch"
+    check_engine(engine)
+    return "bf16" if engine == "openvino" and cpu_has_native_bf16() else "f32"
+
+
+def choose_engine(count: int, export_from: int) -> tuple[str, str]:
+    """(engine, precision) for scoring ``count`` images: the fastest installed that keeps the scores.
+
+    Below ``export_from`` images, PyTorch f32: the exported engines need an export first (a few
+    seconds), which only many images repay. From there on, OpenVINO bf16 where the CPU computes
+    bf16 natively and OpenVINO is installed, else ONNX Runtime f32 (the fastest exact engine)
+    where it is installed, else PyTorch.
+    """
+    if count < export_from:
+        return "torch", "f32"
+    if cpu_has_native_bf16() and _installed("openvino"):
+        return "openvino", "bf16"
+    if _installed("onnx"):
+        return "onnx", "f32"
+    return "torch", "f32"
+
+
+def _installed(engine: str) -> bool:
+    modules = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "onnx")}[engine]
     try:
-        __import__("onnxruntime")
-        __import__("onnx")
+        for module in modules:
+            __import__(module)
     except ImportError:
-        return "torch"
-    return "onnx"
+        return False
+    return True
+
+
+def check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise FastFlowError(f"unknown engine '{engine}'; use one of {', '.join(ENGINES)}")
 
 
 def _model_file(path: str | Path) -> Path:
@@ -261,22 +276,31 @@ def _model_file(path: str | Path) -> Path:
     return path
 
 
+def metadata_path(path: str | Path) -> Path:
+    """Where the ``model.json`` of an exported model (folder or model file) lies."""
+    return _model_file(path).with_suffix(".json")
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The ``model.json`` written beside an exported model (empty if there is none)."""
-    meta = _model_file(path).with_suffix(".json")
+    meta = metadata_path(path)
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
 def load_exported(path: str | Path, precision: str | None = None, hint: str = "throughput") -> Engine:
     """An engine for an exported model: a folder from ``to_onnx`` / ``to_openvino`` or the model file.
 
-    ``precision`` (OpenVINO only) defaults to the one recorded at export.
+    ``precision`` (OpenVINO only) defaults to the one recorded at export, except that a bf16
+    export runs in f32 on a CPU without native bf16 (emulated bf16 is slower than f32).
     """
     file = _model_file(path)
     if file.suffix == ".onnx":
         if precision not in (None, "f32"):
             raise FastFlowError("ONNX Runtime runs exported models in f32 only; use the openvino engine for bf16")
         return OnnxRuntimeEngine(file)
-    return OpenVinoEngine(file, precision or read_metadata(file).get("precision", "f32"), hint)
+    if precision is None:
+        recorded = read_metadata(file).get("precision", "f32")
+        precision = recorded if recorded == "f32" or cpu_has_native_bf16() else "f32"
+    return OpenVinoEngine(file, precision, hint)
 
 

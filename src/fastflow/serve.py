@@ -39,7 +39,14 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from fastflow.data import DataError, decode_bytes
-from fastflow.engines import Engine, check_precision, choose_engine, load_exported, read_metadata
+from fastflow.engines import (
+    Engine,
+    check_precision,
+    choose_engine,
+    default_precision,
+    load_exported,
+    read_metadata,
+)
 from fastflow.errors import FastFlowError, first_line, is_integer, is_real, require
 from fastflow.viz import overlay
 
@@ -97,7 +104,7 @@ class ServedModel:
 
 def load_served(path: str | Path, engine: str | None = None, precision: str | None = None) -> ServedModel:
     """Load a RUN folder / ``model.safetensors`` (engine as ``predict`` chooses for many images,
-    unless ``engine`` is given; f32 unless ``precision``) or a folder written by ``fastflow export``
+    unless ``engine`` is given; its default precision unless ``precision``) or a folder written by ``fastflow export``
     (its own engine; the precision recorded at export unless ``precision``)."""
     from fastflow.detector import FastFlow  # torch model code: only once the options are checked
 
@@ -123,7 +130,8 @@ def load_served(path: str | Path, engine: str | None = None, precision: str | No
         return ServedModel(name, runner, kind, runner.precision, float(meta["threshold"]),
                            float(meta.get("map_floor", -1.0)), info)
     detector = FastFlow.load(path)
-    chosen, precision = engine or choose_engine(_MANY_IMAGES, 0), precision or "f32"
+    chosen, default = (engine, default_precision(engine)) if engine else choose_engine(_MANY_IMAGES, 0)
+    precision = precision or default
     runner = detector.engine(chosen, precision)
     info = {"config": detector.config.to_dict(), "recipe": detector.recipe.to_dict(), "fastflow_version": version,
             "best_epoch": detector.best_epoch_}

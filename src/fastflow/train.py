@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from fastflow import distributed
 from fastflow.cache import FeatureCache
 from fastflow.errors import FastFlowError, is_integer, is_real, require
+from fastflow.hardware import cpu_has_native_bf16
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.scoring import nll_loss
 
@@ -49,9 +50,7 @@ def resolve_flow_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    # torch exposes these CPU checks only as underscored functions; absent ones mean no.
-    native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return "bfloat16" if any(native) else "float32"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
 @dataclass(frozen=True)
