@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch.nn import functional as F
 from torchvision.transforms.functional import gaussian_blur as torchvision_blur
 
-from fastflow.scoring import anomaly_map, gaussian_blur, image_score
+from fastflow.scoring import anomaly_map, fuse_scales, gaussian_blur, image_score
 
 
 def test_image_score_is_max_or_top_fraction_mean():
@@ -26,6 +28,16 @@ def test_gaussian_blur_matches_torchvision_and_keeps_constant_maps():
         torch.testing.assert_close(gaussian_blur(maps, sigma), expected, rtol=0, atol=1e-5)
     constant = torch.full((1, 1, 20, 30), -0.4)
     torch.testing.assert_close(gaussian_blur(constant, 4.0), constant)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 4.0])
+def test_fused_scales_equal_upsampling_each_map_then_mean_then_blur(sigma):
+    generator = torch.Generator().manual_seed(2)
+    maps = [torch.randn(3, h, w, generator=generator) for h, w in ((16, 20), (8, 10), (4, 5))]
+    size = (64, 80)
+    upsampled = [F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for m in maps]
+    expected = gaussian_blur(torch.stack(upsampled).mean(dim=0), sigma)
+    torch.testing.assert_close(fuse_scales(maps, size, sigma), expected, rtol=0, atol=1e-5)
 
 
 def test_anomaly_map_blur_is_optional_and_smooths():
