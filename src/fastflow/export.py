@@ -215,16 +215,18 @@ def random_pixels(input_size: tuple[int, int], seed: int = 0) -> list[Tensor]:
 
 def bf16_tolerances(threshold: float, normal_score: float) -> tuple[float, float]:
     """How far a bf16 engine's (scores, maps) may lie from f32's, in units of the distance from a
-    typical normal score (the held-out median) to the threshold: 0.25 for scores, 2.5 for maps.
+    typical normal score (the held-out median) to the threshold: 0.5 for scores, 2.5 for maps.
 
-    Why this scale: what matters is whether a normal image can cross the threshold. Measured on a
-    bottle model (Lite0, 8 epochs) with normal and defective images: OpenVINO bf16 with f32
-    pre-processing moved scores by up to 0.10 of that distance and map pixels by up to 1.0 (AUROC
-    kept); bf16 everywhere moved them by 1.5-4.1 and 8.0 (AUROC lost). Random images show
-    neither (both within 0.01 of f32): only real images check a bf16 engine.
+    Why this scale: what matters is whether a normal image can cross the threshold. Measured on
+    default-recipe Lite0 models (40 epochs) over all their training images: OpenVINO bf16 with
+    f32 pre-processing moved scores by up to 0.21 (bottle) and 0.29 (textures) of that distance
+    and map pixels by up to 1.1 and 0.6, with image and pixel AUROC kept within 0.003; bf16
+    everywhere moved bottle's (first 16 images) by 2.2 and 4.1 and cost it its AUROC. On random
+    images (an 8-epoch bottle model) both moved scores by about 0.01 of the distance: only real
+    images check a bf16 engine.
     """
     distance = abs(threshold - normal_score)
-    return 0.25 * distance, 2.5 * distance
+    return 0.5 * distance, 2.5 * distance
 
 
 def record_check(exported_path: str | Path, check: Mapping[str, Any]) -> None:
