@@ -214,6 +214,11 @@ def test_bf16_engines_run_close_to_f32(detectors, tmp_path):
     assert engine.preprocess is not None
     amap, score, _ = engine(pixels)
     assert 0 < np.abs(amap - reference_map).max() < 0.05 and np.abs(score - reference_score).max() < 0.05
+    # ResNet-18's graph divides by std after the cut (OpenVINO folds it into the first
+    # convolution); the numpy path for model-size images then stops before it too.
+    at_size = _pixels(2, INPUT_SIZE, 9).numpy()
+    assert engine.normalise is not None and engine.normalise.std is None
+    np.testing.assert_allclose(engine.normalise(at_size), engine.preprocess(at_size)[0], rtol=0, atol=1e-5)
     # The two halves of the cut, both in f32, are the exported graph.
     import openvino as ov
 
@@ -222,6 +227,21 @@ def test_bf16_engines_run_close_to_f32(detectors, tmp_path):
         ov.compile_model(preprocess, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(pixels.numpy())[0])
     np.testing.assert_allclose(halves[0], reference_map, atol=1e-4)
     np.testing.assert_allclose(halves[1], reference_score, atol=1e-4)
+
+
+def test_bf16_engine_skips_the_identity_resize_where_that_keeps_the_pixels(detectors, lite0_weights, tmp_path):
+    """Lite0's graph keeps the whole normalisation before the cut, so model-size images take the
+    numpy path: its inputs equal the cut-off model's to 1e-5, and the scores to bf16 rounding
+    (a 1e-7 change of an input can flip a bf16 rounding; measured: 5e-4 here)."""
+    detector = _get(detectors, "tf_efficientnet_lite0", lite0_weights)
+    engine = load_exported(detector.export(tmp_path, "openvino", precision="bf16"), "bf16")
+    at_size, larger = _pixels(3, INPUT_SIZE, 10).numpy(), _pixels(1, (150, 170), 11).numpy()
+    assert engine.normalise is not None and engine.normalise.std is not None
+    assert engine.normalise.takes(at_size) and not engine.normalise.takes(larger)
+    np.testing.assert_allclose(engine.normalise(at_size), engine.preprocess(at_size)[0], rtol=0, atol=1e-5)
+    fast = engine(at_size)[1]
+    engine.normalise = None
+    assert np.abs(fast - engine(at_size)[1]).max() < 0.01
 
 
 def test_default_engine_and_precision_follow_the_cpu(detectors, tmp_path, monkeypatch):

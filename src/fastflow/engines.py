@@ -137,12 +137,13 @@ class OpenVinoEngine:
             raise FastFlowError(f"unknown OpenVINO hint '{hint}'; use 'throughput' or 'latency'")
         core = ov.Core()
         model = core.read_model(str(path))
-        self.preprocess = None
+        self.preprocess = self.normalise = None
         if precision == "bf16":
             preprocess, model = split_preprocessing(model, path)
             self.preprocess = core.compile_model(
                 preprocess, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
             )
+            self.normalise = _Normalise.from_metadata(read_metadata(path), self.preprocess)
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint.upper()}
         self.compiled = core.compile_model(model, "CPU", config)
         self.precision, self.hint = precision, hint
@@ -156,7 +157,12 @@ class OpenVinoEngine:
 
     def __call__(self, images: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pixels = as_uint8(images)
-        inputs = pixels if self.preprocess is None else self.preprocess(pixels)[0]
+        if self.preprocess is None:
+            inputs = pixels
+        elif self.normalise is not None and self.normalise.takes(pixels):
+            inputs = self.normalise(pixels)
+        else:
+            inputs = self.preprocess(pixels)[0]
         chunk = -(-inputs.shape[0] // self.streams)  # one part per stream: all cores busy
         self._results = {}
         for index, start in enumerate(range(0, inputs.shape[0], chunk)):
@@ -165,6 +171,46 @@ class OpenVinoEngine:
         parts = [self._results[i] for i in range(len(self._results))]
         amap, score, label = (np.concatenate([p[k] for p in parts]) for k in range(3))
         return amap, score, label
+
+
+class _Normalise:
+    """The pre-processing of images already at the model's input size, in numpy: the resize is
+    then the identity, and skipping its two matrix products saves about 1.4 ms per 256x256
+    image (of 16 for Lite0 in bf16), as ``resize_antialias`` skips them in eager PyTorch.
+
+    It computes what the cut-off pre-processing model outputs, checked on a probe image when
+    the engine loads: ``(pixels / 255 - mean) / std`` in f32, or ``pixels / 255 - mean`` where
+    OpenVINO folded the division by ``std`` into the first convolution (ResNets), so the cut
+    falls before it.
+    """
+
+    def __init__(self, size: tuple[int, int], mean: list[float], std: list[float] | None) -> None:
+        self.size = size
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        self.std = None if std is None else np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any], preprocess: Any) -> _Normalise | None:
+        """From an export's ``model.json``: the form that gives what ``preprocess`` (the compiled
+        cut-off model) gives on a probe image at the input size, or ``None`` if neither does."""
+        size = metadata.get("config", {}).get("input_size")
+        if size is None or "mean" not in metadata or "std" not in metadata:
+            return None
+        size = (int(size[0]), int(size[1]))
+        probe = np.random.default_rng(0).integers(0, 256, (1, 3, *size), dtype=np.uint8)
+        expected = preprocess(probe)[0]
+        for std in (metadata["std"], None):
+            normalise = cls(size, metadata["mean"], std)
+            if expected.shape == probe.shape and np.abs(normalise(probe) - expected).max() <= 1e-5:
+                return normalise
+        return None
+
+    def takes(self, pixels: np.ndarray) -> bool:
+        return tuple(pixels.shape[-2:]) == self.size
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        centred = pixels.astype(np.float32) / np.float32(255.0) - self.mean
+        return centred if self.std is None else centred / self.std
 
 
 def split_preprocessing(model: Any, path: str | Path = "model") -> tuple[Any, Any]:
