@@ -388,7 +388,7 @@ def export(
     import numpy as np
 
     from fastflow.detector import FastFlow
-    from fastflow.engines import check_precision, load_exported
+    from fastflow.engines import check_precision, exported_precision
     from fastflow.export import bf16_tolerances, check_parity, random_pixels, record_check
     from fastflow.predict import expand_inputs
 
@@ -402,7 +402,7 @@ def export(
         if not check:
             return
         graph = detector.inference_graph()
-        checked = load_exported(path).precision if images else "f32"
+        checked = exported_precision(path) if images else "f32"
         if images is None:
             batches, source, tolerance, map_tolerance = random_pixels(detector.config.input_size), "random images", 1e-4, 1e-4
         else:

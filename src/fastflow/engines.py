@@ -33,6 +33,7 @@ __all__ = [
     "check_precision",
     "choose_engine",
     "default_precision",
+    "exported_precision",
     "import_optional",
     "load_exported",
     "metadata_path",
@@ -344,9 +345,14 @@ def load_exported(path: str | Path, precision: str | None = None, hint: str = "t
         if precision not in (None, "f32"):
             raise FastFlowError("ONNX Runtime runs exported models in f32 only; use the openvino engine for bf16")
         return OnnxRuntimeEngine(file)
-    if precision is None:
-        recorded = read_metadata(file).get("precision", "f32")
-        precision = recorded if recorded == "f32" or cpu_has_native_bf16() else "f32"
-    return OpenVinoEngine(file, precision, hint)
+    return OpenVinoEngine(file, precision or exported_precision(file), hint)
+
+
+def exported_precision(path: str | Path) -> str:
+    """The precision an exported model runs at by default here: the one recorded at export,
+    except f32 for a bf16 export on a CPU without bf16 units."""
+    file = _model_file(path)
+    recorded = "f32" if file.suffix == ".onnx" else read_metadata(file).get("precision", "f32")
+    return recorded if recorded == "f32" or cpu_has_native_bf16() else "f32"
 
 
