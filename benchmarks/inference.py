@@ -250,7 +250,7 @@ def benchmark(backbone: str, size: int, batch: int, rounds: int, seconds: float,
     return best_of_rounds(configs, {"pixels": pixels, "normalised": normalised}, rounds, seconds)
 
 
-def anomalib_aurocs(detector: FastFlow, samples: list, labels: np.ndarray) -> list[tuple]:
+def anomalib_aurocs(detector: FastFlow, batches: list[tuple[np.ndarray, dict]], labels: np.ndarray) -> list[tuple]:
     """The same AUROC rows for anomalib's FastflowModel holding the model's weights, in OpenVINO
     f32 and bf16 (fed fastflow's pre-processed images)."""
     import openvino as ov
@@ -261,7 +261,7 @@ def anomalib_aurocs(detector: FastFlow, samples: list, labels: np.ndarray) -> li
         print(f"no anomalib rows: {error}", file=sys.stderr)
         return []
     with torch.no_grad():
-        batches = [(detector.model_.preprocess(batch["image"]).numpy(), batch) for _, batch in detector.image_batches(samples)]
+        batches = [(detector.model_.preprocess(batch["image"]).numpy(), batch) for _, batch in batches]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             size = list(detector.config.input_size)
@@ -297,7 +297,9 @@ def _auroc_row(name: str, run: Callable, batches: list[tuple[np.ndarray, dict]],
     return name, image_auroc(labels, all_scores), pixel_auroc(np.stack(masks), np.stack(maps)), all_scores, time.perf_counter() - start
 
 
-def int8_aurocs(detector: FastFlow, samples: list, labels: np.ndarray, train_images: list[Path]) -> list[tuple]:
+def int8_aurocs(
+    detector: FastFlow, batches: list[tuple[np.ndarray, dict]], labels: np.ndarray, train_images: list[Path]
+) -> list[tuple]:
     """AUROC rows for OpenVINO with the backbone quantized to int8 by NNCF post-training
     quantization (calibrated on every second training image, normal only), the rest in bf16,
     the pre-processing cut off in f32 as in the bf16 engine. Needs ``pip install nncf``."""
@@ -329,35 +331,28 @@ def int8_aurocs(detector: FastFlow, samples: list, labels: np.ndarray, train_ima
         out = compiled(normalise(pixels)[0])
         return out[0], out[1]
 
-    batches = [(batch["image"].numpy(), batch) for _, batch in detector.image_batches(samples)]
     return [_auroc_row("openvino int8 backbone (NNCF), rest bf16", run, batches, labels)]
 
 
 def auroc_check(run: Path, data: Path) -> None:
     """Image and pixel AUROC of a trained model with each engine and precision, against PyTorch fp32."""
     from fastflow.data import list_images, load_samples
-    from fastflow.metrics import image_auroc, pixel_auroc
 
     detector = FastFlow.load(run)
     samples = load_samples(data, "test")
     labels = np.array([s.label for s in samples])
+    batches = [(batch["image"].numpy(), batch) for _, batch in detector.image_batches(samples)]  # decoded once
     rows = []
     for engine, precision in [("torch", "f32"), ("onnx", "f32"), ("openvino", "f32"), ("torch", "bf16"),
                               ("openvino", "bf16")]:
-        scores, maps, masks = [], [], []
-        start = time.perf_counter()
-        for batch_samples, prediction, batch in detector.iter_predictions(samples, engine, precision):
-            scores.append(prediction.scores)
-            for i, sample in enumerate(batch_samples):
-                if sample.label == 0 or bool(batch["has_mask"][i]):
-                    maps.append(prediction.maps[i])
-                    masks.append(batch["mask"][i].numpy())
-        elapsed = time.perf_counter() - start
-        all_scores = np.concatenate(scores)
-        rows.append((f"{engine} {precision}", image_auroc(labels, all_scores),
-                     pixel_auroc(np.stack(masks), np.stack(maps)), all_scores, elapsed))
-    rows += int8_aurocs(detector, samples, labels, list_images(data / "train" / "good"))
-    rows += anomalib_aurocs(detector, samples, labels)
+
+        def run_engine(pixels: np.ndarray, engine=engine, precision=precision) -> tuple[np.ndarray, np.ndarray]:
+            amap, score, _ = detector.engine(engine, precision)(pixels)  # the first call exports (timed)
+            return amap, score
+
+        rows.append(_auroc_row(f"{engine} {precision}", run_engine, batches, labels))
+    rows += int8_aurocs(detector, batches, labels, list_images(data / "train" / "good"))
+    rows += anomalib_aurocs(detector, batches, labels)
     reference = rows[0]
     print(f"\n### AUROC on {data} ({len(samples)} test images), model {run}\n")
     print("| engine | image AUROC | pixel AUROC | max score difference vs torch f32 | seconds (incl. export) |")

@@ -347,7 +347,7 @@ def serve(
     """Serve a model over HTTP: POST /predict, GET /health, GET /model, and a web page at /."""
     import ipaddress
 
-    from fastflow.engines import ENGINES, check_precision
+    from fastflow.engines import check_engine, check_precision
 
     try:
         import uvicorn
@@ -356,8 +356,8 @@ def serve(
     except ImportError as error:
         raise FastFlowError(f"serving needs {error.name}; install the serve extra: pip install \"fastflow[serve]\"") from None
     # Every option is checked before the model is loaded.
-    if engine is not None and engine not in ENGINES:
-        raise FastFlowError(f"unknown engine '{engine}'; use one of {', '.join(ENGINES)}")
+    if engine is not None:
+        check_engine(engine)
     if precision is not None:
         check_precision(precision)
     if not 1 <= port <= 65535:

@@ -28,7 +28,7 @@ from fastflow.data import (
     split_holdout,
     validate_samples,
 )
-from fastflow.engines import ENGINES, Engine, TorchEngine
+from fastflow.engines import Engine, TorchEngine, check_engine
 from fastflow.errors import FastFlowError, is_integer, is_real, require
 from fastflow.export import EXPORT_PRECISIONS, export_engine, to_onnx, to_openvino
 from fastflow.io import build_model, load_model, read_model_file, save_model
@@ -263,8 +263,7 @@ class FastFlow:
 
         ``precision="bf16"`` (torch autocast, OpenVINO hint) trades exactness for speed.
         """
-        if name not in ENGINES:
-            raise FastFlowError(f"unknown engine '{name}'; use one of {', '.join(ENGINES)}")
+        check_engine(name)
         graph = self.inference_graph()
         key = (name, precision)
         if key not in self._engines:
