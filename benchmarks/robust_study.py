@@ -53,13 +53,14 @@ def candidate(name: str) -> tuple[Recipe, dict]:
     """A candidate's recipe and architecture overrides, from its name: ``+``-joined tokens.
 
     ``reference`` (the paper's loss and scoring instead of the improved recipe's), ``noiseX``
-    (``Recipe.feature_noise=X``), ``pixelX`` (``Recipe.pixel_noise=X``), and the architecture
+    (``Recipe.feature_noise=X``), ``pixelX`` (``Recipe.pixel_noise=X``), ``jpegQ``
+    (``Recipe.pixel_jpeg=Q``, after a ``pixelX``), and the architecture
     tokens of ``ARCHITECTURE_TOKENS``, e.g. ``noise0.1+pixel2+pool3``. ``noise0`` is the improved
     recipe as it was before training noise.
     """
     # Every candidate starts from the improved recipe *without* training noise or context
     # options (its scoring and loss), whatever the current default is, so names keep their meaning.
-    recipe = dataclasses.replace(RECIPES["improved"], feature_noise=0.0, pixel_noise=0.0, architecture={})
+    recipe = dataclasses.replace(RECIPES["improved"], feature_noise=0.0, pixel_noise=0.0, pixel_jpeg=0, architecture={})
     architecture: dict = {}
     for token in name.split("+"):
         if token == "reference":
@@ -69,6 +70,8 @@ def candidate(name: str) -> tuple[Recipe, dict]:
             recipe = dataclasses.replace(recipe, feature_noise=float(token.removeprefix("noise")))
         elif token.startswith("pixel"):
             recipe = dataclasses.replace(recipe, pixel_noise=float(token.removeprefix("pixel")))
+        elif token.startswith("jpeg"):
+            recipe = dataclasses.replace(recipe, pixel_jpeg=int(token.removeprefix("jpeg")))
         elif token in ARCHITECTURE_TOKENS:
             architecture.update(ARCHITECTURE_TOKENS[token])
         else:

@@ -217,7 +217,7 @@ def test_bf16_engines_run_close_to_f32(detectors, tmp_path):
     # ResNet-18's graph divides by std after the cut (OpenVINO folds it into the first
     # convolution); the numpy path for model-size images then stops before it too.
     at_size = _pixels(2, INPUT_SIZE, 9).numpy()
-    assert engine.normalise is not None and engine.normalise.std is None
+    assert engine.normalise is not None and not engine.normalise.divides_by_std
     np.testing.assert_allclose(engine.normalise(at_size), engine.preprocess(at_size)[0], rtol=0, atol=1e-5)
     # The two halves of the cut, both in f32, are the exported graph.
     import openvino as ov
@@ -236,7 +236,7 @@ def test_bf16_engine_skips_the_identity_resize_where_that_keeps_the_pixels(detec
     detector = _get(detectors, "tf_efficientnet_lite0", lite0_weights)
     engine = load_exported(detector.export(tmp_path, "openvino", precision="bf16"), "bf16")
     at_size, larger = _pixels(3, INPUT_SIZE, 10).numpy(), _pixels(1, (150, 170), 11).numpy()
-    assert engine.normalise is not None and engine.normalise.std is not None
+    assert engine.normalise is not None and engine.normalise.divides_by_std
     assert engine.normalise.takes(at_size) and not engine.normalise.takes(larger)
     np.testing.assert_allclose(engine.normalise(at_size), engine.preprocess(at_size)[0], rtol=0, atol=1e-5)
     fast = engine(at_size)[1]

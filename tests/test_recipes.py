@@ -52,6 +52,12 @@ def test_training_noise_must_be_a_non_negative_number_and_the_reference_has_none
         for bad in (-0.1, "0.1", True):
             with pytest.raises(FastFlowError, match=name):
                 Recipe(**{name: bad})
+    assert RECIPES["reference"].pixel_jpeg == 0
+    for bad in (-1, 101, 80.0, True):
+        with pytest.raises(FastFlowError, match="pixel_jpeg"):
+            Recipe(pixel_jpeg=bad)
+    with pytest.raises(FastFlowError, match="pixel_jpeg"):
+        Recipe(pixel_noise=0.0, pixel_jpeg=75)  # the round trip is made on the noisy copy
 
 
 def test_recipe_architecture_sets_context_options_that_detector_options_override():

@@ -7,7 +7,7 @@ import torch
 from fastflow.cache import FeatureCache
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.presets import get_config
-from fastflow.train import BatchNll, TrainConfig, add_pixel_noise, channel_noise_scales, fit_flows
+from fastflow.train import BatchNll, TrainConfig, add_pixel_noise, channel_noise_scales, fit_flows, jpeg_round_trip
 
 
 def _model() -> FastFlowModel:
@@ -75,6 +75,19 @@ def test_pixel_noise_is_rounded_sensor_noise_of_the_asked_size():
     assert noisy.dtype == torch.uint8
     difference = noisy.float() - pixels.float()
     assert 1.8 < difference[:, :, 1:].std() < 2.2 and difference.abs().max() <= 12
+
+
+def test_jpeg_round_trip_leaves_quality_0_alone_and_compresses_more_at_lower_quality():
+    generator = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=generator), (64, 64), mode="bilinear")
+    image = (smooth[0] * 200 + 20 + 10 * torch.rand(3, 64, 64, generator=generator)).to(torch.uint8)
+    assert jpeg_round_trip(image, 0) is image
+    errors = []
+    for quality in (95, 75, 30):
+        decoded = jpeg_round_trip(image, quality)
+        assert decoded.shape == image.shape and decoded.dtype == torch.uint8
+        errors.append((decoded.float() - image.float()).abs().mean().item())
+    assert 0 < errors[0] < errors[1] < errors[2] < 20
 
 
 def test_bfloat16_flows_give_the_float32_loss_and_float32_gradients():

@@ -187,7 +187,7 @@ class FastFlow:
         with open_caches(self.cache, model.feature_shapes, counts) as caches:
             noisy = caches.get("noisy")
             extract_features(model, self._shard_pixels(train_samples), caches["train"], noisy,
-                             self.recipe.pixel_noise, self.training.seed, "train features")
+                             self.recipe.pixel_noise, self.training.seed, "train features", self.recipe.pixel_jpeg)
             extract_features(model, self._shard_pixels(holdout_samples), caches["holdout"], desc="held-out features")
             for cache in caches.values():
                 cache.synchronise()
@@ -390,8 +390,10 @@ def _load_checkpoint(path: Path, config: FastFlowConfig, recipe: Recipe) -> tupl
     """Model and training state from a checkpoint written by ``_save_checkpoint``."""
     saved_config, state, extra, tensors = read_model_file(path)
     saved_recipe = Recipe.from_dict(extra["recipe"])
-    trained_as = (saved_recipe.exact_nll, saved_recipe.feature_noise, saved_recipe.pixel_noise)
-    if saved_config != config or trained_as != (recipe.exact_nll, recipe.feature_noise, recipe.pixel_noise):
+    def training_noise(r: Recipe) -> tuple:
+        return r.exact_nll, r.feature_noise, r.pixel_noise, r.pixel_jpeg
+
+    if saved_config != config or training_noise(saved_recipe) != training_noise(recipe):
         raise FastFlowError(
             f"checkpoint {path} was trained with a different model config, loss or training noise ({saved_config}, {saved_recipe}); "
             "resume with the same options or use a new --output folder"

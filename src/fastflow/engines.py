@@ -153,21 +153,25 @@ class OpenVinoEngine:
         self.queue.set_callback(self._collect)
         self._results: dict[int, tuple[np.ndarray, ...]] = {}
 
+    def _inputs(self, pixels: np.ndarray) -> np.ndarray:
+        """What the compiled model takes: the pixels, or (bf16) their f32 pre-processing."""
+        if self.preprocess is None:
+            return pixels
+        if self.normalise is not None and self.normalise.takes(pixels):
+            return self.normalise(pixels)
+        return self.preprocess(pixels)[0]
+
     def _collect(self, request: Any, index: int) -> None:
         self._results[index] = tuple(np.array(request.get_output_tensor(i).data) for i in range(3))
 
     def __call__(self, images: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pixels = as_uint8(images)
-        if self.preprocess is None:
-            inputs = pixels
-        elif self.normalise is not None and self.normalise.takes(pixels):
-            inputs = self.normalise(pixels)
-        else:
-            inputs = self.preprocess(pixels)[0]
-        chunk = -(-inputs.shape[0] // self.streams)  # one part per stream: all cores busy
+        chunk = -(-pixels.shape[0] // self.streams)  # one part per stream: all cores busy
         self._results = {}
-        for index, start in enumerate(range(0, inputs.shape[0], chunk)):
-            self.queue.start_async({0: inputs[start : start + chunk]}, index)
+        # Each part is pre-processed just before it starts, so the next part's pre-processing
+        # overlaps the streams already running instead of keeping every core waiting.
+        for index, start in enumerate(range(0, pixels.shape[0], chunk)):
+            self.queue.start_async({0: self._inputs(pixels[start : start + chunk])}, index)
         self.queue.wait_all()
         parts = [self._results[i] for i in range(len(self._results))]
         amap, score, label = (np.concatenate([p[k] for p in parts]) for k in range(3))
@@ -187,8 +191,13 @@ class _Normalise:
 
     def __init__(self, size: tuple[int, int], mean: list[float], std: list[float] | None) -> None:
         self.size = size
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
-        self.std = None if std is None else np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+        self.divides_by_std = std is not None
+        # One multiply (casting to f32) and one in-place subtraction: 3.5x faster than the four
+        # passes of the formula as written, equal to it within 1e-6.
+        mean64 = np.asarray(mean, dtype=np.float64).reshape(1, -1, 1, 1)
+        std64 = np.ones_like(mean64) if std is None else np.asarray(std, dtype=np.float64).reshape(1, -1, 1, 1)
+        self.factor = (1.0 / (255.0 * std64)).astype(np.float32)
+        self.offset = (mean64 / std64).astype(np.float32)
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any], preprocess: Any) -> _Normalise | None:
@@ -210,8 +219,9 @@ class _Normalise:
         return tuple(pixels.shape[-2:]) == self.size
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        centred = pixels.astype(np.float32) / np.float32(255.0) - self.mean
-        return centred if self.std is None else centred / self.std
+        normalised = np.multiply(pixels, self.factor, dtype=np.float32)
+        normalised -= self.offset
+        return normalised
 
 
 def split_preprocessing(model: Any, path: str | Path = "model") -> tuple[Any, Any]:

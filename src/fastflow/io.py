@@ -79,7 +79,7 @@ def read_model_file(path: str | Path) -> tuple[FastFlowConfig, dict[str, Tensor]
         if version == str(_SCORING_IN_CONFIG_VERSION):
             extra = _recipe_from_version_3(config_fields, extra)
         if "recipe" in extra:  # files written before training noise existed were trained without it
-            extra["recipe"] = {"feature_noise": 0.0, "pixel_noise": 0.0, **extra["recipe"]}
+            extra["recipe"] = {"feature_noise": 0.0, "pixel_noise": 0.0, "pixel_jpeg": 0, **extra["recipe"]}
         config = FastFlowConfig.from_dict(config_fields)
     except (KeyError, ValueError, TypeError) as error:
         raise FastFlowError(f"model file {path} has a broken config ({error}); retrain the model") from None

@@ -137,6 +137,8 @@ class Recipe:
             clean or noisy at random. Without it a flow trained on camera-clean images learns to
             expand the directions in which they barely vary, and one grey level of sensor noise
             (or bf16 rounding) then looks like a defect. 0: no noisy copy, as in the reference.
+        pixel_jpeg: JPEG quality of a round trip the noisy copy takes before its noise (0: none),
+            so that a camera or storage system that compresses does not look like a defect either.
         map_sigma: standard deviation, in input pixels, of a Gaussian blur of the anomaly map
             (0: none). Its radius ``blur_radius(map_sigma)`` must stay inside the map.
         score_top: share of the anomaly map's highest pixels averaged into the image score
@@ -156,6 +158,7 @@ class Recipe:
     exact_nll: bool = True
     feature_noise: float = 0.1
     pixel_noise: float = 3.0
+    pixel_jpeg: int = 0
     map_sigma: float = 4.0
     score_top: float = 0.001
     architecture: dict[str, Any] = field(default_factory=lambda: {"positional_channels": 16})
@@ -167,6 +170,11 @@ class Recipe:
                 self.feature_noise)
         require(is_real(self.pixel_noise) and self.pixel_noise >= 0, "pixel_noise", "a number >= 0 (grey levels)",
                 self.pixel_noise)
+        require(isinstance(self.pixel_jpeg, int) and not isinstance(self.pixel_jpeg, bool)
+                and (self.pixel_jpeg == 0 or 1 <= self.pixel_jpeg <= 100), "pixel_jpeg",
+                "0 (none) or a JPEG quality from 1 to 100", self.pixel_jpeg)
+        require(self.pixel_jpeg == 0 or self.pixel_noise > 0, "pixel_jpeg",
+                "0 unless pixel_noise > 0 (the JPEG round trip is applied to the noisy copy)", self.pixel_jpeg)
         require(is_real(self.map_sigma) and self.map_sigma >= 0, "map_sigma", "a number >= 0", self.map_sigma)
         require(is_real(self.score_top) and 0 <= self.score_top < 1, "score_top", "in [0, 1)", self.score_top)
         require(isinstance(self.architecture, dict) and set(self.architecture) <= set(CONTEXT_OPTIONS),
@@ -204,7 +212,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     # The paper / anomalib recipe, kept so published numbers can be reproduced.
     "reference": Recipe(
-        "reference", exact_nll=False, feature_noise=0.0, pixel_noise=0.0, map_sigma=0.0, score_top=0.0,
+        "reference", exact_nll=False, feature_noise=0.0, pixel_noise=0.0, pixel_jpeg=0, map_sigma=0.0, score_top=0.0,
         architecture={},
         description="FastFlow paper and anomalib: loss without the norm's log-det, unblurred map, image score = map maximum",
     ),

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torchvision
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -29,7 +30,7 @@ from fastflow.model.fastflow import FastFlowModel
 from fastflow.scoring import nll_loss
 
 __all__ = [
-    "FLOW_PRECISIONS", "BatchNll", "TrainConfig", "TrainState", "add_pixel_noise", "channel_noise_scales",
+    "FLOW_PRECISIONS", "BatchNll", "TrainConfig", "TrainState", "add_pixel_noise", "channel_noise_scales", "jpeg_round_trip",
     "extract_features", "fit_flows", "resolve_flow_precision",
 ]
 
@@ -115,11 +116,13 @@ class TrainState:
 def extract_features(
     model: FastFlowModel, batches: Iterable[tuple[list[int], Tensor]], cache: FeatureCache,
     noisy: FeatureCache | None = None, sigma: float = 0.0, seed: int = 0, desc: str = "features",
+    jpeg_quality: int = 0,
 ) -> None:
     """Write the raw backbone features of every (positions, uint8 pixels) batch into ``cache``.
 
     With ``noisy``, the same images with pixel noise of ``sigma`` grey levels (``add_pixel_noise``)
-    go into it from the same pass, each image decoded once for both. Each image's noise is drawn
+    go into it from the same pass, each image decoded once for both; with ``jpeg_quality``, each
+    noisy image first takes a JPEG round trip at that quality (``jpeg_round_trip``). Each image's noise is drawn
     from a generator seeded by ``seed`` and the image's position, so it does not depend on how
     the images are batched or shared between processes.
     """
@@ -127,10 +130,18 @@ def extract_features(
         cache.write(positions, model.extract(pixels))
         if noisy is not None:
             noisy_pixels = torch.cat([
-                add_pixel_noise(image[None], sigma, torch.Generator().manual_seed(seed * 2**32 + position))
+                add_pixel_noise(jpeg_round_trip(image, jpeg_quality)[None], sigma,
+                                torch.Generator().manual_seed(seed * 2**32 + position))
                 for image, position in zip(pixels, positions, strict=True)
             ])
             noisy.write(positions, model.extract(noisy_pixels))
+
+
+def jpeg_round_trip(image: Tensor, quality: int) -> Tensor:
+    """A (3, H, W) uint8 image encoded as JPEG at ``quality`` and decoded again (0: the image itself)."""
+    if quality == 0:
+        return image
+    return torchvision.io.decode_jpeg(torchvision.io.encode_jpeg(image.contiguous(), quality=quality))
 
 
 def add_pixel_noise(pixels: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
