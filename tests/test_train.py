@@ -7,7 +7,14 @@ import torch
 from fastflow.cache import FeatureCache
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.presets import get_config
-from fastflow.train import BatchNll, TrainConfig, add_pixel_noise, channel_noise_scales, fit_flows, jpeg_round_trip
+from fastflow.train import (
+    BatchNll,
+    TrainConfig,
+    add_pixel_noise,
+    channel_noise_scales,
+    fit_flows,
+    jpeg_round_trip,
+)
 
 
 def _model() -> FastFlowModel:
