@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from fastflow import FastFlow, FastFlowError
 from fastflow.cli import main
 from fastflow.model.fastflow import FastFlowModel
-from fastflow.model.flow import FlowStack, FoldedFlow
+from fastflow.model.flow import IN_PLACE_BELOW_CHANNELS, FlowStack, FoldedFlow
 from fastflow.model.inference import InferenceGraph, float32_threshold
 from fastflow.presets import get_config, get_recipe
 from fastflow.scoring import anomaly_map, image_score
@@ -76,18 +76,24 @@ def _get(detectors: dict[str, FastFlow], backbone: str, weights: str | Path = "r
 # ------------------------------------------------------------------------------------ folding
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize(("channels", "kernels"), [(64, (3,)), (7, (3, 1)), (33, (1, 3))])
-def test_folded_flow_equals_flow_stack(channels, kernels):
+def test_folded_flow_equals_flow_stack(channels, kernels, in_place):
     flow = FlowStack(channels, steps=6, kernels=kernels, seed=3)
     _perturb(flow)
     x = torch.randn(2, channels, 9, 11)
     with torch.no_grad():
         reference, _ = flow(x)
-        folding = flow.fold()
+        folding = flow.fold(in_place=in_place)
         folded, log_det = folding(x)
-    assert isinstance(folding, FoldedFlow) and log_det is None
+    assert isinstance(folding, FoldedFlow) and log_det is None and folding.in_place == in_place
     assert reference.abs().max() > 1.0  # a real transformation, not ~identity
     torch.testing.assert_close(folded[:, folding.output_permutation], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_narrow_flows_fold_in_place_and_wide_ones_split():
+    assert FlowStack(IN_PLACE_BELOW_CHANNELS - 1, steps=1).fold().in_place
+    assert not FlowStack(IN_PLACE_BELOW_CHANNELS, steps=1).fold().in_place
 
 
 @pytest.mark.parametrize("recipe", ["reference", "improved"])

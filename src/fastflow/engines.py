@@ -151,6 +151,7 @@ class OpenVinoEngine:
         self.streams = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         self.queue = ov.AsyncInferQueue(self.compiled, self.streams)
         self.queue.set_callback(self._collect)
+        self.request = self.compiled.create_infer_request()  # for single-part calls, without the queue
         self._results: dict[int, tuple[np.ndarray, ...]] = {}
 
     def _inputs(self, pixels: np.ndarray) -> np.ndarray:
@@ -161,12 +162,21 @@ class OpenVinoEngine:
             return self.normalise(pixels)
         return self.preprocess(pixels)[0]
 
+    @staticmethod
+    def _outputs(request: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of a finished request's (anomaly map, score, label): its buffers are reused."""
+        amap, score, label = (np.array(request.get_output_tensor(i).data) for i in range(3))
+        return amap, score, label
+
     def _collect(self, request: Any, index: int) -> None:
-        self._results[index] = tuple(np.array(request.get_output_tensor(i).data) for i in range(3))
+        self._results[index] = self._outputs(request)
 
     def __call__(self, images: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pixels = as_uint8(images)
         chunk = -(-pixels.shape[0] // self.streams)  # one part per stream: all cores busy
+        if chunk == pixels.shape[0]:  # one part (batch 1, one stream): a plain synchronous call
+            self.request.infer({0: self._inputs(pixels)})
+            return self._outputs(self.request)
         self._results = {}
         # Each part is pre-processed just before it starts, so the next part's pre-processing
         # overlaps the streams already running instead of keeping every core waiting.

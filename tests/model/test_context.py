@@ -73,14 +73,15 @@ def test_conditioned_step_is_its_subnet_on_the_concatenated_condition_with_the_s
         torch.testing.assert_close(split, concat)
 
 
-def test_folded_conditioned_flow_equals_the_flow():
+@pytest.mark.parametrize("in_place", [False, True])
+def test_folded_conditioned_flow_equals_the_flow(in_place):
     flow = FlowStack(10, 4, kernels=(3, 1), condition_channels=8, seed=2)
     perturb_trainable(flow, torch.Generator().manual_seed(1))
     condition = positional_encoding(8, 7, 5)
     x = torch.randn(3, 10, 7, 5)
     with torch.no_grad():
         reference, _ = flow(x, condition)
-        folded = flow.fold(condition)
+        folded = flow.fold(condition, in_place)
         z, _ = folded(x)
     torch.testing.assert_close(z[:, folded.output_permutation], reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="condition"):
