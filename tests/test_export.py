@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from fastflow import FastFlow, FastFlowError
 from fastflow.cli import main
 from fastflow.model.fastflow import FastFlowModel
-from fastflow.model.flow import IN_PLACE_BELOW_CHANNELS, FlowStack, FoldedFlow
+from fastflow.model.flow import FlowStack, FoldedFlow
 from fastflow.model.inference import InferenceGraph, float32_threshold
 from fastflow.presets import get_config, get_recipe
 from fastflow.scoring import anomaly_map, image_score
@@ -91,9 +91,22 @@ def test_folded_flow_equals_flow_stack(channels, kernels, in_place):
     torch.testing.assert_close(folded[:, folding.output_permutation], reference, rtol=1e-5, atol=1e-5)
 
 
-def test_narrow_flows_fold_in_place_and_wide_ones_split():
-    assert FlowStack(IN_PLACE_BELOW_CHANNELS - 1, steps=1).fold().in_place
-    assert not FlowStack(IN_PLACE_BELOW_CHANNELS, steps=1).fold().in_place
+def test_in_place_folding_takes_the_small_flows_and_only_the_openvino_bf16_graph_asks_for_it(tmp_path):
+    """ResNet-18's flows hold 16.8 M multiply-adds per step at 256 px (above ``IN_PLACE_MAX_WORK``),
+    5.2 M at 128x160 (below); the export records nothing of the form, only its precision."""
+    for size, expected in (((256, 256), [False] * 3), (INPUT_SIZE, [True] * 3)):
+        model = FastFlowModel(get_config("resnet18", input_size=size), "random").eval()
+        assert [flow.in_place for flow in model.fold(in_place=True).flows] == expected
+        assert not any(flow.in_place for flow in model.fold().flows)
+    detector = _detector("resnet18")
+    assert not any(flow.in_place for flow in detector.inference_graph().model.flows)
+    assert all(flow.in_place for flow in detector.inference_graph(in_place=True).model.flows)
+    assert detector.inference_graph(in_place=True) is detector.inference_graph(in_place=True)  # cached
+    pixels = _pixels(2, (150, 170), 4)
+    with torch.no_grad():
+        split, in_place = detector.inference_graph()(pixels), detector.inference_graph(in_place=True)(pixels)
+    torch.testing.assert_close(in_place[0], split[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(in_place[1], split[1], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("recipe", ["reference", "improved"])

@@ -22,6 +22,12 @@ from fastflow.presets import FastFlowConfig
 __all__ = ["FastFlowModel"]
 
 
+# The in-place form doubles a step's multiply-adds (about channels^2 x positions) to save a
+# fixed cost per node. OpenVINO bf16 on a 2-core Intel Xeon with AMX, one process: Lite0's flows
+# (24 x 64^2, 40 x 32^2, 112 x 16^2 at 256 px: 1.6-3.2 M) went from 11.6 to 8.6 ms at batch 1
+# and 1.17x at batch 16; ResNet-18's (64 x 64^2 and alike: 16.8 M each) all in place: 0.94x at batch 16.
+IN_PLACE_MAX_WORK = 2**23
+
 class FastFlowModel(nn.Module):
     """uint8 pixels -> per-scale latents ``zs`` and per-position log-determinants ``log_dets``.
 
@@ -137,15 +143,20 @@ class FastFlowModel(nn.Module):
         """``flow(extract(pixels))``: the same contract in training and evaluation."""
         return self.flow(self.extract(pixels))
 
-    def fold(self) -> FastFlowModel:
+    def fold(self, in_place: bool = False) -> FastFlowModel:
         """This model for inference: backbone and norms shared, each flow folded (``FlowStack.fold``).
 
         Its latents equal this model's up to a fixed channel order (which the anomaly map
         ignores), and its flows compute no log-determinant (``flow`` returns ``None`` for it).
+        ``in_place``: flows whose steps are small (``IN_PLACE_MAX_WORK``) take the in-place
+        form, for engines with fast arithmetic and a cost per node (OpenVINO bf16).
         """
         folded = copy.copy(self)
         conditions = self.positions(next(self.flows.parameters()).device)
-        flows = nn.ModuleList(flow.fold(condition) for flow, condition in zip(self.flows, conditions, strict=True))
+        flows = nn.ModuleList(
+            flow.fold(condition, in_place and channels**2 * height * width <= IN_PLACE_MAX_WORK)
+            for flow, condition, (channels, height, width) in zip(self.flows, conditions, self.flow_shapes, strict=True)
+        )
         folded._modules = {**self._modules, "flows": flows}
         return folded.eval()
 

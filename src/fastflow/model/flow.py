@@ -19,13 +19,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["IN_PLACE_BELOW_CHANNELS", "CouplingStep", "FlowStack", "FoldedFlow", "subnet"]
+__all__ = ["CouplingStep", "FlowStack", "FoldedFlow", "subnet"]
 
 # FrEIA scales the subnet output by 0.1 "for stability and easier initialization".
 _SUBNET_OUTPUT_SCALE = 0.1
-
-# Flows narrower than this fold into the in-place form (``FoldedFlow``), which is faster there.
-IN_PLACE_BELOW_CHANNELS = 128
 
 
 def subnet(in_channels: int, out_channels: int, kernel_size: int, hidden_ratio: float) -> nn.Sequential:
@@ -154,9 +151,9 @@ class FlowStack(nn.Module):
             z = step.inverse(z, condition)
         return z
 
-    def fold(self, condition: Tensor | None = None, in_place: bool | None = None) -> FoldedFlow:
+    def fold(self, condition: Tensor | None = None, in_place: bool = False) -> FoldedFlow:
         """This flow for inference, its constants (and ``condition``) folded: a detached copy, see
-        ``FoldedFlow`` (``in_place``: its form; ``None`` picks it by channel count)."""
+        ``FoldedFlow`` (``in_place``: its form)."""
         return FoldedFlow(self, condition, in_place)
 
 
@@ -290,23 +287,20 @@ class FoldedFlow(nn.Module):
     The passive half's global offset is not folded into the next convolution: with zero padding
     a 3x3 convolution of ``x + offset`` differs from ``conv(x) + conv(offset)`` at the borders.
 
-    ``in_place`` (the default below ``IN_PLACE_BELOW_CHANNELS`` channels) goes further: no step
-    splits, concatenates or gathers channels (``_InPlaceStep``); each permutation only renames
-    which physical channels the next step treats as passive, and ``z`` comes out in physical
-    order. That doubles the subnets' multiply-adds and removes about a third of the nodes an
-    engine runs; on narrow flows the nodes cost more. Measured with OpenVINO bf16 on a 2-core
-    Intel Xeon with AMX, one process: Lite0 (24, 40, 112 channels) batch-1 11.6 -> 8.6 ms and
-    batch 16 1.17x; ResNet-18 with only its 64-channel flow in place 1.06x at batch 16 (in place
-    at 128 channels: no change, at 256: slower).
+    ``in_place`` goes further: no step splits, concatenates or gathers channels
+    (``_InPlaceStep``); each permutation only renames which physical channels the next step
+    treats as passive, and ``z`` comes out in physical order. That doubles the subnets'
+    multiply-adds and removes about a third of the nodes an engine runs, which pays where the
+    steps are small and the arithmetic is fast (``FastFlowModel.fold`` says where).
     """
 
-    def __init__(self, flow: FlowStack, condition: Tensor | None = None, in_place: bool | None = None) -> None:
+    def __init__(self, flow: FlowStack, condition: Tensor | None = None, in_place: bool = False) -> None:
         super().__init__()
         steps = list(flow.steps)
         if steps[0].condition_channels and condition is None:
             raise ValueError("this flow is conditioned: fold it with the condition it was trained with")
         self.passive = steps[0].passive
-        self.in_place = steps[0].channels < IN_PLACE_BELOW_CHANNELS if in_place is None else in_place
+        self.in_place = in_place
         folded = [_FoldedStep(step, i == len(steps) - 1, condition) for i, step in enumerate(steps)]
         if not self.in_place:
             self.steps = nn.ModuleList(folded)
