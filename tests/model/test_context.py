@@ -55,24 +55,6 @@ def test_conditioned_step_log_det_matches_autograd_and_inverts():
         torch.set_default_dtype(torch.float32)
 
 
-def test_conditioned_step_is_its_subnet_on_the_concatenated_condition_with_the_same_gradients():
-    """The condition's share of the first convolution is computed once per batch (``_scale_shift``):
-    the same log-scale, shift and weight gradients as convolving the concatenated input."""
-    step = CouplingStep(6, kernel_size=3, condition_channels=4)
-    perturb_trainable(step, torch.Generator().manual_seed(3))
-    condition, x1 = positional_encoding(4, 5, 7), torch.randn(3, 3, 5, 7)
-    log_scale, shift = step._scale_shift(x1, condition)
-    split_grads = torch.autograd.grad((log_scale.sum() + shift.square().sum()), list(step.subnet.parameters()))
-    a = step.subnet(torch.cat((x1, condition.expand(3, -1, -1, -1)), dim=1)) * 0.1
-    expected_log_scale, expected_shift = step.clamp * torch.tanh(a[:, :3]), a[:, 3:]
-    torch.testing.assert_close(log_scale, expected_log_scale)
-    torch.testing.assert_close(shift, expected_shift)
-    concat_grads = torch.autograd.grad((expected_log_scale.sum() + expected_shift.square().sum()),
-                                       list(step.subnet.parameters()))
-    for split, concat in zip(split_grads, concat_grads, strict=True):
-        torch.testing.assert_close(split, concat)
-
-
 @pytest.mark.parametrize("in_place", [False, True])
 def test_folded_conditioned_flow_equals_the_flow(in_place):
     flow = FlowStack(10, 4, kernels=(3, 1), condition_channels=8, seed=2)

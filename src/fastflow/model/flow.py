@@ -78,17 +78,8 @@ class CouplingStep(nn.Module):
 
     def _scale_shift(self, x1: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.condition_channels:
-            # conv(concat(x1, c)) = conv_x1(x1) + conv_c(c): the fixed condition's share is
-            # computed once for the batch (1, hidden, H, W) and broadcast, instead of convolving
-            # N copies of it and their gradients.
-            conv1, relu, conv2 = self.subnet
-            weight = conv1.weight
-            hidden = F.conv2d(x1, weight[:, : self.passive], None, padding=conv1.padding) + F.conv2d(
-                condition, weight[:, self.passive :], conv1.bias, padding=conv1.padding
-            )
-            a = conv2(relu(hidden)) * _SUBNET_OUTPUT_SCALE
-        else:
-            a = self.subnet(x1) * _SUBNET_OUTPUT_SCALE
+            x1 = torch.cat((x1, condition.expand(x1.shape[0], -1, -1, -1)), dim=1)
+        a = self.subnet(x1) * _SUBNET_OUTPUT_SCALE
         log_scale = self.clamp * torch.tanh(a[:, : self.active])
         return log_scale, a[:, self.active :]
 
