@@ -28,6 +28,7 @@ __all__ = ["FastFlowModel"]
 # and 1.17x at batch 16; ResNet-18's (64 x 64^2 and alike: 16.8 M each) all in place: 0.94x at batch 16.
 IN_PLACE_MAX_WORK = 2**23
 
+
 class FastFlowModel(nn.Module):
     """uint8 pixels -> per-scale latents ``zs`` and per-position log-determinants ``log_dets``.
 
