@@ -410,14 +410,15 @@ def export(
             normal = float(np.median(detector.holdout_scores_)) if len(detector.holdout_scores_) else detector.map_floor_
             tolerance, map_tolerance = (1e-4, 1e-4) if checked == "f32" else bf16_tolerances(detector.threshold_, normal)
         try:
-            worst = check_parity(graph, path, batches, tolerance, checked, map_tolerance)
+            worst_score, worst_map = check_parity(graph, path, batches, tolerance, checked, map_tolerance)
         except FastFlowError as error:
             fix = "export it with --precision f32" if checked == "bf16" else "export it again with this fastflow version"
             raise FastFlowError(f"{error}; this export does not keep the model's scores: {fix}") from None
         record_check(path, {"precision": checked, "against": "PyTorch f32", "images": source,
-                            "max_difference": worst, "score_tolerance": tolerance, "map_tolerance": map_tolerance})
-        typer.echo(f"checked in {checked} against PyTorch f32 on {source}: max difference {worst:.2g} "
-                   f"(tolerance: scores {tolerance:.2g}, maps {map_tolerance:.2g})")
+                            "max_score_difference": worst_score, "max_map_difference": worst_map,
+                            "score_tolerance": tolerance, "map_tolerance": map_tolerance})
+        typer.echo(f"checked in {checked} against PyTorch f32 on {source}: largest difference {worst_score:.2g} "
+                   f"in scores (tolerance {tolerance:.2g}), {worst_map:.2g} in maps (tolerance {map_tolerance:.2g})")
 
 
 @app.command()

@@ -171,8 +171,8 @@ def check_parity(
     atol: float = 1e-4,
     precision: str | None = None,
     map_atol: float | None = None,
-) -> float:
-    """Largest difference between the exported model's maps and scores and PyTorch's fp32 ones.
+) -> tuple[float, float]:
+    """Largest (score, map) differences between the exported model and PyTorch's fp32 graph.
 
     Args:
         graph: the graph that was exported.
@@ -201,7 +201,7 @@ def check_parity(
     if worst > atol or worst_map > map_atol:
         raise FastFlowError(f"exported model {exported_path} differs from PyTorch by {worst:.3g} in scores, "
                             f"{worst_map:.3g} in maps (> {atol:g} / {map_atol:g})")
-    return max(worst, worst_map)
+    return worst, worst_map
 
 
 def random_pixels(input_size: tuple[int, int], seed: int = 0) -> list[Tensor]:
