@@ -102,6 +102,11 @@ def test_in_place_folding_takes_the_small_flows_and_only_the_openvino_bf16_graph
     assert not any(flow.in_place for flow in detector.inference_graph().model.flows)
     assert all(flow.in_place for flow in detector.inference_graph(in_place=True).model.flows)
     assert detector.inference_graph(in_place=True) is detector.inference_graph(in_place=True)  # cached
+    torch_engine = detector.engine("torch")
+    detector.threshold_ = -0.3  # every cached graph and engine was built for the old threshold
+    assert detector.inference_graph(in_place=True).threshold_value == -0.3
+    assert detector.inference_graph().threshold_value == -0.3 and detector.engine("torch") is not torch_engine
+    detector.threshold_ = -0.45
     pixels = _pixels(2, (150, 170), 4)
     with torch.no_grad():
         split, in_place = detector.inference_graph()(pixels), detector.inference_graph(in_place=True)(pixels)

@@ -253,12 +253,11 @@ class FastFlow:
         (``FastFlowModel.fold``), the faster form for OpenVINO bf16; the same function.
         """
         self._check_fitted()
-        graph = self._graphs.get(in_place)
-        if graph is None or graph.threshold_value != self.threshold_:
-            if graph is not None:
-                self._graphs, self._engines = {}, {}
-            graph = self._graphs[in_place] = InferenceGraph(self.model_.fold(in_place), self.recipe, self.threshold_)
-        return graph
+        if any(graph.threshold_value != self.threshold_ for graph in self._graphs.values()):
+            self._graphs, self._engines = {}, {}  # built for another threshold: every graph and engine
+        if in_place not in self._graphs:
+            self._graphs[in_place] = InferenceGraph(self.model_.fold(in_place), self.recipe, self.threshold_)
+        return self._graphs[in_place]
 
     def engine(self, name: str = "torch", precision: str = "f32") -> Engine:
         """An inference engine for this detector: ``"torch"`` (the graph in PyTorch), or ``"onnx"`` /
