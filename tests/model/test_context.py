@@ -55,9 +55,10 @@ def test_conditioned_step_log_det_matches_autograd_and_inverts():
         torch.set_default_dtype(torch.float32)
 
 
+@pytest.mark.parametrize("permutation", ["random", "swap"])
 @pytest.mark.parametrize("in_place", [False, True])
-def test_folded_conditioned_flow_equals_the_flow(in_place):
-    flow = FlowStack(10, 4, kernels=(3, 1), condition_channels=8, seed=2)
+def test_folded_conditioned_flow_equals_the_flow(in_place, permutation):
+    flow = FlowStack(10, 4, kernels=(3, 1), condition_channels=8, seed=2, permutation=permutation)
     perturb_trainable(flow, torch.Generator().manual_seed(1))
     condition = positional_encoding(8, 7, 5)
     x = torch.randn(3, 10, 7, 5)
@@ -71,6 +72,7 @@ def test_folded_conditioned_flow_equals_the_flow(in_place):
 
 
 OPTIONS = [{"context_pool": 3}, {"fuse_scales": True}, {"positional_channels": 8},
+           {"positional_channels": 8, "condition_widens_subnet": False}, {"permutation": "swap"},
            {"context_pool": 3, "fuse_scales": True, "positional_channels": 8}]
 
 
@@ -106,8 +108,17 @@ def test_pooling_changes_what_the_flows_see():
     assert not torch.allclose(smooth[1], raw[1])
 
 
+@pytest.mark.parametrize(("widens", "hidden"), [(True, [8 + 4, 8 + 6]), (False, [4, 6])])
+def test_a_narrow_condition_adds_no_hidden_channels(widens, hidden):
+    """The subnet still sees the condition; only its hidden width differs."""
+    flows = [FlowStack(channels, 2, condition_channels=8, condition_widens_subnet=widens) for channels in (8, 12)]
+    assert [flow.steps[0].subnet[0].out_channels for flow in flows] == hidden
+    assert [flow.steps[0].subnet[0].in_channels for flow in flows] == [8 + 4, 8 + 6]
+
+
 @pytest.mark.parametrize(("field", "value"), [("context_pool", 2), ("context_pool", 0), ("positional_channels", 6),
-                                              ("fuse_scales", 1)])
+                                              ("fuse_scales", 1), ("condition_widens_subnet", 0),
+                                              ("permutation", "shuffle")])
 def test_bad_context_options_are_clear_errors(field, value):
     with pytest.raises(FastFlowError, match=field):
         get_config("resnet18", **{field: value})

@@ -67,7 +67,8 @@ class FastFlowModel(nn.Module):
         kernels = (3,) if config.conv3x3_only else (3, 1)
         self.flows = nn.ModuleList(
             FlowStack(shape[0], config.flow_steps, config.hidden_ratio, kernels, config.clamp, seed=index,
-                      condition_channels=config.positional_channels)
+                      condition_channels=config.positional_channels,
+                      condition_widens_subnet=config.condition_widens_subnet, permutation=config.permutation)
             for index, shape in enumerate(self.flow_shapes)
         )
         self.use_channels_last()
@@ -149,11 +150,13 @@ class FastFlowModel(nn.Module):
 
         Its latents equal this model's up to a fixed channel order (which the anomaly map
         ignores), and its flows compute no log-determinant (``flow`` returns ``None`` for it).
-        ``in_place``: flows whose steps are small (``IN_PLACE_MAX_WORK``) take the in-place
-        form, for engines with fast arithmetic and a cost per node (OpenVINO bf16).
+        ``in_place``: flows whose steps are small (``IN_PLACE_MAX_WORK``) and gather channels
+        (random permutations) take the in-place form, for engines with fast arithmetic and a cost
+        per node (OpenVINO bf16); swapped halves gather nothing, so they stay split.
         """
         folded = copy.copy(self)
         conditions = self.positions(next(self.flows.parameters()).device)
+        in_place = in_place and self.config.permutation == "random"
         flows = nn.ModuleList(
             flow.fold(condition, in_place and channels**2 * height * width <= IN_PLACE_MAX_WORK)
             for flow, condition, (channels, height, width) in zip(self.flows, conditions, self.flow_shapes, strict=True)

@@ -21,13 +21,19 @@ from torch.nn import functional as F
 
 __all__ = ["CouplingStep", "FlowStack", "FoldedFlow", "subnet"]
 
+# A step's fixed channel permutation (``CouplingStep``).
+PERMUTATIONS = ("random", "swap")
+
 # FrEIA scales the subnet output by 0.1 "for stability and easier initialization".
 _SUBNET_OUTPUT_SCALE = 0.1
 
 
-def subnet(in_channels: int, out_channels: int, kernel_size: int, hidden_ratio: float) -> nn.Sequential:
-    """conv -> ReLU -> conv predicting the coupling's log-scale and shift (paper Fig. 2)."""
-    hidden = int(in_channels * hidden_ratio)
+def subnet(
+    in_channels: int, out_channels: int, kernel_size: int, hidden_ratio: float, width_channels: int | None = None
+) -> nn.Sequential:
+    """conv -> ReLU -> conv predicting the coupling's log-scale and shift (paper Fig. 2); its hidden
+    width is ``hidden_ratio`` x ``width_channels`` (default: ``in_channels``)."""
+    hidden = int((in_channels if width_channels is None else width_channels) * hidden_ratio)
     return nn.Sequential(
         nn.Conv2d(in_channels, hidden, kernel_size, padding="same"),
         nn.ReLU(),
@@ -48,6 +54,10 @@ class CouplingStep(nn.Module):
         ``a = 0.1 * subnet(concat(x1, condition))``, ``s = clamp * tanh(a[:, :C//2])``, ``t = a[:, C//2:]``,
         ``u = concat(x1, x2 * exp(s) + t)``, ``z = (u * scale + offset)[:, permutation]``,
     with ``scale = 0.1 * softplus(global_scale, beta=0.5)``.
+
+    ``permutation``: ``"random"`` (FrEIA's and the paper's, from ``generator``) or ``"swap"``, the
+    halves trading places (RealNVP's alternation), which a folded flow runs with no channel
+    gather at all (``_FoldedStep``).
     """
 
     def __init__(
@@ -58,6 +68,8 @@ class CouplingStep(nn.Module):
         clamp: float = 2.0,
         generator: torch.Generator | None = None,
         condition_channels: int = 0,
+        condition_widens_subnet: bool = True,
+        permutation: str = "random",
     ) -> None:
         super().__init__()
         if channels < 2:
@@ -67,14 +79,23 @@ class CouplingStep(nn.Module):
         self.passive = channels - channels // 2  # x1: conditions the subnet, passes unchanged
         self.active = channels // 2  # x2: gets scaled and shifted
         self.condition_channels = condition_channels
-        self.subnet = subnet(self.passive + condition_channels, 2 * self.active, kernel_size, hidden_ratio)
+        # The hidden width follows the subnet's whole input, condition included, or (False) the
+        # passive half alone, as without a condition: the condition then costs almost nothing at
+        # inference, where its share of the first convolution folds into a constant.
+        width = None if condition_widens_subnet else self.passive
+        self.subnet = subnet(self.passive + condition_channels, 2 * self.active, kernel_size, hidden_ratio, width)
         # Raw value whose softplus activation gives a global scale of exactly 1.0 at init.
         init = 2.0 * math.log(math.exp(0.5 * 10.0 * 1.0) - 1.0)
         self.global_scale = nn.Parameter(torch.full((1, channels, 1, 1), init))
         self.global_offset = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        permutation = torch.randperm(channels, generator=generator)
-        self.register_buffer("permutation", permutation)
-        self.register_buffer("inverse_permutation", torch.argsort(permutation))
+        if permutation not in PERMUTATIONS:
+            raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {permutation!r}")
+        if permutation == "swap":  # the active half first: with even channels the halves trade places
+            order = torch.cat((torch.arange(self.passive, channels), torch.arange(self.passive)))
+        else:
+            order = torch.randperm(channels, generator=generator)
+        self.register_buffer("permutation", order)
+        self.register_buffer("inverse_permutation", torch.argsort(order))
 
     def _scale_shift(self, x1: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.condition_channels:
@@ -108,7 +129,8 @@ class FlowStack(nn.Module):
     Kernels cycle through ``kernels`` (3x3 then 1x1 in the paper's default, 3x3 only for its
     ResNet-18 setting). Permutations come from a generator seeded with ``seed`` so a model is
     reproducible; they are saved as buffers, so loading never depends on the seed. With
-    ``condition_channels`` every step's subnet also sees the fixed condition passed to ``forward``.
+    ``condition_channels`` every step's subnet also sees the fixed condition passed to ``forward``
+    (``condition_widens_subnet``, ``permutation``: see ``CouplingStep``).
     """
 
     def __init__(
@@ -120,11 +142,14 @@ class FlowStack(nn.Module):
         clamp: float = 2.0,
         seed: int = 0,
         condition_channels: int = 0,
+        condition_widens_subnet: bool = True,
+        permutation: str = "random",
     ) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.steps = nn.ModuleList(
-            CouplingStep(channels, kernels[i % len(kernels)], hidden_ratio, clamp, generator, condition_channels)
+            CouplingStep(channels, kernels[i % len(kernels)], hidden_ratio, clamp, generator, condition_channels,
+                         condition_widens_subnet, permutation)
             for i in range(steps)
         )
 
@@ -169,7 +194,7 @@ class _FoldedStep(nn.Module):
         self.register_buffer("condition_bias", condition_bias)
         with torch.no_grad():
             scale = _softplus_global_scale(step.global_scale).flatten()
-            offset = step.global_offset.flatten()
+            offset = step.global_offset.detach().flatten().clone()  # a copy, not a view of the parameter
             passive_scale, active_scale = scale[: self.passive], scale[self.passive :]
             passive_offset, active_offset = offset[: self.passive], offset[self.passive :]
             # conv2 output a = 0.1 * (W x + b): log-scale rows keep 0.1; shift rows also take the
@@ -190,8 +215,13 @@ class _FoldedStep(nn.Module):
         # The permutation is not applied to the whole output: the next step's two halves are
         # gathered straight from it (no permuted copy to split), and the last step skips it.
         permutation = step.permutation.clone()
-        self.register_buffer("next_passive", None if last else permutation[: step.passive])
-        self.register_buffer("next_active", None if last else permutation[step.passive :])
+        # Halves that trade places need no gather: this step's outputs are the next one's inputs.
+        self.swaps = not last and step.passive == step.active and torch.equal(
+            permutation, torch.cat((torch.arange(step.passive, step.channels), torch.arange(step.passive)))
+        )
+        gathers = not (last or self.swaps)
+        self.register_buffer("next_passive", permutation[: step.passive] if gathers else None)
+        self.register_buffer("next_active", permutation[step.passive :] if gathers else None)
 
     def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
         """Halves of the input -> halves of the next step's input (or of the unpermuted ``z``)."""
@@ -202,6 +232,8 @@ class _FoldedStep(nn.Module):
         log_scale = self.clamp * torch.tanh(self.conv_log_scale(hidden)) + self.log_active_scale
         y2 = x2 * torch.exp(log_scale) + self.conv_shift(hidden)
         y1 = x1 * self.passive_scale + self.passive_offset
+        if self.swaps:
+            return y2, y1
         if self.next_passive is None:
             return y1, y2
         y = torch.cat((y1, y2), dim=1)
