@@ -45,7 +45,6 @@ ARCHITECTURE_TOKENS: dict[str, dict] = {
     "fuse": {"fuse_scales": True},
     "pos16": {"positional_channels": 16},
     "pos32": {"positional_channels": 32},
-    "narrow": {"condition_widens_subnet": False},  # with posN: the condition adds no hidden channels
     "swap": {"permutation": "swap"},
     "l23": {"layers": (2, 3)},
 }

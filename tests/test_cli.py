@@ -407,12 +407,12 @@ def test_context_options_reach_the_saved_model(mvtec, lite0_weights, tmp_path, c
     config = tmp_path / "train.yaml"
     config.write_text("positional_channels: 8\n")
     code, _, err = run_cli(capsys, *train_args(mvtec, tmp_path / "run", lite0_weights, "--epochs", 1,
-                                               "--context-pool", 3, "--fuse-scales", "--narrow-condition",
+                                               "--context-pool", 3, "--fuse-scales", "--permutation", "swap",
                                                "--config", config))
     assert code == 0, err
     saved = FastFlow.load(tmp_path / "run")
     assert (saved.config.context_pool, saved.config.fuse_scales, saved.config.positional_channels) == (3, True, 8)
-    assert saved.config.condition_widens_subnet is False
+    assert saved.config.permutation == "swap"
     assert len(saved.model_.flows) == 1
 
 

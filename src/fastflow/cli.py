@@ -85,7 +85,6 @@ def _train_defaults() -> dict[str, Any]:
         "context_pool": None,
         "fuse_scales": None,
         "positional_channels": None,
-        "condition_widens_subnet": None,
         "permutation": None,
         "holdout": detector.holdout_fraction,
         "threshold_quantile": detector.threshold_quantile,
@@ -122,7 +121,7 @@ _OPTION_TYPES: dict[str, tuple[type, str]] = {
     "hidden_ratio": (float, "a number"), "exact_nll": (bool, "true or false"), "conv3x3_only": (bool, "true or false"),
     "backbone": (str, "a name"), "recipe": (str, "a name"), "weights": (str, "a file path"),
     "context_pool": (int, "an odd integer"), "fuse_scales": (bool, "true or false"),
-    "positional_channels": (int, "a multiple of 4"), "condition_widens_subnet": (bool, "true or false"),
+    "positional_channels": (int, "a multiple of 4"),
     "permutation": (str, "random or swap"), "max_memory": (str, "a size like 4GB"),
     "cache_dir": (str, "a folder path"), "cache_dtype": (str, "float32 or float16"),
     "flow_precision": (str, "auto, float32 or bfloat16"),
@@ -167,7 +166,6 @@ def train(
     context_pool: Annotated[int | None, typer.Option(help="Average each feature position with its KxK neighbours before the flows (odd K; 1: none; default: the recipe's choice).")] = None,
     fuse_scales: Annotated[bool | None, typer.Option("--fuse-scales/--separate-scales", help="One flow on all scales joined on the finest grid, or one flow per scale (default: the recipe's choice).")] = None,
     positional_channels: Annotated[int | None, typer.Option(help="Channels of a sinusoidal positional encoding conditioning the flows (multiple of 4; 0: none; default: the recipe's choice).")] = None,
-    condition_widens_subnet: Annotated[bool | None, typer.Option("--wide-condition/--narrow-condition", help="Coupling subnets' hidden width counts the positional condition's channels, or only the feature channels (default: the recipe's choice).")] = None,
     permutation: Annotated[str | None, typer.Option(help="Channel permutation of each coupling step: random (the paper's) or swap (the halves trade places; no channel gather at inference) (default: the recipe's choice).")] = None,
     max_memory: Annotated[str | None, typer.Option(help="RAM budget of the training feature cache, e.g. 4GB; past it the cache goes to disk (0: always disk; default: 1GB, or a quarter of the available memory where less).")] = None,
     cache_dir: Annotated[str | None, typer.Option(help="Folder for an on-disk feature cache (default: the system's temporary folder); removed after training.")] = None,
@@ -191,7 +189,7 @@ def train(
     cli = {"backbone": backbone, "weights": weights, "epochs": epochs, "batch_size": batch_size, "lr": lr,
            "patience": patience, "seed": seed, "input_size": input_size, "holdout": holdout, "exact_nll": exact_nll, "recipe": recipe,
            "context_pool": context_pool, "fuse_scales": fuse_scales, "positional_channels": positional_channels,
-           "condition_widens_subnet": condition_widens_subnet, "permutation": permutation, "max_memory": max_memory,
+           "permutation": permutation, "max_memory": max_memory,
            "cache_dir": cache_dir, "cache_dtype": cache_dtype, "flow_precision": flow_precision}
     options = _typed(resolve_train_options(cli, config))
     cache = CacheConfig(

@@ -40,9 +40,6 @@ class FastFlowConfig:
             norms), so one flow models all scales; False: one flow per scale (paper).
         positional_channels: channels of a sinusoidal positional encoding given to every
             coupling subnet as a condition (a multiple of 4; 0: none, as in the paper).
-        condition_widens_subnet: the subnet's hidden width is ``hidden_ratio`` x its whole input,
-            the condition's channels included; False: x the feature channels alone, so the
-            condition adds no hidden channels (with ``positional_channels`` only).
         permutation: each coupling step's channel permutation: ``"random"`` (the paper's) or
             ``"swap"`` (the two halves trade places), which folded inference runs without a
             channel gather (``fastflow.model.flow.CouplingStep``).
@@ -58,7 +55,6 @@ class FastFlowConfig:
     context_pool: int = 1
     fuse_scales: bool = False
     positional_channels: int = 0
-    condition_widens_subnet: bool = True
     permutation: str = "random"
 
     def __post_init__(self) -> None:
@@ -76,8 +72,6 @@ class FastFlowConfig:
         require(is_integer(self.positional_channels) and self.positional_channels >= 0
                 and self.positional_channels % 4 == 0, "positional_channels", "a multiple of 4 >= 0",
                 self.positional_channels)
-        require(isinstance(self.condition_widens_subnet, bool), "condition_widens_subnet", "true or false",
-                self.condition_widens_subnet)
         require(self.permutation in PERMUTATIONS, "permutation", " or ".join(PERMUTATIONS), self.permutation)
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,7 +105,7 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 # The architecture fields a recipe may set (``Recipe.architecture``): context for the flows,
 # never the backbone, its layers or the input size, which belong to the user's model.
-CONTEXT_OPTIONS = ("context_pool", "fuse_scales", "positional_channels", "condition_widens_subnet", "permutation")
+CONTEXT_OPTIONS = ("context_pool", "fuse_scales", "positional_channels", "permutation")
 
 PRESETS: dict[str, FastFlowConfig] = {
     # The paper's official ResNet-18 configuration (3x3 kernels only).

@@ -72,7 +72,7 @@ def test_folded_conditioned_flow_equals_the_flow(in_place, permutation):
 
 
 OPTIONS = [{"context_pool": 3}, {"fuse_scales": True}, {"positional_channels": 8},
-           {"positional_channels": 8, "condition_widens_subnet": False}, {"permutation": "swap"},
+           {"positional_channels": 8, "permutation": "swap"},
            {"context_pool": 3, "fuse_scales": True, "positional_channels": 8}]
 
 
@@ -108,16 +108,8 @@ def test_pooling_changes_what_the_flows_see():
     assert not torch.allclose(smooth[1], raw[1])
 
 
-@pytest.mark.parametrize(("widens", "hidden"), [(True, [8 + 4, 8 + 6]), (False, [4, 6])])
-def test_a_narrow_condition_adds_no_hidden_channels(widens, hidden):
-    """The subnet still sees the condition; only its hidden width differs."""
-    flows = [FlowStack(channels, 2, condition_channels=8, condition_widens_subnet=widens) for channels in (8, 12)]
-    assert [flow.steps[0].subnet[0].out_channels for flow in flows] == hidden
-    assert [flow.steps[0].subnet[0].in_channels for flow in flows] == [8 + 4, 8 + 6]
-
-
 @pytest.mark.parametrize(("field", "value"), [("context_pool", 2), ("context_pool", 0), ("positional_channels", 6),
-                                              ("fuse_scales", 1), ("condition_widens_subnet", 0),
+                                              ("fuse_scales", 1),
                                               ("permutation", "shuffle")])
 def test_bad_context_options_are_clear_errors(field, value):
     with pytest.raises(FastFlowError, match=field):

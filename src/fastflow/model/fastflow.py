@@ -68,7 +68,7 @@ class FastFlowModel(nn.Module):
         self.flows = nn.ModuleList(
             FlowStack(shape[0], config.flow_steps, config.hidden_ratio, kernels, config.clamp, seed=index,
                       condition_channels=config.positional_channels,
-                      condition_widens_subnet=config.condition_widens_subnet, permutation=config.permutation)
+                      permutation=config.permutation)
             for index, shape in enumerate(self.flow_shapes)
         )
         self.use_channels_last()

@@ -28,12 +28,9 @@ PERMUTATIONS = ("random", "swap")
 _SUBNET_OUTPUT_SCALE = 0.1
 
 
-def subnet(
-    in_channels: int, out_channels: int, kernel_size: int, hidden_ratio: float, width_channels: int | None = None
-) -> nn.Sequential:
-    """conv -> ReLU -> conv predicting the coupling's log-scale and shift (paper Fig. 2); its hidden
-    width is ``hidden_ratio`` x ``width_channels`` (default: ``in_channels``)."""
-    hidden = int((in_channels if width_channels is None else width_channels) * hidden_ratio)
+def subnet(in_channels: int, out_channels: int, kernel_size: int, hidden_ratio: float) -> nn.Sequential:
+    """conv -> ReLU -> conv predicting the coupling's log-scale and shift (paper Fig. 2)."""
+    hidden = int(in_channels * hidden_ratio)
     return nn.Sequential(
         nn.Conv2d(in_channels, hidden, kernel_size, padding="same"),
         nn.ReLU(),
@@ -68,7 +65,6 @@ class CouplingStep(nn.Module):
         clamp: float = 2.0,
         generator: torch.Generator | None = None,
         condition_channels: int = 0,
-        condition_widens_subnet: bool = True,
         permutation: str = "random",
     ) -> None:
         super().__init__()
@@ -79,11 +75,7 @@ class CouplingStep(nn.Module):
         self.passive = channels - channels // 2  # x1: conditions the subnet, passes unchanged
         self.active = channels // 2  # x2: gets scaled and shifted
         self.condition_channels = condition_channels
-        # The hidden width follows the subnet's whole input, condition included, or (False) the
-        # passive half alone, as without a condition: the condition then costs almost nothing at
-        # inference, where its share of the first convolution folds into a constant.
-        width = None if condition_widens_subnet else self.passive
-        self.subnet = subnet(self.passive + condition_channels, 2 * self.active, kernel_size, hidden_ratio, width)
+        self.subnet = subnet(self.passive + condition_channels, 2 * self.active, kernel_size, hidden_ratio)
         # Raw value whose softplus activation gives a global scale of exactly 1.0 at init.
         init = 2.0 * math.log(math.exp(0.5 * 10.0 * 1.0) - 1.0)
         self.global_scale = nn.Parameter(torch.full((1, channels, 1, 1), init))
@@ -130,7 +122,7 @@ class FlowStack(nn.Module):
     ResNet-18 setting). Permutations come from a generator seeded with ``seed`` so a model is
     reproducible; they are saved as buffers, so loading never depends on the seed. With
     ``condition_channels`` every step's subnet also sees the fixed condition passed to ``forward``
-    (``condition_widens_subnet``, ``permutation``: see ``CouplingStep``).
+    (``permutation``: see ``CouplingStep``).
     """
 
     def __init__(
@@ -142,14 +134,13 @@ class FlowStack(nn.Module):
         clamp: float = 2.0,
         seed: int = 0,
         condition_channels: int = 0,
-        condition_widens_subnet: bool = True,
         permutation: str = "random",
     ) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.steps = nn.ModuleList(
             CouplingStep(channels, kernels[i % len(kernels)], hidden_ratio, clamp, generator, condition_channels,
-                         condition_widens_subnet, permutation)
+                         permutation)
             for i in range(steps)
         )
 
