@@ -48,7 +48,7 @@ from torch.nn import functional as F
 
 from fastflow import FastFlow
 from fastflow.engines import OnnxRuntimeEngine, OpenVinoEngine, TorchEngine
-from fastflow.export import to_onnx, to_openvino
+from fastflow.export import to_onnx
 from fastflow.hardware import physical_cores
 from fastflow.migrate import _anomalib_key
 from fastflow.model.fastflow import FastFlowModel
@@ -173,7 +173,7 @@ def build_configs(backbone: str, size: int, batch: int, workdir: Path) -> tuple[
     configs["fastflow torch bf16 flows"] = (mixed, mixed, "pixels")
     onnx = OnnxRuntimeEngine(to_onnx(graph, workdir / backbone / "onnx"), physical_cores())
     configs["fastflow onnxruntime fp32"] = (onnx, onnx, "pixels")
-    xml = to_openvino(graph, workdir / backbone / "openvino")
+    xml = detector.export(workdir / backbone / "openvino", "openvino", "f32")  # the graph a user exports
     import openvino as ov
 
     core = ov.Core()

@@ -50,14 +50,33 @@ ARCHITECTURE_TOKENS: dict[str, dict] = {
 }
 
 
+# Scoring tokens: how a trained model's latents become a map and a score (``Recipe``), so a
+# candidate that differs only in them is scored from the same trained model (``--models``).
+SCORING_TOKENS = {"top": "score_top", "sigma": "map_sigma"}
+
+
+def scoring_token(token: str) -> tuple[str, float] | None:
+    """(``Recipe`` field, value) of a scoring token such as ``top0.01``, else ``None``."""
+    for prefix, field in SCORING_TOKENS.items():
+        if token.startswith(prefix) and token[len(prefix):].replace(".", "", 1).isdigit():
+            return field, float(token.removeprefix(prefix))
+    return None
+
+
+def trained_part(name: str) -> str:
+    """A candidate's name without its scoring tokens: the model it scores."""
+    return "+".join(token for token in name.split("+") if scoring_token(token) is None)
+
+
 def candidate(name: str) -> tuple[Recipe, dict]:
     """A candidate's recipe and architecture overrides, from its name: ``+``-joined tokens.
 
     ``reference`` (the paper's loss and scoring instead of the improved recipe's), ``noiseX``
     (``Recipe.feature_noise=X``), ``pixelX`` (``Recipe.pixel_noise=X``), ``jpegQ``
-    (``Recipe.pixel_jpeg=Q``, after a ``pixelX``), and the architecture
-    tokens of ``ARCHITECTURE_TOKENS``, e.g. ``noise0.1+pixel2+pool3``. ``noise0`` is the improved
-    recipe as it was before training noise.
+    (``Recipe.pixel_jpeg=Q``, after a ``pixelX``), ``clampX`` (``FastFlowConfig.clamp=X``, the
+    bound of the coupling log-scales), the scoring tokens ``topX`` (``Recipe.score_top``) and
+    ``sigmaX`` (``Recipe.map_sigma``), and the architecture tokens of ``ARCHITECTURE_TOKENS``,
+    e.g. ``noise0.1+pixel2+pool3``. ``noise0`` is the improved recipe as it was before training noise.
     """
     # Every candidate starts from the improved recipe *without* training noise or context
     # options (its scoring and loss), whatever the current default is, so names keep their meaning.
@@ -73,6 +92,11 @@ def candidate(name: str) -> tuple[Recipe, dict]:
             recipe = dataclasses.replace(recipe, pixel_noise=float(token.removeprefix("pixel")))
         elif token.startswith("jpeg"):
             recipe = dataclasses.replace(recipe, pixel_jpeg=int(token.removeprefix("jpeg")))
+        elif token.startswith("clamp"):
+            architecture["clamp"] = float(token.removeprefix("clamp"))
+        elif scoring_token(token) is not None:
+            field, value = scoring_token(token)
+            recipe = dataclasses.replace(recipe, **{field: value})
         elif token in ARCHITECTURE_TOKENS:
             architecture.update(ARCHITECTURE_TOKENS[token])
         else:
@@ -113,12 +137,14 @@ def main() -> None:
             val_samples = validation_set(held, seed, painted, args.opacity)
             for name in args.candidates.split(","):
                 start = time.perf_counter()
-                saved = args.models / f"{data.name}_{name}_{args.epochs}_seed{seed}.safetensors" if args.models else None
+                saved = (args.models / f"{data.name}_{trained_part(name)}_{args.epochs}_seed{seed}.safetensors"
+                         if args.models else None)
+                recipe, architecture = candidate(name)
                 if saved is not None and saved.exists():
                     detector = FastFlow.load(saved)
+                    detector.recipe = recipe  # its scoring tokens, if any: the same trained model
                 else:
                     training = TrainConfig(max_epochs=args.epochs, seed=seed)
-                    recipe, architecture = candidate(name)
                     detector = FastFlow(args.backbone, recipe=recipe, weights=args.weights, training=training,
                                         **architecture)
                     detector.fit(data)

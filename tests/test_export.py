@@ -76,42 +76,67 @@ def _get(detectors: dict[str, FastFlow], backbone: str, weights: str | Path = "r
 # ------------------------------------------------------------------------------------ folding
 
 
-@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize(("in_place", "conv_permutation"), [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize(("channels", "kernels"), [(64, (3,)), (7, (3, 1)), (33, (1, 3))])
-def test_folded_flow_equals_flow_stack(channels, kernels, in_place):
+def test_folded_flow_equals_flow_stack(channels, kernels, in_place, conv_permutation):
     flow = FlowStack(channels, steps=6, kernels=kernels, seed=3)
     _perturb(flow)
     x = torch.randn(2, channels, 9, 11)
     with torch.no_grad():
         reference, _ = flow(x)
-        folding = flow.fold(in_place=in_place)
+        folding = flow.fold(in_place=in_place, conv_permutation=conv_permutation)
         folded, log_det = folding(x)
     assert isinstance(folding, FoldedFlow) and log_det is None and folding.in_place == in_place
+    assert folding.conv_permutation == conv_permutation
     assert reference.abs().max() > 1.0  # a real transformation, not ~identity
     torch.testing.assert_close(folded[:, folding.output_permutation], reference, rtol=1e-5, atol=1e-5)
 
 
-def test_in_place_folding_takes_the_small_flows_and_only_the_openvino_bf16_graph_asks_for_it(tmp_path):
+def test_conv_permutation_hands_over_by_convolution_and_exactly():
+    """The 0/1 convolutions replace every channel gather and give the gathers' values bit for bit."""
+    flow = FlowStack(12, steps=4, seed=5)
+    _perturb(flow)
+    x = torch.randn(2, 12, 7, 6)
+    folded = flow.fold(conv_permutation=True)
+    with torch.no_grad():
+        gathered, by_conv = flow.fold()(x)[0], folded(x)[0]
+        graph = torch.jit.trace(lambda t: folded(t)[0], x, check_trace=False).inlined_graph
+    assert "aten::index_select" not in str(graph)
+    assert torch.equal(gathered, by_conv)
+
+
+def test_fold_form_per_engine_and_in_place_takes_the_small_flows(tmp_path):
     """ResNet-18's flows hold 16.8 M multiply-adds per step at 256 px (above ``IN_PLACE_MAX_WORK``),
-    5.2 M at 128x160 (below); the export records nothing of the form, only its precision."""
+    5.2 M at 128x160 (below); only OpenVINO graphs permute by convolution, only its bf16 graph
+    folds in place; the export records nothing of the form, only its precision."""
     for size, expected in (((256, 256), [False] * 3), (INPUT_SIZE, [True] * 3)):
         model = FastFlowModel(get_config("resnet18", input_size=size), "random").eval()
         assert [flow.in_place for flow in model.fold(in_place=True).flows] == expected
         assert not any(flow.in_place for flow in model.fold().flows)
     detector = _detector("resnet18")
-    assert not any(flow.in_place for flow in detector.inference_graph().model.flows)
-    assert all(flow.in_place for flow in detector.inference_graph(in_place=True).model.flows)
-    assert detector.inference_graph(in_place=True) is detector.inference_graph(in_place=True)  # cached
+    forms = {(engine, precision): [(flow.in_place, flow.conv_permutation)
+                                   for flow in detector.inference_graph(engine, precision).model.flows]
+             for engine, precision in (("torch", "f32"), ("torch", "bf16"), ("onnx", "f32"),
+                                       ("openvino", "f32"), ("openvino", "bf16"))}
+    assert forms == {("torch", "f32"): [(False, False)] * 3, ("torch", "bf16"): [(False, False)] * 3,
+                     ("onnx", "f32"): [(False, False)] * 3, ("openvino", "f32"): [(False, True)] * 3,
+                     ("openvino", "bf16"): [(True, False)] * 3}
+    assert detector.inference_graph("openvino", "bf16") is detector.inference_graph("openvino", "bf16")  # cached
+    assert detector.inference_graph("onnx") is detector.inference_graph()  # the same form
+    with pytest.raises(FastFlowError, match="precision"):
+        detector.inference_graph("openvino", "int8")
     torch_engine = detector.engine("torch")
     detector.threshold_ = -0.3  # every cached graph and engine was built for the old threshold
-    assert detector.inference_graph(in_place=True).threshold_value == -0.3
+    assert detector.inference_graph("openvino", "bf16").threshold_value == -0.3
     assert detector.inference_graph().threshold_value == -0.3 and detector.engine("torch") is not torch_engine
     detector.threshold_ = -0.45
     pixels = _pixels(2, (150, 170), 4)
     with torch.no_grad():
-        split, in_place = detector.inference_graph()(pixels), detector.inference_graph(in_place=True)(pixels)
-    torch.testing.assert_close(in_place[0], split[0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(in_place[1], split[1], rtol=1e-4, atol=1e-4)
+        split = detector.inference_graph()(pixels)
+        for engine, precision in (("openvino", "f32"), ("openvino", "bf16")):
+            other = detector.inference_graph(engine, precision)(pixels)
+            torch.testing.assert_close(other[0], split[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(other[1], split[1], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("recipe", ["reference", "improved"])

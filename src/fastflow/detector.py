@@ -28,7 +28,7 @@ from fastflow.data import (
     split_holdout,
     validate_samples,
 )
-from fastflow.engines import Engine, TorchEngine, check_engine
+from fastflow.engines import Engine, TorchEngine, check_engine, check_precision
 from fastflow.errors import FastFlowError, is_integer, is_real, require
 from fastflow.export import EXPORT_PRECISIONS, export_engine, to_onnx, to_openvino
 from fastflow.io import build_model, load_model, read_model_file, save_model
@@ -118,7 +118,7 @@ class FastFlow:
         self.cache = cache or CacheConfig()
         self.overrides = overrides
         self.config = self._config()
-        self._graphs: dict[bool, InferenceGraph] = {}
+        self._graphs: dict[tuple[bool, bool], InferenceGraph] = {}
         self._engines: dict[tuple[str, str], Engine] = {}
 
     def _config(self) -> FastFlowConfig:
@@ -245,19 +245,21 @@ class FastFlow:
         if not hasattr(self, "model_"):
             raise FastFlowError("this FastFlow detector is not fitted; call fit(...) or FastFlow.load(path) first")
 
-    def inference_graph(self, in_place: bool = False) -> InferenceGraph:
+    def inference_graph(self, engine: str = "torch", precision: str = "f32") -> InferenceGraph:
         """The module every engine runs: raw pixels -> (anomaly_map, score, label); see ``fastflow.export``.
 
         Built (flows folded) from the fitted model and ``threshold_`` when first needed, and
-        again after either changes. ``in_place``: small flows folded in place
-        (``FastFlowModel.fold``), the faster form for OpenVINO bf16; the same function.
+        again after either changes. The flows are folded in the form that runs fastest in
+        ``engine`` at ``precision`` (``_fold_form``); every form computes the same function.
         """
         self._check_fitted()
         if any(graph.threshold_value != self.threshold_ for graph in self._graphs.values()):
             self._graphs, self._engines = {}, {}  # built for another threshold: every graph and engine
-        if in_place not in self._graphs:
-            self._graphs[in_place] = InferenceGraph(self.model_.fold(in_place), self.recipe, self.threshold_)
-        return self._graphs[in_place]
+        in_place, conv_permutation = form = _fold_form(engine, precision)
+        if form not in self._graphs:
+            self._graphs[form] = InferenceGraph(self.model_.fold(in_place, conv_permutation), self.recipe,
+                                                self.threshold_)
+        return self._graphs[form]
 
     def engine(self, name: str = "torch", precision: str = "f32") -> Engine:
         """An inference engine for this detector: ``"torch"`` (the graph in PyTorch), or ``"onnx"`` /
@@ -266,7 +268,7 @@ class FastFlow:
         ``precision="bf16"`` (torch autocast, OpenVINO hint) trades exactness for speed.
         """
         check_engine(name)
-        graph = self.inference_graph(in_place=_in_place(name, precision))
+        graph = self.inference_graph(name, precision)
         key = (name, precision)
         if key not in self._engines:
             self._engines[key] = TorchEngine(graph, precision) if name == "torch" else export_engine(graph, name, precision)
@@ -286,8 +288,8 @@ class FastFlow:
         if format == "onnx":
             if precision != "f32":
                 raise FastFlowError("ONNX exports run in f32; use --format openvino for --precision bf16")
-            return to_onnx(self.inference_graph(), directory, extra)
-        return to_openvino(self.inference_graph(_in_place(format, precision)), directory, precision, extra)
+            return to_onnx(self.inference_graph("onnx"), directory, extra)
+        return to_openvino(self.inference_graph(format, precision), directory, precision, extra)
 
     def image_batches(self, X: ImagesLike) -> Iterator[tuple[list[Sample], dict[str, Any]]]:
         """(samples, batch) per batch of ``X``: decoded uint8 images of one size, masks at the model's size."""
@@ -425,9 +427,16 @@ def _finite_or_inf(value: float | None) -> float:
     return math.inf if value is None else float(value)
 
 
-def _in_place(engine: str, precision: str) -> bool:
-    """Whether ``engine`` at ``precision`` runs the graph with small flows folded in place: only
-    OpenVINO bf16 gains (AMX makes the doubled multiply-adds cheap); PyTorch, ONNX Runtime and
-    OpenVINO f32 ran Lite0 5-20 % slower in place (against anomalib's OpenVINO f32 in two runs of
-    ``benchmarks/inference.py``)."""
-    return engine == "openvino" and precision == "bf16"
+def _fold_form(engine: str, precision: str) -> tuple[bool, bool]:
+    """(``in_place``, ``conv_permutation``) of ``FastFlowModel.fold`` for ``engine`` at ``precision``.
+
+    In place (small flows): only OpenVINO bf16 gains (AMX makes the doubled multiply-adds cheap);
+    PyTorch, ONNX Runtime and OpenVINO f32 ran Lite0 5-20 % slower in place (against anomalib's
+    OpenVINO f32 in two runs of ``benchmarks/inference.py``). Permutations by 1x1 convolutions:
+    OpenVINO gains in both precisions (ResNet-18 at 256, batch 16: 1.11x bf16, 1.09x f32; Lite0
+    f32 1.09x), while PyTorch and ONNX Runtime ran ResNet-18 9-12 % slower than with gathers
+    (one-off A/B in one process, 2-core Intel Xeon with AMX; README).
+    """
+    check_engine(engine)
+    check_precision(precision)
+    return engine == "openvino" and precision == "bf16", engine == "openvino"

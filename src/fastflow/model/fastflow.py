@@ -145,7 +145,7 @@ class FastFlowModel(nn.Module):
         """``flow(extract(pixels))``: the same contract in training and evaluation."""
         return self.flow(self.extract(pixels))
 
-    def fold(self, in_place: bool = False) -> FastFlowModel:
+    def fold(self, in_place: bool = False, conv_permutation: bool = False) -> FastFlowModel:
         """This model for inference: backbone and norms shared, each flow folded (``FlowStack.fold``).
 
         Its latents equal this model's up to a fixed channel order (which the anomaly map
@@ -153,12 +153,14 @@ class FastFlowModel(nn.Module):
         ``in_place``: flows whose steps are small (``IN_PLACE_MAX_WORK``) and gather channels
         (random permutations) take the in-place form, for engines with fast arithmetic and a cost
         per node (OpenVINO bf16); swapped halves gather nothing, so they stay split.
+        ``conv_permutation``: the split flows hand channels on by 1x1 convolutions instead of
+        gathers (``FoldedFlow``), for engines that gather slowly (OpenVINO).
         """
         folded = copy.copy(self)
         conditions = self.positions(next(self.flows.parameters()).device)
         in_place = in_place and self.config.permutation == "random"
         flows = nn.ModuleList(
-            flow.fold(condition, in_place and channels**2 * height * width <= IN_PLACE_MAX_WORK)
+            flow.fold(condition, in_place and channels**2 * height * width <= IN_PLACE_MAX_WORK, conv_permutation)
             for flow, condition, (channels, height, width) in zip(self.flows, conditions, self.flow_shapes, strict=True)
         )
         folded._modules = {**self._modules, "flows": flows}

@@ -158,16 +158,18 @@ class FlowStack(nn.Module):
             z = step.inverse(z, condition)
         return z
 
-    def fold(self, condition: Tensor | None = None, in_place: bool = False) -> FoldedFlow:
+    def fold(
+        self, condition: Tensor | None = None, in_place: bool = False, conv_permutation: bool = False
+    ) -> FoldedFlow:
         """This flow for inference, its constants (and ``condition``) folded: a detached copy, see
-        ``FoldedFlow`` (``in_place``: its form)."""
-        return FoldedFlow(self, condition, in_place)
+        ``FoldedFlow`` (``in_place``, ``conv_permutation``: its form)."""
+        return FoldedFlow(self, condition, in_place, conv_permutation)
 
 
 class _FoldedStep(nn.Module):
     """One coupling step with its constants folded (see ``FoldedFlow``)."""
 
-    def __init__(self, step: CouplingStep, last: bool, condition: Tensor | None) -> None:
+    def __init__(self, step: CouplingStep, last: bool, condition: Tensor | None, conv_permutation: bool) -> None:
         super().__init__()
         self.passive, self.active, self.clamp = step.passive, step.active, step.clamp
         conv1, conv2 = step.subnet[0], step.subnet[2]
@@ -213,6 +215,14 @@ class _FoldedStep(nn.Module):
         gathers = not (last or self.swaps)
         self.register_buffer("next_passive", permutation[: step.passive] if gathers else None)
         self.register_buffer("next_active", permutation[step.passive :] if gathers else None)
+        # The same hand-over as two 1x1 convolutions with 0/1 weights (as anomalib permutes), for
+        # engines that run a channel gather slowly: OpenVINO gathers in a plain layout, with a
+        # layout conversion before and after, so there the convolutions were faster (README).
+        # Exact: each output is one input times 1 plus zeros.
+        self.conv_permutation = gathers and conv_permutation
+        if self.conv_permutation:
+            self.to_next_passive = _selection_conv(permutation[: step.passive], step.channels)
+            self.to_next_active = _selection_conv(permutation[step.passive :], step.channels)
 
     def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
         """Halves of the input -> halves of the next step's input (or of the unpermuted ``z``)."""
@@ -228,6 +238,8 @@ class _FoldedStep(nn.Module):
         if self.next_passive is None:
             return y1, y2
         y = torch.cat((y1, y2), dim=1)
+        if self.conv_permutation:
+            return self.to_next_passive(y), self.to_next_active(y)
         return y.index_select(1, self.next_passive), y.index_select(1, self.next_active)
 
 
@@ -274,6 +286,15 @@ class _InPlaceStep(nn.Module):
         return y * torch.exp(log_scale) + self.conv_shift(hidden)
 
 
+def _selection_conv(channels: Tensor, total: int) -> nn.Conv2d:
+    """A 1x1 convolution whose output channel ``i`` is input channel ``channels[i]`` of ``total``."""
+    conv = nn.Conv2d(total, len(channels), 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(F.one_hot(channels, total).float()[:, :, None, None])
+    conv.requires_grad_(False)
+    return conv.to(memory_format=torch.channels_last)
+
+
 def _copy_conv(conv: nn.Conv2d, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Conv2d:
     """A detached copy of ``conv`` (optionally with new weight and bias), channels-last."""
     weight = conv.weight if weight is None else weight
@@ -306,16 +327,23 @@ class FoldedFlow(nn.Module):
     treats as passive, and ``z`` comes out in physical order. That doubles the subnets'
     multiply-adds and removes about a third of the nodes an engine runs, which pays where the
     steps are small and the arithmetic is fast (``FastFlowModel.fold`` says where).
+    ``conv_permutation`` (split form only) hands the halves to the next step through 1x1
+    convolutions with 0/1 weights instead of channel gathers (``_FoldedStep``).
     """
 
-    def __init__(self, flow: FlowStack, condition: Tensor | None = None, in_place: bool = False) -> None:
+    def __init__(
+        self, flow: FlowStack, condition: Tensor | None = None, in_place: bool = False,
+        conv_permutation: bool = False,
+    ) -> None:
         super().__init__()
         steps = list(flow.steps)
         if steps[0].condition_channels and condition is None:
             raise ValueError("this flow is conditioned: fold it with the condition it was trained with")
         self.passive = steps[0].passive
         self.in_place = in_place
-        folded = [_FoldedStep(step, i == len(steps) - 1, condition) for i, step in enumerate(steps)]
+        self.conv_permutation = conv_permutation and not in_place
+        folded = [_FoldedStep(step, i == len(steps) - 1, condition, self.conv_permutation)
+                  for i, step in enumerate(steps)]
         if not self.in_place:
             self.steps = nn.ModuleList(folded)
             # The last step's permutation, not applied: FlowStack's z == this module's z[:, output_permutation].
