@@ -19,8 +19,8 @@ label); anomalib's models take already normalised float tensors. OpenVINO runs w
 THROUGHPUT hint for batches (the batch is split across its streams) and the LATENCY hint for
 batch 1. Outputs are checked against fastflow's PyTorch fp32 graph before timing. fastflow's
 rows run its default architecture (the improved recipe's positional condition, which widens
-every coupling subnet); one more row runs its OpenVINO bf16 engine on the paper's architecture,
-the one anomalib's twin holds, to compare the graphs at equal work.
+every coupling subnet); two more rows run its OpenVINO engines (f32, bf16) on the paper's
+architecture, the one anomalib's twin holds, to compare the graphs at equal work.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from fastflow.scoring import gaussian_blur
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support import perturb_trainable
 
-PAPER_ROW = "paper architecture (anomalib's): fastflow openvino bf16"
+PAPER_ROWS = {precision: f"paper architecture (anomalib's): fastflow openvino {precision}" for precision in ("f32", "bf16")}
 LITE0_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "tf_efficientnet_lite0.safetensors"
 Runner = Callable[[np.ndarray], object]
 # A precision is offered where image and pixel AUROC stay this close to f32 (the reduced-precision issue).
@@ -183,11 +183,13 @@ def build_configs(backbone: str, size: int, batch: int, workdir: Path) -> tuple[
     bf16_xml = detector.export(workdir / backbone / "openvino_bf16", "openvino", "bf16")  # the graph a user exports
     bf16_batches, bf16_latency = OpenVinoEngine(bf16_xml, "bf16"), OpenVinoEngine(bf16_xml, "bf16", hint="latency")
     configs["fastflow openvino bf16 (f32 pre-processing)"] = (bf16_batches, bf16_latency, "pixels")
-    # The same engine on the paper's architecture, the one anomalib's twin holds: the graphs
+    # The same OpenVINO engines on the paper's architecture, the one anomalib's twin holds: the graphs
     # compared at equal work (the default's positional condition widens every subnet).
     paper = FastFlow.from_model(plain, threshold=-0.5, map_floor=-0.6)
-    paper_xml = paper.export(workdir / backbone / "openvino_bf16_paper", "openvino", "bf16")
-    configs[PAPER_ROW] = (OpenVinoEngine(paper_xml, "bf16"), OpenVinoEngine(paper_xml, "bf16", hint="latency"), "pixels")
+    for precision, row in PAPER_ROWS.items():
+        paper_xml = paper.export(workdir / backbone / f"openvino_{precision}_paper", "openvino", precision)
+        configs[row] = (OpenVinoEngine(paper_xml, precision), OpenVinoEngine(paper_xml, precision, hint="latency"),
+                        "pixels")
     try:
         twin = anomalib_twin(plain)
     except ImportError:
@@ -411,9 +413,11 @@ def main() -> None:
                 if name in table:
                     print(f"vs {name}: throughput {ours[fastest][0] / table[name][0]:.2f}x, "
                           f"batch-1 latency {ours[quickest][1] / table[name][1]:.2f}x{goals.get(name, '')}")
-            if "anomalib openvino bf16" in table:
-                paper, theirs = table[PAPER_ROW], table["anomalib openvino bf16"]
-                print(f"equal architecture, {PAPER_ROW} vs anomalib openvino bf16: throughput "
+            for precision, row in PAPER_ROWS.items():
+                if f"anomalib openvino {precision}" not in table:
+                    continue
+                paper, theirs = table[row], table[f"anomalib openvino {precision}"]
+                print(f"equal architecture, {row} vs anomalib openvino {precision}: throughput "
                       f"{paper[0] / theirs[0]:.2f}x, batch-1 latency {paper[1] / theirs[1]:.2f}x")
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
