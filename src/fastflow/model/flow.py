@@ -92,25 +92,27 @@ class CouplingStep(nn.Module):
     def _scale_shift(self, x1: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.condition_channels:
             x1 = torch.cat((x1, condition.expand(x1.shape[0], -1, -1, -1)), dim=1)
-        a = self.subnet(x1) * _SUBNET_OUTPUT_SCALE
-        log_scale = self.clamp * torch.tanh(a[:, : self.active])
-        return log_scale, a[:, self.active :]
+        raw_log_scale, shift = (self.subnet(x1) * _SUBNET_OUTPUT_SCALE).split((self.active, self.active), dim=1)
+        return self.clamp * torch.tanh(raw_log_scale), shift
 
     def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x`` (N, C, H, W) -> ``z`` (N, C, H, W) and log|det J| per position (N, H, W)."""
-        x1, x2 = x[:, : self.passive], x[:, self.passive :]
+        # split and index_select rather than slices and advanced indexing: the same values and
+        # gradients, but their backward passes concatenate and gather instead of filling zeros and
+        # scattering (a Lite0 training step in bf16: 1.12x, one-off A/B; README).
+        x1, x2 = x.split((self.passive, self.active), dim=1)
         log_scale, shift = self._scale_shift(x1, condition)
         u = torch.cat((x1, x2 * torch.exp(log_scale) + shift), dim=1)
         scale = _softplus_global_scale(self.global_scale)
-        z = (u * scale + self.global_offset)[:, self.permutation]
+        z = (u * scale + self.global_offset).index_select(1, self.permutation)
         log_det = log_scale.sum(dim=1) + torch.log(scale).sum()
         return z, log_det
 
     def inverse(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
         """Exact inverse of ``forward``: ``inverse(forward(x, c)[0], c) == x``."""
         scale = _softplus_global_scale(self.global_scale)
-        u = (z[:, self.inverse_permutation] - self.global_offset) / scale
-        x1, y2 = u[:, : self.passive], u[:, self.passive :]
+        u = (z.index_select(1, self.inverse_permutation) - self.global_offset) / scale
+        x1, y2 = u.split((self.passive, self.active), dim=1)
         log_scale, shift = self._scale_shift(x1, condition)
         return torch.cat((x1, (y2 - shift) * torch.exp(-log_scale)), dim=1)
 
