@@ -94,9 +94,8 @@ def candidate(name: str) -> tuple[Recipe, dict]:
             recipe = dataclasses.replace(recipe, pixel_jpeg=int(token.removeprefix("jpeg")))
         elif token.startswith("clamp"):
             architecture["clamp"] = float(token.removeprefix("clamp"))
-        elif scoring_token(token) is not None:
-            field, value = scoring_token(token)
-            recipe = dataclasses.replace(recipe, **{field: value})
+        elif (scoring := scoring_token(token)) is not None:
+            recipe = dataclasses.replace(recipe, **{scoring[0]: scoring[1]})
         elif token in ARCHITECTURE_TOKENS:
             architecture.update(ARCHITECTURE_TOKENS[token])
         else:

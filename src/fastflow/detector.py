@@ -267,8 +267,7 @@ class FastFlow:
 
         ``precision="bf16"`` (torch autocast, OpenVINO hint) trades exactness for speed.
         """
-        check_engine(name)
-        graph = self.inference_graph(name, precision)
+        graph = self.inference_graph(name, precision)  # checks the engine and precision
         key = (name, precision)
         if key not in self._engines:
             self._engines[key] = TorchEngine(graph, precision) if name == "torch" else export_engine(graph, name, precision)
