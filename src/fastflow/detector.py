@@ -267,7 +267,8 @@ class FastFlow:
 
         ``precision="bf16"`` (torch autocast, OpenVINO hint) trades exactness for speed.
         """
-        graph = self.inference_graph(name, precision)  # checks the engine and precision
+        check_engine(name)  # before the fitted check: an unknown engine is named even on an unfitted detector
+        graph = self.inference_graph(name, precision)
         key = (name, precision)
         if key not in self._engines:
             self._engines[key] = TorchEngine(graph, precision) if name == "torch" else export_engine(graph, name, precision)
