@@ -73,7 +73,7 @@ def candidate(name: str) -> tuple[Recipe, dict]:
 
     ``reference`` (the paper's loss and scoring instead of the improved recipe's), ``noiseX``
     (``Recipe.feature_noise=X``), ``pixelX`` (``Recipe.pixel_noise=X``), ``jpegQ``
-    (``Recipe.pixel_jpeg=Q``, after a ``pixelX``), ``clampX`` (``FastFlowConfig.clamp=X``, the
+    (``Recipe.pixel_jpeg=Q``, after a ``pixelX``; ``jpegQ@S``: a share ``S`` of the noisy copies), ``clampX`` (``FastFlowConfig.clamp=X``, the
     bound of the coupling log-scales), the scoring tokens ``topX`` (``Recipe.score_top``) and
     ``sigmaX`` (``Recipe.map_sigma``), and the architecture tokens of ``ARCHITECTURE_TOKENS``,
     e.g. ``noise0.1+pixel2+pool3``. ``noise0`` is the improved recipe as it was before training noise.
@@ -91,7 +91,8 @@ def candidate(name: str) -> tuple[Recipe, dict]:
         elif token.startswith("pixel"):
             recipe = dataclasses.replace(recipe, pixel_noise=float(token.removeprefix("pixel")))
         elif token.startswith("jpeg"):
-            recipe = dataclasses.replace(recipe, pixel_jpeg=int(token.removeprefix("jpeg")))
+            quality, _, share = token.removeprefix("jpeg").partition("@")
+            recipe = dataclasses.replace(recipe, pixel_jpeg=int(quality), pixel_jpeg_share=float(share or 1))
         elif token.startswith("clamp"):
             architecture["clamp"] = float(token.removeprefix("clamp"))
         elif (scoring := scoring_token(token)) is not None:

@@ -58,6 +58,9 @@ def test_training_noise_must_be_a_non_negative_number_and_the_reference_has_none
             Recipe(pixel_jpeg=bad)
     with pytest.raises(FastFlowError, match="pixel_jpeg"):
         Recipe(pixel_noise=0.0, pixel_jpeg=75)  # the round trip is made on the noisy copy
+    for bad in (0.0, 1.5, "0.5", True):
+        with pytest.raises(FastFlowError, match="pixel_jpeg_share"):
+            Recipe(pixel_jpeg=75, pixel_jpeg_share=bad)
 
 
 def test_recipe_architecture_sets_context_options_that_detector_options_override():

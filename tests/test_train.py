@@ -14,6 +14,7 @@ from fastflow.train import (
     channel_noise_scales,
     fit_flows,
     jpeg_round_trip,
+    noisy_copy,
 )
 
 
@@ -95,6 +96,25 @@ def test_jpeg_round_trip_leaves_quality_0_alone_and_compresses_more_at_lower_qua
         assert decoded.shape == image.shape and decoded.dtype == torch.uint8
         errors.append((decoded.float() - image.float()).abs().mean().item())
     assert 0 < errors[0] < errors[1] < errors[2] < 20
+
+
+def test_noisy_copy_is_noise_then_jpeg_for_its_share_of_images_drawn_per_image():
+    generator = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=generator), (64, 64), mode="bilinear")
+    image = (smooth[0] * 200 + 20).to(torch.uint8)
+
+    def copies(quality: int, share: float) -> list[torch.Tensor]:
+        return [noisy_copy(image, 3.0, torch.Generator().manual_seed(seed), quality, share) for seed in range(40)]
+
+    plain = [add_pixel_noise(image[None], 3.0, torch.Generator().manual_seed(seed)) for seed in range(40)]
+    assert all(torch.equal(a, b) for a, b in zip(copies(0, 1.0), plain, strict=True))  # no JPEG: the noise alone
+    compressed = [jpeg_round_trip(p[0], 75)[None] for p in plain]
+    assert all(torch.equal(a, b) for a, b in zip(copies(75, 1.0), compressed, strict=True))
+    half = copies(75, 0.5)
+    taken = [torch.equal(a, b) for a, b in zip(half, compressed, strict=True)]
+    assert all(t or torch.equal(a, p) for t, a, p in zip(taken, half, plain, strict=True))
+    assert 8 <= sum(taken) <= 32
+    assert all(torch.equal(a, b) for a, b in zip(half, copies(75, 0.5), strict=True))  # the same draws again
 
 
 def test_bfloat16_flows_give_the_float32_loss_and_float32_gradients():

@@ -187,7 +187,8 @@ class FastFlow:
         with open_caches(self.cache, model.feature_shapes, counts) as caches:
             noisy = caches.get("noisy")
             extract_features(model, self._shard_pixels(train_samples), caches["train"], noisy,
-                             self.recipe.pixel_noise, self.training.seed, "train features", self.recipe.pixel_jpeg)
+                             self.recipe.pixel_noise, self.training.seed, "train features", self.recipe.pixel_jpeg,
+                             self.recipe.pixel_jpeg_share)
             extract_features(model, self._shard_pixels(holdout_samples), caches["holdout"], desc="held-out features")
             for cache in caches.values():
                 cache.synchronise()
@@ -395,7 +396,7 @@ def _load_checkpoint(path: Path, config: FastFlowConfig, recipe: Recipe) -> tupl
     saved_config, state, extra, tensors = read_model_file(path)
     saved_recipe = Recipe.from_dict(extra["recipe"])
     def training_noise(r: Recipe) -> tuple:
-        return r.exact_nll, r.feature_noise, r.pixel_noise, r.pixel_jpeg
+        return r.exact_nll, r.feature_noise, r.pixel_noise, r.pixel_jpeg, r.pixel_jpeg_share
 
     if saved_config != config or training_noise(saved_recipe) != training_noise(recipe):
         raise FastFlowError(

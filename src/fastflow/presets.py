@@ -143,8 +143,11 @@ class Recipe:
             clean or noisy at random. Without it a flow trained on camera-clean images learns to
             expand the directions in which they barely vary, and one grey level of sensor noise
             (or bf16 rounding) then looks like a defect. 0: no noisy copy, as in the reference.
-        pixel_jpeg: JPEG quality of a round trip the noisy copy takes before its noise (0: none),
-            so that a camera or storage system that compresses does not look like a defect either.
+        pixel_jpeg: JPEG quality of a round trip the noisy copy takes after its noise (0: none),
+            as a camera compresses what its sensor saw, so that compression does not look like a
+            defect either.
+        pixel_jpeg_share: share of the noisy copies that take the JPEG round trip (each image's
+            own draw); the others stay plain noisy, so sensor noise is still seen uncompressed.
         map_sigma: standard deviation, in input pixels, of a Gaussian blur of the anomaly map
             (0: none). Its radius ``blur_radius(map_sigma)`` must stay inside the map.
         score_top: share of the anomaly map's highest pixels averaged into the image score
@@ -165,6 +168,7 @@ class Recipe:
     feature_noise: float = 0.1
     pixel_noise: float = 3.0
     pixel_jpeg: int = 0
+    pixel_jpeg_share: float = 1.0
     map_sigma: float = 4.0
     score_top: float = 0.001
     architecture: dict[str, Any] = field(default_factory=lambda: {"positional_channels": 16})
@@ -181,6 +185,8 @@ class Recipe:
                 "0 (none) or a JPEG quality from 1 to 100", self.pixel_jpeg)
         require(self.pixel_jpeg == 0 or self.pixel_noise > 0, "pixel_jpeg",
                 "0 unless pixel_noise > 0 (the JPEG round trip is applied to the noisy copy)", self.pixel_jpeg)
+        require(is_real(self.pixel_jpeg_share) and 0 < self.pixel_jpeg_share <= 1, "pixel_jpeg_share", "in (0, 1]",
+                self.pixel_jpeg_share)
         require(is_real(self.map_sigma) and self.map_sigma >= 0, "map_sigma", "a number >= 0", self.map_sigma)
         require(is_real(self.score_top) and 0 <= self.score_top < 1, "score_top", "in [0, 1)", self.score_top)
         require(isinstance(self.architecture, dict) and set(self.architecture) <= set(CONTEXT_OPTIONS),

@@ -31,7 +31,7 @@ from fastflow.scoring import nll_loss
 
 __all__ = [
     "FLOW_PRECISIONS", "BatchNll", "TrainConfig", "TrainState", "add_pixel_noise", "channel_noise_scales", "jpeg_round_trip",
-    "extract_features", "fit_flows", "resolve_flow_precision",
+    "extract_features", "fit_flows", "noisy_copy", "resolve_flow_precision",
 ]
 
 
@@ -116,25 +116,33 @@ class TrainState:
 def extract_features(
     model: FastFlowModel, batches: Iterable[tuple[list[int], Tensor]], cache: FeatureCache,
     noisy: FeatureCache | None = None, sigma: float = 0.0, seed: int = 0, desc: str = "features",
-    jpeg_quality: int = 0,
+    jpeg_quality: int = 0, jpeg_share: float = 1.0,
 ) -> None:
     """Write the raw backbone features of every (positions, uint8 pixels) batch into ``cache``.
 
     With ``noisy``, the same images with pixel noise of ``sigma`` grey levels (``add_pixel_noise``)
-    go into it from the same pass, each image decoded once for both; with ``jpeg_quality``, each
-    noisy image first takes a JPEG round trip at that quality (``jpeg_round_trip``). Each image's noise is drawn
-    from a generator seeded by ``seed`` and the image's position, so it does not depend on how
-    the images are batched or shared between processes.
+    go into it from the same pass, each image decoded once for both; with ``jpeg_quality``, a
+    ``jpeg_share`` of the noisy images then take a JPEG round trip at that quality
+    (``jpeg_round_trip``). Each image's noise (and whether it is compressed) is drawn from a
+    generator seeded by ``seed`` and the image's position, so it does not depend on how the
+    images are batched or shared between processes.
     """
     for positions, pixels in tqdm(batches, desc=desc, leave=False, unit="batch", disable=not distributed.is_main()):
         cache.write(positions, model.extract(pixels))
         if noisy is not None:
             noisy_pixels = torch.cat([
-                add_pixel_noise(jpeg_round_trip(image, jpeg_quality)[None], sigma,
-                                torch.Generator().manual_seed(seed * 2**32 + position))
+                noisy_copy(image, sigma, torch.Generator().manual_seed(seed * 2**32 + position), jpeg_quality, jpeg_share)
                 for image, position in zip(pixels, positions, strict=True)
             ])
             noisy.write(positions, model.extract(noisy_pixels))
+
+
+def noisy_copy(image: Tensor, sigma: float, generator: torch.Generator, jpeg_quality: int, jpeg_share: float) -> Tensor:
+    """(1, 3, H, W): ``image`` with pixel noise, then (a ``jpeg_share`` of the time) a JPEG round trip."""
+    noisy = add_pixel_noise(image[None], sigma, generator)
+    if jpeg_quality and torch.rand((), generator=generator) < jpeg_share:
+        return jpeg_round_trip(noisy[0], jpeg_quality)[None]
+    return noisy
 
 
 def jpeg_round_trip(image: Tensor, quality: int) -> Tensor:
