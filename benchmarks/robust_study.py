@@ -80,7 +80,8 @@ def candidate(name: str) -> tuple[Recipe, dict]:
     """
     # Every candidate starts from the improved recipe *without* training noise or context
     # options (its scoring and loss), whatever the current default is, so names keep their meaning.
-    recipe = dataclasses.replace(RECIPES["improved"], feature_noise=0.0, pixel_noise=0.0, pixel_jpeg=0, architecture={})
+    recipe = dataclasses.replace(RECIPES["improved"], feature_noise=0.0, pixel_noise=0.0, pixel_jpeg=0, pixel_jpeg_share=1.0,
+                                 architecture={})
     architecture: dict = {}
     for token in name.split("+"):
         if token == "reference":
