@@ -73,10 +73,11 @@ def candidate(name: str) -> tuple[Recipe, dict]:
 
     ``reference`` (the paper's loss and scoring instead of the improved recipe's), ``noiseX``
     (``Recipe.feature_noise=X``), ``pixelX`` (``Recipe.pixel_noise=X``), ``jpegQ``
-    (``Recipe.pixel_jpeg=Q``, after a ``pixelX``; ``jpegQ@S``: a share ``S`` of the noisy copies), ``clampX`` (``FastFlowConfig.clamp=X``, the
-    bound of the coupling log-scales), the scoring tokens ``topX`` (``Recipe.score_top``) and
-    ``sigmaX`` (``Recipe.map_sigma``), and the architecture tokens of ``ARCHITECTURE_TOKENS``,
-    e.g. ``noise0.1+pixel2+pool3``. ``noise0`` is the improved recipe as it was before training noise.
+    (``Recipe.pixel_jpeg=Q``, after a ``pixelX``; ``jpegQ@S``: a share ``S`` of the noisy copies),
+    ``clampX`` (``FastFlowConfig.clamp=X``, the bound of the coupling log-scales), the scoring
+    tokens ``topX`` (``Recipe.score_top``) and ``sigmaX`` (``Recipe.map_sigma``), and the
+    architecture tokens of ``ARCHITECTURE_TOKENS``, e.g. ``noise0.1+pixel2+pool3``. ``noise0`` is
+    the improved recipe as it was before training noise.
     """
     # Every candidate starts from the improved recipe *without* training noise or context
     # options (its scoring and loss), whatever the current default is, so names keep their meaning.

@@ -106,9 +106,9 @@ def test_noisy_copy_is_noise_then_jpeg_for_its_share_of_images_drawn_per_image()
     def copies(quality: int, share: float) -> list[torch.Tensor]:
         return [noisy_copy(image, 3.0, torch.Generator().manual_seed(seed), quality, share) for seed in range(40)]
 
-    plain = [add_pixel_noise(image[None], 3.0, torch.Generator().manual_seed(seed)) for seed in range(40)]
+    plain = [add_pixel_noise(image, 3.0, torch.Generator().manual_seed(seed)) for seed in range(40)]
     assert all(torch.equal(a, b) for a, b in zip(copies(0, 1.0), plain, strict=True))  # no JPEG: the noise alone
-    compressed = [jpeg_round_trip(p[0], 75)[None] for p in plain]
+    compressed = [jpeg_round_trip(p, 75) for p in plain]
     assert all(torch.equal(a, b) for a, b in zip(copies(75, 1.0), compressed, strict=True))
     half = copies(75, 0.5)
     taken = [torch.equal(a, b) for a, b in zip(half, compressed, strict=True)]

@@ -130,7 +130,7 @@ def extract_features(
     for positions, pixels in tqdm(batches, desc=desc, leave=False, unit="batch", disable=not distributed.is_main()):
         cache.write(positions, model.extract(pixels))
         if noisy is not None:
-            noisy_pixels = torch.cat([
+            noisy_pixels = torch.stack([
                 noisy_copy(image, sigma, torch.Generator().manual_seed(seed * 2**32 + position), jpeg_quality, jpeg_share)
                 for image, position in zip(pixels, positions, strict=True)
             ])
@@ -138,10 +138,10 @@ def extract_features(
 
 
 def noisy_copy(image: Tensor, sigma: float, generator: torch.Generator, jpeg_quality: int, jpeg_share: float) -> Tensor:
-    """(1, 3, H, W): ``image`` with pixel noise, then (a ``jpeg_share`` of the time) a JPEG round trip."""
-    noisy = add_pixel_noise(image[None], sigma, generator)
+    """A (3, H, W) ``image`` with pixel noise, then (a ``jpeg_share`` of the time) a JPEG round trip."""
+    noisy = add_pixel_noise(image, sigma, generator)
     if jpeg_quality and torch.rand((), generator=generator) < jpeg_share:
-        return jpeg_round_trip(noisy[0], jpeg_quality)[None]
+        return jpeg_round_trip(noisy, jpeg_quality)
     return noisy
 
 
