@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-memory", default=None, help="feature cache RAM budget (default: the library's)")
     parser.add_argument("--cache-dtype", default="float32")
-    parser.add_argument("--micro-batch-size", type=int, default=TrainConfig().micro_batch_size)
+    parser.add_argument("--micro-batch-size", type=int, default=None, help="images a pass (default: the library's automatic choice)")
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "fastflow-memory-images")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -97,8 +97,9 @@ def main() -> None:
         for count in args.images:
             data = make_images(args.data / str(count), count)
             command = [sys.executable, __file__, "--child", "--backbone", backbone, "--epochs", str(args.epochs),
-                       "--cache-dtype", args.cache_dtype, "--micro-batch-size", str(args.micro_batch_size),
-                       "--data", str(data)]
+                       "--cache-dtype", args.cache_dtype, "--data", str(data)]
+            if args.micro_batch_size is not None:
+                command += ["--micro-batch-size", str(args.micro_batch_size)]
             if args.max_memory is not None:
                 command += ["--max-memory", args.max_memory]
             done = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fastflow.cache import FeatureCache
+from fastflow.errors import FastFlowError
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.presets import get_config
 from fastflow.train import (
@@ -133,10 +135,6 @@ def test_bfloat16_flows_give_the_float32_loss_and_float32_gradients():
 
 
 def test_flow_precision_is_checked():
-    import pytest
-
-    from fastflow.errors import FastFlowError
-
     with pytest.raises(FastFlowError, match="flow_precision"):
         TrainConfig(flow_precision="float16")
 
@@ -150,3 +148,38 @@ def test_auto_flow_precision_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
         assert resolve_flow_precision("auto", cpu) == expected
+
+
+def test_micro_batches_default_to_the_fewest_equal_passes_within_the_element_budget():
+    from fastflow.train import MICRO_BATCH_ELEMENTS, resolve_micro_batch_size
+
+    resnet18_at_256 = [(64, 64, 64), (128, 32, 32), (256, 16, 16)]
+    lite0_at_256 = [(24, 64, 64), (40, 32, 32), (112, 16, 16)]
+    assert resolve_micro_batch_size(None, resnet18_at_256, 32) == 8
+    assert resolve_micro_batch_size(None, lite0_at_256, 32) == 16  # 21 fit: two passes of 16, not 21 + 11
+    assert resolve_micro_batch_size(None, lite0_at_256, 5) == 5
+    assert resolve_micro_batch_size(None, [(MICRO_BATCH_ELEMENTS + 1, 1, 1)], 32) == 1
+    assert resolve_micro_batch_size(3, resnet18_at_256, 32) == 3
+    with pytest.raises(FastFlowError, match="micro_batch_size"):
+        TrainConfig(micro_batch_size=0)
+
+
+def test_micro_batches_give_the_gradients_and_loss_of_one_pass():
+    from fastflow.train import _accumulate_gradients
+
+    model = _model().train()
+    batch = [torch.randn(6, *shape, generator=torch.Generator().manual_seed(1)) for shape in model.feature_shapes]
+    loss_of = BatchNll(model, exact=True)
+    parameters = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
+
+    def gradients(micro_batch_size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = _accumulate_gradients(loss_of, batch, micro_batch_size, 1 / 6)
+        return loss, [p.grad.clone() for p in parameters]
+
+    whole_loss, whole = gradients(6)
+    for micro_batch_size in (1, 4):  # equal passes and a short last one
+        loss, grads = gradients(micro_batch_size)
+        torch.testing.assert_close(loss, whole_loss, rtol=1e-6, atol=0)
+        for grad, reference in zip(grads, whole, strict=True):
+            torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6 * reference.abs().max().item())

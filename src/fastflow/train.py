@@ -31,13 +31,36 @@ from fastflow.scoring import nll_loss
 
 __all__ = [
     "FLOW_PRECISIONS", "BatchNll", "TrainConfig", "TrainState", "add_pixel_noise", "channel_noise_scales", "jpeg_round_trip",
-    "extract_features", "fit_flows", "noisy_copy", "resolve_flow_precision",
+    "extract_features", "fit_flows", "noisy_copy", "resolve_flow_precision", "resolve_micro_batch_size",
 ]
 
 
 _log = logging.getLogger(__name__)
 
 FLOW_PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+# Feature elements one forward/backward pass of the flows may take: 8 images of resnet18 at
+# 256x256 (458,752 elements each), the micro-batch that kept its training at 3,000 images under
+# 2.5 GB peak RSS (README, Training at scale).
+MICRO_BATCH_ELEMENTS = 8 * 458_752
+
+
+def resolve_micro_batch_size(requested: int | None, flow_shapes: Iterable[tuple[int, ...]], batch_size: int) -> int:
+    """Images per forward/backward pass: ``requested``, or (None) the fewest equal passes over a
+    batch of ``batch_size`` that each stay within ``MICRO_BATCH_ELEMENTS`` feature elements (at
+    least one image a pass).
+
+    Why automatic: the flows' activations grow with the feature elements of a pass, and their
+    many small operations run faster in fewer, larger passes, so one fixed count wastes either the
+    speed of small models or the memory of large ones. At 256x256 and batch 32: resnet18 8 images
+    a pass, Lite0 (167,936 elements an image) 16, wide_resnet50_2 (1,835,008) 2.
+    """
+    if requested is not None:
+        return requested
+    per_image = sum(math.prod(shape) for shape in flow_shapes)
+    passes = math.ceil(batch_size / max(1, MICRO_BATCH_ELEMENTS // per_image))
+    return math.ceil(batch_size / passes)
 
 
 def resolve_flow_precision(precision: str, device: torch.device) -> str:
@@ -66,8 +89,9 @@ class TrainConfig:
     batch_size: int = 32
     # Images per forward/backward pass: a batch's gradients are summed over its micro-batches, so
     # this bounds the memory of the flows' activations (about 90 MB per image for resnet18 at
-    # 256x256) without changing what is learnt (up to float rounding).
-    micro_batch_size: int = 8
+    # 256x256) without changing what is learnt (up to float rounding). None: as many images as
+    # fit MICRO_BATCH_ELEMENTS (resolve_micro_batch_size).
+    micro_batch_size: int | None = None
     lr: float = 1e-3
     weight_decay: float = 1e-5
     patience: int = 10
@@ -82,7 +106,10 @@ class TrainConfig:
         checks = {
             "max_epochs": (is_integer(self.max_epochs) and self.max_epochs >= 1, "an integer >= 1"),
             "batch_size": (is_integer(self.batch_size) and self.batch_size >= 1, "an integer >= 1"),
-            "micro_batch_size": (is_integer(self.micro_batch_size) and self.micro_batch_size >= 1, "an integer >= 1"),
+            "micro_batch_size": (
+                self.micro_batch_size is None or (is_integer(self.micro_batch_size) and self.micro_batch_size >= 1),
+                "an integer >= 1 or None (automatic)",
+            ),
             "lr": (is_real(self.lr) and self.lr > 0, "a number > 0"),
             "weight_decay": (is_real(self.weight_decay) and self.weight_decay >= 0, "a number >= 0"),
             "patience": (is_integer(self.patience) and self.patience >= 1, "an integer >= 1"),
@@ -300,7 +327,9 @@ def fit_flows(
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
     precision = resolve_flow_precision(config.flow_precision, next(iter(parameters)).device)
-    _log.info("flows train in %s (--flow-precision %s)", precision, config.flow_precision)
+    micro_batch_size = resolve_micro_batch_size(config.micro_batch_size, model.flow_shapes, config.batch_size)
+    _log.info("flows train in %s (--flow-precision %s), %d images a forward/backward pass", precision,
+              config.flow_precision, micro_batch_size)
     loss_of = BatchNll(model, exact_nll, precision)
     if ranks > 1:
         # Ranks hold identical frozen backbones: no buffer broadcast at every step.
@@ -320,7 +349,7 @@ def fit_flows(
             positions = order[start : start + config.batch_size]
             batch = _training_batch(positions, train_features, noisy_features, noise_scales, generator)
             optimizer.zero_grad(set_to_none=True)
-            loss = _accumulate_gradients(loss_of, batch, config.micro_batch_size, ranks / len(positions))
+            loss = _accumulate_gradients(loss_of, batch, micro_batch_size, ranks / len(positions))
             batch_nll = distributed.all_reduce_sum(loss / ranks).item()
             if not math.isfinite(batch_nll):
                 raise FastFlowError(
