@@ -143,17 +143,16 @@ def main() -> None:
     for backbone in args.backbone or ["resnet18", "tf_efficientnet_lite0"]:
         per_epoch = time_anomalib(backbone, images, args.epochs)
         reference = len(images) * args.epochs / sum(per_epoch)
-        engine = None
-        if args.anomalib_engine:
-            seconds = time_anomalib_engine(backbone, args.data, args.size, args.epochs)
-            engine = len(images) * args.epochs / seconds
+        engine_seconds = time_anomalib_engine(backbone, args.data, args.size, args.epochs) if args.anomalib_engine else None
+        engine = len(images) * args.epochs / engine_seconds if engine_seconds else None
         row(backbone, "anomalib FastflowModel loop", sum(per_epoch), reference, reference, engine)
-        if engine:
-            row(backbone, "anomalib Engine.fit", len(images) * args.epochs / engine, engine, reference, engine)
+        if engine_seconds:
+            row(backbone, "anomalib Engine.fit", engine_seconds, engine, reference, engine)
         for precision in args.flow_precision:
             seconds, holdout = time_fastflow(backbone, args.data, args.size, args.epochs, precision)
             rate = (len(images) - holdout) * args.epochs / seconds
             row(backbone, f"fastflow fit (improved recipe, flows {precision})", seconds, rate, reference, engine)
+
 
 if __name__ == "__main__":
     main()
