@@ -15,7 +15,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from fastflow import FastFlow, FastFlowError, TrainConfig
-from fastflow.data import Sample, load_mask, load_samples
+from fastflow.data import Sample, load_mask, load_samples, split_holdout
 from fastflow.model import backbones
 from fastflow.synthetic import make_textures
 
@@ -98,6 +98,16 @@ def test_fit_sets_learned_attributes(fitted: FastFlow) -> None:
     assert fitted.best_epoch_ == int(np.argmin(val)) + 1
     # The flows learn something in four epochs.
     assert fitted.history_[-1]["train_nll"] < fitted.history_[0]["train_nll"]
+
+
+def test_map_floor_is_the_median_of_held_out_maps(fitted: FastFlow, textures: Path) -> None:
+    """``fit`` takes the floor from a 1/64 pixel sample of the held-out maps: it must land on their
+    median, not merely inside their range."""
+    _, holdout = split_holdout(load_samples(textures, "train"), fitted.holdout_fraction, fitted.training.seed)
+    maps = fitted.anomaly_map([s.path for s in holdout])
+    low, median, high = np.quantile(maps, [0.4, 0.5, 0.6])
+    assert low < fitted.map_floor_ < high, (low, fitted.map_floor_, median, high)
+    assert abs(fitted.map_floor_ - median) < 0.1 * (np.quantile(maps, 0.9) - np.quantile(maps, 0.1))
 
 
 def test_predict_labels_and_maps(fitted: FastFlow, test_samples: list[Sample]) -> None:
