@@ -1,10 +1,11 @@
 """Data-parallel training on ``torch.distributed``: the few collectives ``fit`` needs.
 
 Launched by ``torchrun`` (``torchrun --nproc-per-node N -m fastflow train ...``), which sets
-``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR``; ``setup`` joins the process group it describes (NCCL
-when every rank has a GPU, else gloo). Without them everything here is the identity of a
-single process, so one code path serves both. Collectives on CPU tensors (feature-cache
-statistics, held-out NLL) go through a gloo group, which NCCL cannot serve.
+``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR``; ``setup`` joins the process group it describes.
+Without them everything here is the identity of a single process, so one code path serves both.
+Training runs on CPUs, so every collective (gradients, feature-cache statistics, held-out NLL)
+goes through gloo: NCCL serves only CUDA tensors. Where the caller already started a group of
+another backend (NCCL on a GPU server, say), a gloo group beside it serves ``fit``.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_sum", "barrier", "broadcast", "cleanup", "is_main", "rank", "setup", "world_size"]
+__all__ = ["all_reduce_sum", "barrier", "broadcast", "cleanup", "group", "is_main", "rank", "setup", "world_size"]
 
 _cpu_group: Any = None
 _started_here = False
@@ -28,10 +28,14 @@ def setup() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _cpu_group is not None:
         return
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("gloo")
         _started_here = True
     _cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+
+
+def group() -> Any:
+    """The gloo process group of ``fit``'s collectives (``DistributedDataParallel`` included)."""
+    return _cpu_group
 
 
 def cleanup() -> None:

@@ -334,7 +334,8 @@ def fit_flows(
     if ranks > 1:
         # Ranks hold identical frozen backbones: no buffer broadcast at every step.
         # Gradients as views of DDP's buckets: no copy, and no stride mismatch with channels-last weights.
-        loss_of = DistributedDataParallel(loss_of, broadcast_buffers=False, gradient_as_bucket_view=True)
+        loss_of = DistributedDataParallel(loss_of, process_group=distributed.group(), broadcast_buffers=False,
+                                          gradient_as_bucket_view=True)
     generator = torch.Generator()
     noise_scales = channel_noise_scales(train_features, feature_noise) if feature_noise > 0 else []
     count = len(train_features)
