@@ -63,13 +63,18 @@ def normalised_images(data: Path, size: int) -> torch.Tensor:
     return (pixels / 255 - mean) / std
 
 
+def anomalib_model(backbone: str, size: tuple[int, int]) -> torch.nn.Module:
+    """anomalib's ``FastflowModel`` for ``backbone`` at ``size``, in training mode, holding the
+    weights of a plain (no positional condition) fastflow model: both anomalib timings train it."""
+    plain = FastFlowModel(get_config(backbone, input_size=size, positional_channels=0), weights_of(backbone))
+    return anomalib_twin(plain).train()
+
+
 def time_anomalib(backbone: str, images: torch.Tensor, epochs: int) -> list[float]:
     """Seconds of each epoch of anomalib's training loop."""
     from anomalib.models.image.fastflow.loss import FastflowLoss
 
-    size = tuple(images.shape[-2:])
-    plain = FastFlowModel(get_config(backbone, input_size=size, positional_channels=0), weights_of(backbone))
-    model = anomalib_twin(plain).train()
+    model = anomalib_model(backbone, tuple(images.shape[-2:]))
     loss_of = FastflowLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
     generator = torch.Generator().manual_seed(0)
@@ -94,8 +99,7 @@ def time_anomalib_engine(backbone: str, data: Path, size: int, epochs: int) -> f
 
     module = Fastflow(pre_trained=False, visualizer=False,
                       pre_processor=Fastflow.configure_pre_processor(image_size=(size, size)))
-    plain = FastFlowModel(get_config(backbone, input_size=(size, size), positional_channels=0), weights_of(backbone))
-    module.model = anomalib_twin(plain).train()
+    module.model = anomalib_model(backbone, (size, size))
     datamodule = MVTecAD(root=data.parent, category=data.name, train_batch_size=BATCH, eval_batch_size=BATCH,
                          num_workers=2)
     with tempfile.TemporaryDirectory() as folder:

@@ -237,15 +237,15 @@ class FastFlow:
     def _score_features(self, folded: FastFlowModel, features: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
         """Scores of cached raw backbone features, with the recipe's scorer, and their maps'
         pixels every ``_MAP_FLOOR_STRIDE``-th row and column (a sample for the map floor)."""
-        scores, maps = [], []
+        scores, map_samples = [], []
         step = self.training.batch_size
         with torch.no_grad():
             for start in range(0, len(features), step):
                 zs, _ = folded.flow(features.slice(start, start + step))
                 amap, score = self.recipe.score_latents(zs, self.config.input_size)
                 scores.append(score.numpy())
-                maps.append(amap[:, ::_MAP_FLOOR_STRIDE, ::_MAP_FLOOR_STRIDE].flatten().numpy())
-        return np.concatenate(scores), np.concatenate(maps)
+                map_samples.append(amap[:, ::_MAP_FLOOR_STRIDE, ::_MAP_FLOOR_STRIDE].flatten().numpy())
+        return np.concatenate(scores), np.concatenate(map_samples)
 
     # ------------------------------------------------------------------ inference
     def _check_fitted(self) -> None:
