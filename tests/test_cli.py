@@ -440,6 +440,7 @@ def test_unknown_recipe_is_a_user_error(mvtec, lite0_weights, tmp_path, capsys):
         (["--input-size", "8"], ["input size", "at least 16"]),
         (["--context-pool", "2"], ["context_pool", "odd"]),
         (["--positional-channels", "6"], ["positional_channels", "multiple of 4"]),
+        (["--device", "gpu"], ["--device", "auto, cpu, cuda or cuda:N", "gpu"]),
     ],
 )
 def test_bad_option_values_are_one_line_errors(capsys, flags, names, mvtec: Path, lite0_weights: Path,

@@ -13,7 +13,9 @@ A dataset argument is a folder, or the name of a built-in generated dataset (``t
 which is written under ``OUTPUT/data`` the first time and reused after that.
 
 ``--jobs N`` trains N runs at once in worker processes (many categories on one machine), each
-with its share of the cores, for machines where one run does not keep every core busy.
+with its share of the cores, for machines where one run does not keep every core busy. Where
+runs train on GPUs (``TrainConfig.device`` ``auto`` or ``cuda`` on a machine with several), the
+workers take the GPUs in turn, one category per GPU when there are as many workers as GPUs.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from fastflow.detector import FastFlow
 from fastflow.errors import FastFlowError, is_integer
 from fastflow.evaluation import evaluate_detector
 from fastflow.files import atomic_write
+from fastflow.hardware import resolve_device
 from fastflow.robustness import measure
 from fastflow.synthetic import make_textures
 from fastflow.train import TrainConfig
@@ -110,7 +113,7 @@ class _Task:
 
 def _train_and_test(task: _Task) -> tuple[BenchmarkRun, dict[str, Any]]:
     """Train and test one task; the run and the JSON record of it."""
-    config = TrainConfig(**{**vars(task.training), "seed": task.seed})
+    config = TrainConfig(**{**vars(task.training), "seed": task.seed, "device": _worker_device or task.training.device})
     detector = FastFlow(task.backbone, recipe=task.recipe, weights=task.weights, training=config, **task.overrides)
     detector.fit(task.root)
     metrics = evaluate_detector(detector, task.root).metrics
@@ -120,23 +123,44 @@ def _train_and_test(task: _Task) -> tuple[BenchmarkRun, dict[str, Any]]:
     return run, {**vars(run), "epochs": len(detector.history_), "best_epoch": detector.best_epoch_}
 
 
-def _worker_setup(threads: int) -> None:
-    """A worker's share of the cores, and its per-epoch bars and log lines kept off the terminal,
-    which shows the parent's one progress bar; a worker's error still reaches the parent."""
+# The device this worker process trains on (``_worker_setup``); None in the parent.
+_worker_device: str | None = None
+
+
+def _worker_setup(threads: int, devices: Any) -> None:
+    """A worker's share of the cores, its device (the next of the ``devices`` queue), and its
+    per-epoch bars and log lines kept off the terminal, which shows the parent's one progress
+    bar; a worker's error still reaches the parent."""
+    global _worker_device
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the worker
     torch.set_num_threads(threads)
+    _worker_device = devices.get()
+
+
+def worker_devices(device: str, jobs: int) -> list[str]:
+    """The device of each of ``jobs`` workers: where ``device`` means any GPU (``auto`` or
+    ``cuda`` without an index) and this machine has several, the GPUs in turn
+    (``cuda:0``, ``cuda:1``, ..., again from ``cuda:0``); else ``device`` for every worker."""
+    resolved = resolve_device(device)  # a GPU asked for on a machine without one stops here
+    if resolved.type == "cuda" and device in ("auto", "cuda"):
+        return [f"cuda:{index % torch.cuda.device_count()}" for index in range(jobs)]
+    return [device] * jobs
 
 
 def _results(tasks: list[_Task], jobs: int) -> Iterator[tuple[_Task, BenchmarkRun, dict[str, Any]]]:
     """(task, run, record) as each task finishes: in this process for one job, else in ``jobs``
-    worker processes (spawned, so no worker inherits the parent's threads) that split the cores."""
+    worker processes (spawned, so no worker inherits the parent's threads) that split the cores
+    and take their devices from ``worker_devices``."""
     if jobs == 1:
         for task in tasks:
             yield (task, *_train_and_test(task))
         return
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_setup, initargs=(threads,)) as pool:
+    devices = context.Queue()
+    for device in worker_devices(tasks[0].training.device, jobs) if tasks else []:
+        devices.put(device)
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_setup, initargs=(threads, devices)) as pool:
         futures = {pool.submit(_train_and_test, task): task for task in tasks}
         for future in as_completed(futures):
             yield (futures[future], *future.result())

@@ -77,6 +77,7 @@ def _train_defaults() -> dict[str, Any]:
         "patience": training.patience,
         "seed": training.seed,
         "flow_precision": training.flow_precision,
+        "device": training.device,
         "input_size": None,
         "layers": None,
         "flow_steps": None,
@@ -124,7 +125,7 @@ _OPTION_TYPES: dict[str, tuple[type, str]] = {
     "positional_channels": (int, "a multiple of 4"),
     "permutation": (str, "random or swap"), "max_memory": (str, "a size like 4GB"),
     "cache_dir": (str, "a folder path"), "cache_dtype": (str, "float32 or float16"),
-    "flow_precision": (str, "auto, float32 or bfloat16"),
+    "flow_precision": (str, "auto, float32 or bfloat16"), "device": (str, "auto, cpu, cuda or cuda:N"),
 }
 
 
@@ -171,18 +172,20 @@ def train(
     cache_dir: Annotated[str | None, typer.Option(help="Folder for an on-disk feature cache (default: the system's temporary folder); removed after training.")] = None,
     cache_dtype: Annotated[str | None, typer.Option(help="Feature cache storage: float32 (default) or float16 (half the memory or disk).")] = None,
     flow_precision: Annotated[str | None, typer.Option(help="Arithmetic of the flows' training passes: auto (default: bfloat16 where the CPU/GPU has native bf16, else float32), float32 or bfloat16 (autocast). The model is float32 either way.")] = None,
+    device: Annotated[str | None, typer.Option(help="Where the backbone pass and the flows train: auto (default: a CUDA GPU where PyTorch sees one, else the CPU), cpu, cuda or cuda:N. The saved model is the same kind either way.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (flags win).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last.safetensors (e.g. after an interruption or with more --epochs).")] = False,
 ) -> None:
     """Train a model on the normal images of DATA and write it to --output.
 
     Under torchrun (torchrun --nproc-per-node N -m fastflow train ...) the processes train one
-    model data-parallel; rank 0 writes the files.
+    model data-parallel (gloo on CPUs; NCCL and one GPU a process on GPUs); rank 0 writes the files.
     """
     from fastflow import distributed
     from fastflow.cache import CacheConfig, parse_memory
     from fastflow.detector import FastFlow
     from fastflow.files import atomic_write
+    from fastflow.hardware import resolve_device
     from fastflow.presets import CONTEXT_OPTIONS, get_recipe
     from fastflow.train import TrainConfig
 
@@ -190,7 +193,8 @@ def train(
            "patience": patience, "seed": seed, "input_size": input_size, "holdout": holdout, "exact_nll": exact_nll, "recipe": recipe,
            "context_pool": context_pool, "fuse_scales": fuse_scales, "positional_channels": positional_channels,
            "permutation": permutation, "max_memory": max_memory,
-           "cache_dir": cache_dir, "cache_dtype": cache_dtype, "flow_precision": flow_precision}
+           "cache_dir": cache_dir, "cache_dtype": cache_dtype, "flow_precision": flow_precision,
+           "device": device}
     options = _typed(resolve_train_options(cli, config))
     cache = CacheConfig(
         max_memory=None if options["max_memory"] is None else parse_memory(options["max_memory"]),
@@ -200,8 +204,9 @@ def train(
     training = TrainConfig(
         max_epochs=options["epochs"], batch_size=options["batch_size"], lr=options["lr"],
         weight_decay=options["weight_decay"], patience=options["patience"], seed=options["seed"],
-        flow_precision=options["flow_precision"],
+        flow_precision=options["flow_precision"], device=options["device"],
     )
+    resolve_device(training.device)  # a GPU asked for on a machine without one
     chosen = get_recipe(options["recipe"])
     if options["exact_nll"] is not None:
         chosen = dataclasses.replace(chosen, exact_nll=options["exact_nll"])
@@ -461,7 +466,8 @@ def benchmark(
     epochs: Annotated[int, typer.Option(help="Maximum epochs per run.")] = 100,
     input_size: Annotated[str | None, typer.Option(help="Model input HEIGHTxWIDTH (default: each preset's).")] = None,
     robustness: Annotated[bool, typer.Option("--robustness", help="Also score each run under invisible changes (see 'fastflow test --robustness') and add a robustness table.")] = False,
-    jobs: Annotated[int, typer.Option(help="Runs trained at once, in worker processes that share the cores.")] = 1,
+    jobs: Annotated[int, typer.Option(help="Runs trained at once, in worker processes that share the cores (and the GPUs, one a worker in turn, where --device finds them).")] = 1,
+    device: Annotated[str, typer.Option(help="Where runs train: auto (a CUDA GPU where PyTorch sees one, else the CPU), cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Train and test every dataset x backbone x recipe x seed; print the metric tables in markdown."""
     from fastflow.benchmark import markdown_tables, run_benchmark
@@ -480,7 +486,7 @@ def benchmark(
         get_recipe(name)  # fail before hours of training, not after
     runs = run_benchmark(
         datasets, backbone, output, weights=per_backbone, seeds=seed_list, recipes=recipe,
-        training=TrainConfig(max_epochs=epochs), input_size=parse_size(input_size),
+        training=TrainConfig(max_epochs=epochs, device=device), input_size=parse_size(input_size),
         robustness=list(PERTURBATIONS) if robustness else (), jobs=jobs,
     )
     tables = markdown_tables(runs)

@@ -31,6 +31,7 @@ from fastflow.data import (
 from fastflow.engines import Engine, TorchEngine, check_engine, check_precision
 from fastflow.errors import FastFlowError, is_integer, is_real, require
 from fastflow.export import EXPORT_PRECISIONS, export_engine, to_onnx, to_openvino
+from fastflow.hardware import resolve_device
 from fastflow.io import build_model, load_model, read_model_file, save_model
 from fastflow.metrics import calibrate_threshold
 from fastflow.model.backbones import RANDOM_WEIGHTS
@@ -171,12 +172,16 @@ class FastFlow:
             checkpoint: optional path of a resumable checkpoint, rewritten after every epoch; if
                 it exists, training resumes from it.
 
+        The backbone pass and the flows' training run on ``training.device`` (a GPU where there is
+        one, by default); the held-out images are scored on the CPU, where the fitted model comes
+        back and where saving, exporting and scoring run.
         Under ``torchrun`` (``fastflow.distributed``) every process calls ``fit`` alike: each
         extracts the features of its share of the images, the flows train data-parallel, and
         every process ends with the same model and threshold; only rank 0 writes the checkpoint.
         """
         del y
-        distributed.setup()
+        device = resolve_device(self.training.device)
+        distributed.setup(device)
         samples = validate_samples([s for s in as_samples(X, "train") if s.label == 0])
         train_samples, holdout_samples = split_holdout(samples, self.holdout_fraction, self.training.seed)
         torch.manual_seed(self.training.seed)
@@ -186,6 +191,7 @@ class FastFlow:
             model, state = _load_checkpoint(resume, self.config, self.recipe)
         else:
             model = self._new_model()
+        model.to(device)
         counts = {"train": len(train_samples), "holdout": len(holdout_samples)}
         if self.recipe.pixel_noise > 0:
             counts["noisy"] = len(train_samples)
@@ -204,7 +210,8 @@ class FastFlow:
                 model, caches["train"], caches["holdout"], self.training, self.recipe.exact_nll,
                 self.recipe.feature_noise, noisy, state, on_epoch_end,
             )
-            holdout_scores, map_sample = self._score_features(model.fold(), caches["holdout"])
+            # Scored on the CPU, where the fitted model lives and every engine scores it.
+            holdout_scores, map_sample = self._score_features(model.cpu().fold(), caches["holdout"])
         # Typical normal pixel value: the dark end of heat-map pictures.
         self._set_fitted(model, calibrate_threshold(holdout_scores, self.threshold_quantile), float(np.median(map_sample)))
         self.holdout_scores_ = holdout_scores

@@ -1,11 +1,12 @@
 """Data-parallel training on ``torch.distributed``: the few collectives ``fit`` needs.
 
 Launched by ``torchrun`` (``torchrun --nproc-per-node N -m fastflow train ...``), which sets
-``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR``; ``setup`` joins the process group it describes.
-Without them everything here is the identity of a single process, so one code path serves both.
-Training runs on CPUs, so every collective (gradients, feature-cache statistics, held-out NLL)
-goes through gloo: NCCL serves only CUDA tensors. Where the caller already started a group of
-another backend (NCCL on a GPU server, say), a gloo group beside it serves ``fit``.
+``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR``; ``setup`` joins the process group
+it describes. Without them everything here is the identity of a single process, so one code path
+serves both. The feature caches and their statistics live in CPU memory, so those collectives
+(and the held-out NLL) always go through gloo. The gradients live where the flows train: gloo on
+CPUs, NCCL on CUDA GPUs (``group``). Where the caller already started a group of another backend,
+a gloo group beside it serves the CPU collectives.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -22,20 +24,25 @@ _cpu_group: Any = None
 _started_here = False
 
 
-def setup() -> None:
-    """Join the process group ``torchrun`` describes, once; nothing without ``WORLD_SIZE`` > 1."""
+def setup(device: torch.device = torch.device("cpu")) -> None:
+    """Join the process group ``torchrun`` describes, once, for training on ``device``: NCCL for
+    a CUDA device (this process's GPU made current first), gloo otherwise; nothing without
+    ``WORLD_SIZE`` > 1."""
     global _cpu_group, _started_here
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _cpu_group is not None:
         return
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         _started_here = True
     _cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
 
 
-def group() -> Any:
-    """The gloo process group of ``fit``'s collectives (``DistributedDataParallel`` included)."""
-    return _cpu_group
+def group(device: torch.device = torch.device("cpu")) -> Any:
+    """The process group for collectives on ``device``'s tensors: the default group (NCCL as
+    ``setup`` starts it) for CUDA, the gloo group for CPU tensors (``fit``'s other collectives)."""
+    return dist.group.WORLD if device.type == "cuda" else _cpu_group
 
 
 def cleanup() -> None:

@@ -1,17 +1,24 @@
-"""What this machine's CPU offers: physical cores, and whether it computes bf16 natively.
+"""What this machine offers: physical cores, whether the CPU computes bf16 natively, and which
+device (CPU or a CUDA GPU) training runs on.
 
-Engines and training pick threads and precisions from these, so a model behaves the same on a
-machine with other hardware, only slower or faster.
+Engines and training pick threads, precisions and devices from these, so a model behaves the
+same on a machine with other hardware, only slower or faster.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_has_native_bf16", "physical_cores"]
+from fastflow.errors import FastFlowError
+
+__all__ = ["DEVICE_CHOICES", "cpu_has_native_bf16", "is_device_name", "physical_cores", "resolve_device"]
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def physical_cores() -> int:
@@ -37,3 +44,31 @@ def cpu_has_native_bf16() -> bool:
     """
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def is_device_name(name: object) -> bool:
+    """Whether ``name`` is spelled as one of ``DEVICE_CHOICES``. Spelling only: a saved model names
+    the device it was trained on, and must still load on a machine without that device."""
+    return isinstance(name, str) and _DEVICE_NAME.fullmatch(name) is not None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``name`` -> the device to train on; a clear error where this machine does not have it.
+
+    ``auto``: a CUDA GPU where PyTorch sees one, else the CPU. ``cuda`` without an index, like
+    ``auto`` on a GPU machine, takes GPU ``LOCAL_RANK`` (set by ``torchrun``; 0 otherwise) modulo
+    the GPU count, so ``torchrun --nproc-per-node N`` puts one process on each GPU.
+    """
+    if not is_device_name(name):
+        raise FastFlowError(f"bad --device {name!r}; use {DEVICE_CHOICES}")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise FastFlowError(f"--device {name}: PyTorch sees no CUDA GPU on this machine "
+                            f"(torch {torch.__version__}); use --device cpu or auto")
+    given = name.partition(":")[2]
+    index = int(given) if given else int(os.environ.get("LOCAL_RANK", "0")) % count
+    if index >= count:
+        raise FastFlowError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", index)

@@ -2,7 +2,9 @@
 
 The backbone is frozen and images are not augmented, so its features
 (``FastFlowModel.extract`` of the uint8 pixels, the same path inference takes) are computed
-once and reused every epoch; on a CPU this makes an epoch cost only the flows. Model selection uses
+once and reused every epoch; this makes an epoch cost only the flows. The model trains on its
+own device (``TrainConfig.device``); the caches stay in CPU memory or on disk, and each batch
+moves to the device as it is used. Model selection uses
 the NLL on held-out *normal* images, never a test metric: the best epoch's weights are kept,
 and training stops once that NLL has not improved for ``patience`` epochs.
 """
@@ -25,7 +27,7 @@ from tqdm.auto import tqdm
 from fastflow import distributed
 from fastflow.cache import FeatureCache
 from fastflow.errors import FastFlowError, is_integer, is_real, require
-from fastflow.hardware import cpu_has_native_bf16
+from fastflow.hardware import DEVICE_CHOICES, cpu_has_native_bf16, is_device_name
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.scoring import nll_loss
 
@@ -101,6 +103,10 @@ class TrainConfig:
     # CPUs with AMX or AVX-512 bf16; held-out NLL, selection and the saved model stay float32.
     # "auto": bfloat16 where the hardware has it (resolve_flow_precision).
     flow_precision: str = "auto"
+    # Where the backbone pass and the flows run: "auto" (a CUDA GPU where PyTorch sees one, else
+    # the CPU), "cpu", "cuda" or "cuda:N" (fastflow.hardware.resolve_device). The fitted model
+    # comes back on the CPU either way, as a loaded one does.
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         checks = {
@@ -116,6 +122,7 @@ class TrainConfig:
             "min_delta": (is_real(self.min_delta) and self.min_delta >= 0, "a number >= 0"),
             "seed": (is_integer(self.seed) and self.seed >= 0, "an integer >= 0"),
             "flow_precision": (self.flow_precision in FLOW_PRECISIONS, " or ".join(FLOW_PRECISIONS)),
+            "device": (is_device_name(self.device), DEVICE_CHOICES),
         }
         for name, (ok, valid) in checks.items():
             flag = "--" + {"max_epochs": "epochs"}.get(name, name).replace("_", "-")
@@ -154,14 +161,21 @@ def extract_features(
     generator seeded by ``seed`` and the image's position, so it does not depend on how the
     images are batched or shared between processes.
     """
+    device = _device_of(model)
     for positions, pixels in tqdm(batches, desc=desc, leave=False, unit="batch", disable=not distributed.is_main()):
-        cache.write(positions, model.extract(pixels))
+        cache.write(positions, model.extract(pixels.to(device)))
         if noisy is not None:
+            # Noise drawn on the CPU: the same noisy images whatever the training device.
             noisy_pixels = torch.stack([
                 noisy_copy(image, sigma, torch.Generator().manual_seed(seed * 2**32 + position), jpeg_quality, jpeg_share)
                 for image, position in zip(pixels, positions, strict=True)
             ])
-            noisy.write(positions, model.extract(noisy_pixels))
+            noisy.write(positions, model.extract(noisy_pixels.to(device)))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device ``model``'s parameters are on (where its batches must go)."""
+    return next(model.parameters()).device
 
 
 def noisy_copy(image: Tensor, sigma: float, generator: torch.Generator, jpeg_quality: int, jpeg_share: float) -> Tensor:
@@ -219,14 +233,15 @@ def _evaluate_nll(model: FastFlowModel, features: FeatureCache, batch_size: int,
     """Mean per-image NLL on held-out features (eval mode, no gradients); each rank scores its
     contiguous share and the sums are added, so every rank gets the same number."""
     model.eval()
-    loss = BatchNll(model, exact)
+    loss, device = BatchNll(model, exact), _device_of(model)
     count, ranks = len(features), distributed.world_size()
     share = math.ceil(count / ranks)
     first, last = distributed.rank() * share, min(count, (distributed.rank() + 1) * share)
     total = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
         for start in range(first, last, batch_size):
-            total += loss(features.slice(start, min(start + batch_size, last))).double()
+            batch = [f.to(device) for f in features.slice(start, min(start + batch_size, last))]
+            total += loss(batch).double().cpu()
     return distributed.all_reduce_sum(total).item() / count
 
 
@@ -238,13 +253,14 @@ def _per_position(model: FastFlowModel, nll: float) -> float:
 
 def _training_batch(
     positions: Tensor, features: FeatureCache, noisy_features: FeatureCache | None, noise_scales: list[Tensor],
-    generator: torch.Generator,
+    generator: torch.Generator, device: torch.device,
 ) -> list[Tensor]:
-    """This rank's share (every ``world_size``-th image) of one global batch, with its training noise.
+    """This rank's share (every ``world_size``-th image) of one global batch, with its training
+    noise, on ``device``.
 
-    The random draws (which images are taken noisy, the feature noise) are made for the whole
-    global batch on every rank and then shared out, so N processes train on exactly the
-    batches one process would.
+    The random draws (which images are taken noisy, the feature noise) are made on the CPU for
+    the whole global batch on every rank and then shared out, so N processes, on any device,
+    train on exactly the batches one process would.
     """
     ranks, me = distributed.world_size(), distributed.rank()
     mine = positions[me::ranks]
@@ -254,9 +270,10 @@ def _training_batch(
         if take_noisy.any():
             for clean, noisy in zip(batch, noisy_features.read(mine[take_noisy]), strict=True):
                 clean[take_noisy] = noisy
+    batch = [f.to(device) for f in batch]
     for index, scale in enumerate(noise_scales):
         noise = torch.randn((len(positions), *batch[index].shape[1:]), generator=generator)[me::ranks]
-        batch[index] = batch[index] + scale * noise
+        batch[index] = batch[index] + (scale * noise).to(device)
     return batch
 
 
@@ -277,7 +294,7 @@ def _accumulate_gradients(loss_of: nn.Module, batch: list[Tensor], micro_batch_s
         with sync:
             loss = loss_of([f[start : start + micro_batch_size] for f in batch]) * weight
             loss.backward()
-        total += loss.detach().double()
+        total += loss.detach().double().cpu()
     return total
 
 
@@ -295,8 +312,9 @@ def fit_flows(
 ) -> TrainState:
     """Train ``model``'s norms and flows on cached features; load the best weights at the end.
 
-    Under ``torch.distributed`` (``fastflow.distributed``) every rank runs this with the same
-    caches and seed: each takes every N-th image of each global batch of ``config.batch_size``,
+    The model trains on the device it is on (its batches are moved there). Under
+    ``torch.distributed`` (``fastflow.distributed``) every rank runs this with the same caches
+    and seed: each takes every N-th image of each global batch of ``config.batch_size``,
     gradients are all-reduced by ``DistributedDataParallel`` (each rank's loss is its share of
     the global batch mean), and the held-out NLL is summed over ranks, so every rank selects
     the same epoch and stops at the same time as one process would.
@@ -326,15 +344,17 @@ def fit_flows(
     optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
-    precision = resolve_flow_precision(config.flow_precision, next(iter(parameters)).device)
+    device = _device_of(model)
+    precision = resolve_flow_precision(config.flow_precision, device)
     micro_batch_size = resolve_micro_batch_size(config.micro_batch_size, model.flow_shapes, config.batch_size)
-    _log.info("flows train in %s (--flow-precision %s), %d images a forward/backward pass", precision,
+    _log.info("flows train on %s in %s (--flow-precision %s), %d images a forward/backward pass", device, precision,
               config.flow_precision, micro_batch_size)
     loss_of = BatchNll(model, exact_nll, precision)
     if ranks > 1:
         # Ranks hold identical frozen backbones: no buffer broadcast at every step.
         # Gradients as views of DDP's buckets: no copy, and no stride mismatch with channels-last weights.
-        loss_of = DistributedDataParallel(loss_of, process_group=distributed.group(), broadcast_buffers=False,
+        loss_of = DistributedDataParallel(loss_of, device_ids=[device.index] if device.type == "cuda" else None,
+                                          process_group=distributed.group(device), broadcast_buffers=False,
                                           gradient_as_bucket_view=True)
     generator = torch.Generator()
     noise_scales = channel_noise_scales(train_features, feature_noise) if feature_noise > 0 else []
@@ -348,7 +368,7 @@ def fit_flows(
         losses = []
         for start in range(0, count, config.batch_size):
             positions = order[start : start + config.batch_size]
-            batch = _training_batch(positions, train_features, noisy_features, noise_scales, generator)
+            batch = _training_batch(positions, train_features, noisy_features, noise_scales, generator, device)
             optimizer.zero_grad(set_to_none=True)
             loss = _accumulate_gradients(loss_of, batch, micro_batch_size, ranks / len(positions))
             batch_nll = distributed.all_reduce_sum(loss / ranks).item()
