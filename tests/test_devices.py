@@ -12,11 +12,14 @@ from support import make_folder_dataset
 
 import fastflow.benchmark
 from fastflow.benchmark import worker_devices
+from fastflow.cache import FeatureCache
 from fastflow.cli import main
 from fastflow.detector import FastFlow
 from fastflow.errors import FastFlowError
 from fastflow.hardware import resolve_device
-from fastflow.train import TrainConfig
+from fastflow.model.fastflow import FastFlowModel
+from fastflow.presets import get_config
+from fastflow.train import BatchNll, TrainConfig, _training_batch, channel_noise_scales
 
 
 @pytest.fixture
@@ -107,6 +110,27 @@ def test_a_worker_trains_on_the_device_it_was_given(monkeypatch: pytest.MonkeyPa
     finally:
         fastflow.benchmark.sys.stderr.close()
     assert fastflow.benchmark._worker_device == "cuda:1"
+
+
+def test_a_training_step_runs_wholly_on_the_models_device() -> None:
+    """The meta device stands in for a GPU on a CPU-only machine: its tensors have no values, but
+    an elementwise op mixing one with a CPU tensor fails as it would on a GPU. Pre-processing,
+    backbone, a batch from the CPU-side caches with both kinds of training noise, the exact NLL
+    with the positional condition and its backward all stay on the model's device."""
+    meta = torch.device("meta")
+    model = FastFlowModel(get_config("resnet18", input_size=(64, 64), positional_channels=16), "random")
+    generator = torch.Generator().manual_seed(0)
+    clean, noisy = (FeatureCache.of([torch.randn(6, *shape, generator=generator) for shape in model.feature_shapes])
+                    for _ in range(2))
+    model.to(meta)
+    features = model.extract(torch.zeros(2, 3, 80, 70, dtype=torch.uint8, device=meta))
+    assert [f.device for f in features] == [meta] * 3
+    batch = _training_batch(torch.arange(4), clean, noisy, channel_noise_scales(clean, 0.1), generator, meta)
+    assert [f.device for f in batch] == [meta] * 3 and [f.shape[0] for f in batch] == [4] * 3
+    loss = BatchNll(model, exact=True)(batch)
+    loss.backward()
+    trained = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
+    assert loss.device == meta and all(p.grad is not None and p.grad.device == meta for p in trained)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -223,8 +223,9 @@ class BatchNll(nn.Module):
 
     def forward(self, features: list[Tensor]) -> Tensor:
         # bfloat16 runs the flows' convolutions under autocast; the loss is summed in float32.
-        device = features[0].device.type
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
+        autocast = (torch.autocast(features[0].device.type, dtype=torch.bfloat16) if self.precision == "bfloat16"
+                    else contextlib.nullcontext())
+        with autocast:
             zs, log_dets = self.model.flow(features, with_norm_log_det=self.exact)
         return nll_loss([z.float() for z in zs], [d.float() for d in log_dets], reduction="sum")
 

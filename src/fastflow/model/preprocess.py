@@ -51,9 +51,15 @@ def resize_matrix(in_size: Tensor, out_size: int) -> Tensor:
 def resize_by_matrices(images: Tensor, height: int, width: int) -> Tensor:
     """``rows @ images @ columns.T`` with ``resize_matrix`` weights: (N, C, H, W) -> (N, C, height, width)."""
     shape = torch._shape_as_tensor(images)  # symbolic under tracing: dynamic H, W
-    rows = resize_matrix(shape[2], height)
-    columns = resize_matrix(shape[3], width)
+    rows = _on_device_of(images, resize_matrix(shape[2], height))
+    columns = _on_device_of(images, resize_matrix(shape[3], width))
     return torch.matmul(rows, torch.matmul(images, columns.transpose(0, 1)))
+
+
+def _on_device_of(images: Tensor, constant: Tensor) -> Tensor:
+    """``constant`` (made on the CPU) on ``images``' device (a GPU when training there). A no-op,
+    with no node in a traced graph, for CPU images, which is where the exports are traced."""
+    return constant if images.device == constant.device else constant.to(images.device)
 
 
 def resize_antialias(images: Tensor, size: tuple[int, int]) -> Tensor:
@@ -87,6 +93,6 @@ class Preprocess(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         images = resize_antialias(images.to(torch.float32), self.size)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean = _on_device_of(images, torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1))
+        std = _on_device_of(images, torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1))
         return (images / 255.0 - mean) / std
