@@ -83,6 +83,16 @@ def test_train_asking_for_a_missing_gpu_stops_before_any_file(no_gpu: None, tmp_
     assert not run.exists()
 
 
+def test_benchmark_asking_for_a_missing_gpu_stops_before_any_run(no_gpu: None, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "bench"
+    code = main(["benchmark", "textures", "-o", str(output), "--backbone", "resnet18", "--weights", "random",
+                 "--device", "cuda:0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--device cuda:0" in err[0]
+    assert not output.exists()  # not even the built-in dataset was generated
+
+
 def test_benchmark_workers_take_the_gpus_in_turn(two_gpus: None) -> None:
     assert worker_devices("auto", 3) == ["cuda:0", "cuda:1", "cuda:0"]
     assert worker_devices("cuda", 2) == ["cuda:0", "cuda:1"]

@@ -472,6 +472,7 @@ def benchmark(
     """Train and test every dataset x backbone x recipe x seed; print the metric tables in markdown."""
     from fastflow.benchmark import markdown_tables, run_benchmark
     from fastflow.files import atomic_write
+    from fastflow.hardware import resolve_device
     from fastflow.presets import get_recipe
     from fastflow.robustness import PERTURBATIONS
     from fastflow.train import TrainConfig
@@ -484,9 +485,11 @@ def benchmark(
         raise FastFlowError(f"bad --seeds '{seeds}'; write comma-separated integers like 0,1,2") from None
     for name in recipe:
         get_recipe(name)  # fail before hours of training, not after
+    training = TrainConfig(max_epochs=epochs, device=device)
+    resolve_device(device)  # a GPU asked for on a machine without one
     runs = run_benchmark(
         datasets, backbone, output, weights=per_backbone, seeds=seed_list, recipes=recipe,
-        training=TrainConfig(max_epochs=epochs, device=device), input_size=parse_size(input_size),
+        training=training, input_size=parse_size(input_size),
         robustness=list(PERTURBATIONS) if robustness else (), jobs=jobs,
     )
     tables = markdown_tables(runs)
