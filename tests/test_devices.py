@@ -106,20 +106,34 @@ def test_benchmark_workers_all_train_on_the_cpu_without_gpus(no_gpu: None) -> No
         worker_devices("cuda", 2)
 
 
-def test_a_worker_trains_on_the_device_it_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``_worker_setup`` takes the next device from the queue; the task's settings then name it."""
+def test_a_worker_trains_on_the_device_it_was_given(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``_worker_setup`` takes the next device from the queue, and the detector the worker then
+    builds for a task trains there (with the task's seed), whatever device the task named."""
     from queue import SimpleQueue
 
     devices: SimpleQueue[str] = SimpleQueue()
     devices.put("cuda:1")
     monkeypatch.setattr(fastflow.benchmark.sys, "stderr", fastflow.benchmark.sys.stderr)  # restored after
     monkeypatch.setattr(fastflow.benchmark, "_worker_device", None)
-    threads = torch.get_num_threads()
     try:
-        fastflow.benchmark._worker_setup(threads, devices)
+        fastflow.benchmark._worker_setup(torch.get_num_threads(), devices)
     finally:
         fastflow.benchmark.sys.stderr.close()
-    assert fastflow.benchmark._worker_device == "cuda:1"
+
+    built: list[TrainConfig] = []
+
+    class Built(Exception):
+        pass
+
+    def record(*args: object, training: TrainConfig, **kwargs: object) -> None:
+        built.append(training)
+        raise Built
+
+    monkeypatch.setattr(fastflow.benchmark, "FastFlow", record)
+    task = fastflow.benchmark._Task(tmp_path, "resnet18", "improved", 3, "random", TrainConfig(device="auto"), (), {})
+    with pytest.raises(Built):
+        fastflow.benchmark._train_and_test(task)
+    assert [(t.device, t.seed) for t in built] == [("cuda:1", 3)]
 
 
 def test_a_training_step_runs_wholly_on_the_models_device() -> None:
