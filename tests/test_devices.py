@@ -11,7 +11,7 @@ import torch
 from support import make_folder_dataset
 
 import fastflow.benchmark
-from fastflow.benchmark import worker_devices
+import fastflow.workers
 from fastflow.cache import FeatureCache
 from fastflow.cli import main
 from fastflow.detector import FastFlow
@@ -20,6 +20,7 @@ from fastflow.hardware import resolve_device
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.presets import get_config
 from fastflow.train import BatchNll, TrainConfig, _training_batch, channel_noise_scales
+from fastflow.workers import worker_devices
 
 
 @pytest.fixture
@@ -113,12 +114,12 @@ def test_a_worker_trains_on_the_device_it_was_given(monkeypatch: pytest.MonkeyPa
 
     devices: SimpleQueue[str] = SimpleQueue()
     devices.put("cuda:1")
-    monkeypatch.setattr(fastflow.benchmark.sys, "stderr", fastflow.benchmark.sys.stderr)  # restored after
-    monkeypatch.setattr(fastflow.benchmark, "_worker_device", None)
+    monkeypatch.setattr(fastflow.workers.sys, "stderr", fastflow.workers.sys.stderr)  # restored after
+    monkeypatch.setattr(fastflow.workers, "_worker_device", None)
     try:
-        fastflow.benchmark._worker_setup(torch.get_num_threads(), devices)
+        fastflow.workers._worker_setup(torch.get_num_threads(), devices)
     finally:
-        fastflow.benchmark.sys.stderr.close()
+        fastflow.workers.sys.stderr.close()
 
     built: list[TrainConfig] = []
 

@@ -12,37 +12,30 @@ change against clean and the median drift of normal scores.
 A dataset argument is a folder, or the name of a built-in generated dataset (``textures``),
 which is written under ``OUTPUT/data`` the first time and reused after that.
 
-``--jobs N`` trains N runs at once in worker processes (many categories on one machine), each
-with its share of the cores, for machines where one run does not keep every core busy. Where
-runs train on GPUs (``TrainConfig.device`` ``auto`` or ``cuda`` on a machine with several), the
-workers take the GPUs in turn, one category per GPU when there are as many workers as GPUs.
+``--jobs N`` trains N runs at once in worker processes (``fastflow.workers``: many categories
+on one machine, each worker with its share of the cores and, on GPUs, a GPU in turn), for
+machines where one run does not keep every core busy.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import statistics
-import sys
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from fastflow.data import load_samples
 from fastflow.detector import FastFlow
-from fastflow.errors import FastFlowError, is_integer
 from fastflow.evaluation import evaluate_detector
 from fastflow.files import atomic_write
-from fastflow.hardware import resolve_device
 from fastflow.robustness import measure
 from fastflow.synthetic import make_textures
 from fastflow.train import TrainConfig
+from fastflow.workers import check_jobs, run_in_workers, worker_device
 
 __all__ = ["BUILTIN_DATASETS", "TABLE_METRICS", "BenchmarkRun", "markdown_tables", "resolve_dataset", "run_benchmark"]
 
@@ -113,7 +106,7 @@ class _Task:
 
 def _train_and_test(task: _Task) -> tuple[BenchmarkRun, dict[str, Any]]:
     """Train and test one task; the run and the JSON record of it."""
-    config = TrainConfig(**{**vars(task.training), "seed": task.seed, "device": _worker_device or task.training.device})
+    config = TrainConfig(**{**vars(task.training), "seed": task.seed, "device": worker_device(task.training.device)})
     detector = FastFlow(task.backbone, recipe=task.recipe, weights=task.weights, training=config, **task.overrides)
     detector.fit(task.root)
     metrics = evaluate_detector(detector, task.root).metrics
@@ -121,49 +114,6 @@ def _train_and_test(task: _Task) -> tuple[BenchmarkRun, dict[str, Any]]:
     rows = measure(detector, load_samples(task.root, "test"), changes, seed=0) if changes else []
     run = BenchmarkRun(task.root.name, task.backbone, task.seed, metrics, task.recipe, rows)
     return run, {**vars(run), "epochs": len(detector.history_), "best_epoch": detector.best_epoch_}
-
-
-# The device this worker process trains on (``_worker_setup``); None in the parent.
-_worker_device: str | None = None
-
-
-def _worker_setup(threads: int, devices: Any) -> None:
-    """A worker's share of the cores, its device (the next of the ``devices`` queue), and its
-    per-epoch bars and log lines kept off the terminal, which shows the parent's one progress
-    bar; a worker's error still reaches the parent."""
-    global _worker_device
-    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the worker
-    torch.set_num_threads(threads)
-    _worker_device = devices.get()
-
-
-def worker_devices(device: str, jobs: int) -> list[str]:
-    """The device of each of ``jobs`` workers: where ``device`` means any GPU (``auto`` or
-    ``cuda`` without an index) and this machine has several, the GPUs in turn
-    (``cuda:0``, ``cuda:1``, ..., again from ``cuda:0``); else ``device`` for every worker."""
-    resolved = resolve_device(device)  # a GPU asked for on a machine without one stops here
-    if resolved.type == "cuda" and device in ("auto", "cuda"):
-        return [f"cuda:{index % torch.cuda.device_count()}" for index in range(jobs)]
-    return [device] * jobs
-
-
-def _results(tasks: list[_Task], jobs: int) -> Iterator[tuple[_Task, BenchmarkRun, dict[str, Any]]]:
-    """(task, run, record) as each task finishes: in this process for one job, else in ``jobs``
-    worker processes (spawned, so no worker inherits the parent's threads) that split the cores
-    and take their devices from ``worker_devices``."""
-    if jobs == 1:
-        for task in tasks:
-            yield (task, *_train_and_test(task))
-        return
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    context = multiprocessing.get_context("spawn")
-    devices = context.Queue()
-    for device in worker_devices(tasks[0].training.device, jobs) if tasks else []:
-        devices.put(device)
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_setup, initargs=(threads, devices)) as pool:
-        futures = {pool.submit(_train_and_test, task): task for task in tasks}
-        for future in as_completed(futures):
-            yield (futures[future], *future.result())
 
 
 def run_benchmark(
@@ -185,8 +135,7 @@ def run_benchmark(
     its share of the cores; one progress bar counts finished runs. Runs come back in the same
     order, with the same numbers, as with one job (each run is seeded on its own).
     """
-    if not is_integer(jobs) or jobs < 1:
-        raise FastFlowError(f"bad --jobs {jobs!r}; use a whole number of worker processes, 1 or more")
+    check_jobs(jobs)
     roots = [resolve_dataset(dataset, output) for dataset in datasets]
     tasks = [
         _Task(root, backbone, recipe, seed, weights.get(backbone), training or TrainConfig(), tuple(robustness), overrides)
@@ -194,7 +143,7 @@ def run_benchmark(
     ]
     finished: dict[str, BenchmarkRun] = {}
     with tqdm(total=len(tasks), desc="benchmark", unit="run", disable=jobs == 1) as bar:
-        for task, run, record in _results(tasks, jobs):
+        for task, (run, record) in run_in_workers(_train_and_test, tasks, jobs, (training or TrainConfig()).device):
             atomic_write(output / f"{task.name}.json", lambda tmp, r=record: tmp.write_text(json.dumps(r, indent=2)))
             finished[task.name] = run
             bar.update(1)

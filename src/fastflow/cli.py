@@ -151,8 +151,8 @@ def _typed(options: dict[str, Any]) -> dict[str, Any]:
 @app.command()
 @_user_errors
 def train(
-    data: Annotated[Path, typer.Argument(help="Dataset folder: MVTec AD layout (train/good, ...) or a folder of normal images.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder to write (model.safetensors, history.json).")],
+    data: Annotated[list[Path], typer.Argument(help="Dataset folder: MVTec AD layout (train/good, ...) or a folder of normal images. Several: one model each.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder to write (model.safetensors, history.json); with several datasets, the folder of their run folders, one per dataset folder name.")],
     backbone: Annotated[str | None, typer.Option(help="Preset or timm CNN name, e.g. resnet18, tf_efficientnet_lite0.")] = None,
     weights: Annotated[str | None, typer.Option(help="Local backbone weights (.safetensors/.pth); default: timm hub.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default 100, at least 1); stops earlier on a held-out NLL plateau.")] = None,
@@ -173,6 +173,7 @@ def train(
     cache_dtype: Annotated[str | None, typer.Option(help="Feature cache storage: float32 (default) or float16 (half the memory or disk).")] = None,
     flow_precision: Annotated[str | None, typer.Option(help="Arithmetic of the flows' training passes: auto (default: bfloat16 where the CPU/GPU has native bf16, else float32), float32 or bfloat16 (autocast). The model is float32 either way.")] = None,
     device: Annotated[str | None, typer.Option(help="Where the backbone pass and the flows train: auto (default: a CUDA GPU where PyTorch sees one, else the CPU), cpu, cuda or cuda:N. The saved model is the same kind either way.")] = None,
+    jobs: Annotated[int, typer.Option(help="With several datasets: models trained at once, in worker processes that share the cores (and the GPUs, in turn).")] = 1,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (flags win).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last.safetensors (e.g. after an interruption or with more --epochs).")] = False,
 ) -> None:
@@ -180,14 +181,18 @@ def train(
 
     Under torchrun (torchrun --nproc-per-node N -m fastflow train ...) the processes train one
     model data-parallel (gloo on CPUs; NCCL and one GPU a process on GPUs); rank 0 writes the files.
+    Several datasets train one model each, into OUTPUT/<dataset folder name>/ (--jobs N at once).
     """
+    from tqdm.auto import tqdm
+
     from fastflow import distributed
     from fastflow.cache import CacheConfig, parse_memory
     from fastflow.detector import FastFlow
-    from fastflow.files import atomic_write
     from fastflow.hardware import resolve_device
     from fastflow.presets import CONTEXT_OPTIONS, get_recipe
+    from fastflow.runs import TrainRun, check_run_folder, run_folders, train_run
     from fastflow.train import TrainConfig
+    from fastflow.workers import check_jobs, run_in_workers
 
     cli = {"backbone": backbone, "weights": weights, "epochs": epochs, "batch_size": batch_size, "lr": lr,
            "patience": patience, "seed": seed, "input_size": input_size, "holdout": holdout, "exact_nll": exact_nll, "recipe": recipe,
@@ -216,21 +221,19 @@ def train(
         threshold_quantile=options["threshold_quantile"], input_size=parse_size(options["input_size"]),
         cache=cache, **architecture,
     )
-    checkpoint = output / "last.safetensors"
-    if not resume and ((output / "model.safetensors").exists() or checkpoint.exists()):
-        raise FastFlowError(f"run folder {output} already holds a run; pass --resume to continue it or choose a new --output")
-    if resume and not checkpoint.exists():
-        raise FastFlowError(f"nothing to resume: {checkpoint} does not exist; train without --resume")
+    check_jobs(jobs)
+    if len(data) > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FastFlowError("under torchrun, train one dataset at a time; for several at once use --jobs without torchrun")
+    runs = [TrainRun(detector, dataset, folder, resume) for dataset, folder in zip(data, run_folders(data, output), strict=True)]
+    for run in runs:  # every folder checked before any run starts
+        check_run_folder(run.output, resume)
     _log_to_stderr()
     try:
-        detector.fit(data, checkpoint=checkpoint)
-        if not distributed.is_main():
-            return
-        path = detector.save(output / "model.safetensors")
-        history = json.dumps(detector.history_, indent=2)
-        atomic_write(output / "history.json", lambda tmp: tmp.write_text(history))
-        typer.echo(f"best epoch {detector.best_epoch_} of {len(detector.history_)}; threshold {detector.threshold_:.6g}")
-        typer.echo(f"saved {path}")
+        with tqdm(total=len(runs), desc="train", unit="run", disable=jobs == 1 or len(runs) == 1) as bar:
+            for _, lines in run_in_workers(train_run, runs, jobs, training.device):
+                bar.update(1)
+                for line in lines:
+                    bar.write(line)
     finally:
         distributed.cleanup()
 
