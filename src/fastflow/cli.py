@@ -224,7 +224,7 @@ def train(
     check_jobs(jobs)
     if len(data) > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise FastFlowError("under torchrun, train one dataset at a time; for several at once use --jobs without torchrun")
-    runs = [TrainRun(detector, dataset, folder, resume) for dataset, folder in zip(data, run_folders(data, output), strict=True)]
+    runs = [TrainRun(detector, dataset, folder) for dataset, folder in zip(data, run_folders(data, output), strict=True)]
     for run in runs:  # every folder checked before any run starts
         check_run_folder(run.output, resume)
     _log_to_stderr()

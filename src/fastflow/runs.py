@@ -22,6 +22,7 @@ from fastflow.workers import worker_device
 
 __all__ = ["TrainRun", "check_run_folder", "run_folders", "train_run"]
 
+MODEL = "model.safetensors"
 CHECKPOINT = "last.safetensors"
 
 
@@ -29,13 +30,13 @@ CHECKPOINT = "last.safetensors"
 class TrainRun:
     """One dataset to train on and the run folder to write: everything a worker process needs.
 
-    ``detector`` is an unfitted ``FastFlow`` holding every setting; each run fits its own copy.
+    ``detector`` is an unfitted ``FastFlow`` holding every setting; each run fits its own copy,
+    resuming from the folder's checkpoint where ``check_run_folder`` let one stand.
     """
 
     detector: FastFlow
     data: Path
     output: Path
-    resume: bool = False
 
 
 def run_folders(datasets: list[Path], output: Path) -> list[Path]:
@@ -56,7 +57,7 @@ def run_folders(datasets: list[Path], output: Path) -> list[Path]:
 def check_run_folder(output: Path, resume: bool) -> None:
     """A new run needs a folder without one; ``resume`` needs its checkpoint."""
     checkpoint = output / CHECKPOINT
-    if not resume and ((output / "model.safetensors").exists() or checkpoint.exists()):
+    if not resume and ((output / MODEL).exists() or checkpoint.exists()):
         raise FastFlowError(f"run folder {output} already holds a run; pass --resume to continue it or choose a new --output")
     if resume and not checkpoint.exists():
         raise FastFlowError(f"nothing to resume: {checkpoint} does not exist; train without --resume")
@@ -70,7 +71,7 @@ def train_run(run: TrainRun) -> list[str]:
     detector.fit(run.data, checkpoint=run.output / CHECKPOINT)
     if not distributed.is_main():
         return []
-    path = detector.save(run.output / "model.safetensors")
+    path = detector.save(run.output / MODEL)
     history = json.dumps(detector.history_, indent=2)
     atomic_write(run.output / "history.json", lambda tmp: tmp.write_text(history))
     return [f"best epoch {detector.best_epoch_} of {len(detector.history_)}; threshold {detector.threshold_:.6g}",
