@@ -84,6 +84,22 @@ def test_train_asking_for_a_missing_gpu_stops_before_any_file(no_gpu: None, tmp_
     assert not run.exists()
 
 
+@pytest.mark.parametrize(("device", "processes", "message"), [
+    ("cuda:1", 2, "--device cuda:1 puts every process on one GPU"),
+    ("cuda", 3, "--processes 3 on 2 GPU(s): NCCL needs one GPU a process"),
+])
+def test_train_processes_that_would_share_a_gpu_stop_before_any_file(
+    two_gpus: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], device: str, processes: int, message: str
+) -> None:
+    data = make_folder_dataset(tmp_path / "data", n_normal=6, n_anomalous=1)
+    run = tmp_path / "run"
+    code = main(["train", str(data), "-o", str(run), "--backbone", "resnet18", "--weights", "random",
+                 "--device", device, "--processes", str(processes)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0]
+    assert not run.exists()
+
+
 def test_benchmark_asking_for_a_missing_gpu_stops_before_any_run(no_gpu: None, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "bench"

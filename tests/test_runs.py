@@ -86,3 +86,25 @@ def test_several_datasets_under_torchrun_are_an_error(datasets: list[Path], tmp_
     code, _, err = _train(capsys, *datasets, "-o", tmp_path / "out")
     assert code == 2 and "one dataset at a time" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("processes", "world_size", "message"), [
+    (0, None, "--processes must be at least 1, got 0"),
+    (3, "2", "--processes 3 inside 2 processes started by torchrun"),
+])
+def test_a_bad_process_count_is_an_error_before_any_process_starts(
+    datasets: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    processes: int, world_size: str | None, message: str,
+) -> None:
+    if world_size is not None:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    code, _, err = _train(capsys, datasets[0], "-o", tmp_path / "out", "--processes", processes)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_several_datasets_with_processes_are_an_error(datasets: list[Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _train(capsys, *datasets, "-o", tmp_path / "out", "--processes", 2)
+    assert code == 2 and "one dataset at a time" in err and "--jobs" in err
+    assert not (tmp_path / "out").exists()

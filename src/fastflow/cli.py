@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -151,6 +152,7 @@ def _typed(options: dict[str, Any]) -> dict[str, Any]:
 @app.command()
 @_user_errors
 def train(
+    context: typer.Context,
     data: Annotated[list[Path], typer.Argument(help="Dataset folder: MVTec AD layout (train/good, ...) or a folder of normal images. Several: one model each.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder to write (model.safetensors, history.json); with several datasets, the folder of their run folders, one per dataset folder name.")],
     backbone: Annotated[str | None, typer.Option(help="Preset or timm CNN name, e.g. resnet18, tf_efficientnet_lite0.")] = None,
@@ -174,13 +176,15 @@ def train(
     flow_precision: Annotated[str | None, typer.Option(help="Arithmetic of the flows' training passes: auto (default: bfloat16 where the CPU/GPU has native bf16, else float32), float32 or bfloat16 (autocast). The model is float32 either way.")] = None,
     device: Annotated[str | None, typer.Option(help="Where the backbone pass and the flows train: auto (default: a CUDA GPU where PyTorch sees one, else the CPU), cpu, cuda or cuda:N. The saved model is the same kind either way.")] = None,
     jobs: Annotated[int, typer.Option(help="With several datasets: models trained at once, in worker processes that share the cores (and the GPUs, in turn).")] = 1,
+    processes: Annotated[int, typer.Option(help="Train one model data-parallel in N local processes (as torchrun --nproc-per-node N would start them): the CPU threads shared out, or one GPU a process.")] = 1,
     config: Annotated[Path | None, typer.Option(help="YAML file with any of these options (flags win).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last.safetensors (e.g. after an interruption or with more --epochs).")] = False,
 ) -> None:
     """Train a model on the normal images of DATA and write it to --output.
 
-    Under torchrun (torchrun --nproc-per-node N -m fastflow train ...) the processes train one
-    model data-parallel (gloo on CPUs; NCCL and one GPU a process on GPUs); rank 0 writes the files.
+    With --processes N, or under torchrun (torchrun --nproc-per-node N -m fastflow train ...), N
+    processes train one model data-parallel (gloo on CPUs; NCCL and one GPU a process on GPUs);
+    rank 0 writes the files.
     Several datasets train one model each, into OUTPUT/<dataset folder name>/ (--jobs N at once).
     """
     from tqdm.auto import tqdm
@@ -222,11 +226,13 @@ def train(
         cache=cache, **architecture,
     )
     check_jobs(jobs)
-    if len(data) > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise FastFlowError("under torchrun, train one dataset at a time; for several at once use --jobs without torchrun")
+    launch = _check_processes(processes, len(data), training.device)
     runs = [TrainRun(detector, dataset, folder) for dataset, folder in zip(data, run_folders(data, output), strict=True)]
     for run in runs:  # every folder checked before any run starts
         check_run_folder(run.output, resume)
+    if launch:  # each process runs this same command, under the launcher
+        distributed.launch(processes, _command_line(context))
+        return
     _log_to_stderr()
     try:
         with tqdm(total=len(runs), desc="train", unit="run", disable=jobs == 1 or len(runs) == 1) as bar:
@@ -238,6 +244,40 @@ def train(
         distributed.cleanup()
 
 
+def _check_processes(processes: int, datasets: int, device: str) -> bool:
+    """Check ``train --processes`` against the datasets, the device and a torchrun around this
+    process; whether this process must launch the others."""
+    import torch
+
+    from fastflow import distributed
+    from fastflow.hardware import resolve_device
+
+    launched = distributed.launched_processes()
+    if processes < 1:
+        raise FastFlowError(f"--processes must be at least 1, got {processes}")
+    if launched > 1 and processes not in (1, launched):
+        raise FastFlowError(f"--processes {processes} inside {launched} processes started by torchrun; "
+                            "give the count to one of them")
+    if datasets > 1 and max(processes, launched) > 1:
+        raise FastFlowError("data-parallel processes train one dataset at a time; for several datasets at once "
+                            "use --jobs, without --processes or torchrun")
+    if processes > 1 and device.startswith("cuda:"):
+        raise FastFlowError(f"--device {device} puts every process on one GPU; with --processes use --device cuda "
+                            "or auto (one GPU a process)")
+    gpus = torch.cuda.device_count() if resolve_device(device).type == "cuda" else 0
+    if gpus and processes > gpus:  # NCCL runs one process a GPU
+        raise FastFlowError(f"--processes {processes} on {gpus} GPU(s): NCCL needs one GPU a process; "
+                            f"use --processes {gpus} or fewer, or --device cpu")
+    return processes > 1 and launched == 1
+
+
+def _command_line(context: typer.Context) -> list[str]:
+    """This command's arguments as given (``main``'s, else the program's), for the launched
+    processes to run again."""
+    given = context.find_root().obj
+    return list(given["arguments"]) if isinstance(given, dict) and given.get("arguments") is not None else sys.argv[1:]
+
+
 class _EchoHandler(logging.Handler):
     """Log lines through ``typer.echo``: to whatever stderr is at the time (tests capture it)."""
 
@@ -246,9 +286,12 @@ class _EchoHandler(logging.Handler):
 
 
 def _log_to_stderr() -> None:
-    """Show fastflow's info lines (e.g. where the feature cache went) on stderr, once."""
+    """Show fastflow's info lines (e.g. where the feature cache went) on stderr, once: by the
+    first of several data-parallel processes alone, which speaks for all."""
+    from fastflow import distributed
+
     logger = logging.getLogger("fastflow")
-    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
+    if distributed.launched_rank() == 0 and not any(isinstance(h, _EchoHandler) for h in logger.handlers):
         logger.addHandler(_EchoHandler())
         logger.setLevel(logging.INFO)
 
@@ -514,7 +557,7 @@ def presets() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI in-process (tests, embedding); returns the exit status."""
     try:
-        result = app(args=argv, standalone_mode=False)
+        result = app(args=argv, standalone_mode=False, obj={"arguments": argv})
     except click.ClickException as error:
         error.show()
         return error.exit_code

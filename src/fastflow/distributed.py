@@ -1,8 +1,9 @@
 """Data-parallel training on ``torch.distributed``: the few collectives ``fit`` needs.
 
-Launched by ``torchrun`` (``torchrun --nproc-per-node N -m fastflow train ...``), which sets
-``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR``; ``setup`` joins the process group
-it describes. Without them everything here is the identity of a single process, so one code path
+Launched by ``torchrun`` (``torchrun --nproc-per-node N -m fastflow train ...``), or by ``launch``
+(``fastflow train --processes N``) which starts the same local processes through torch's launcher
+API. The launcher sets ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR``; ``setup`` joins
+the process group it describes. Without them everything here is the identity of a single process, so one code path
 serves both. The feature caches and their statistics live in CPU memory, so those collectives
 (and the held-out NLL) always go through gloo. The gradients live where the flows train: gloo on
 CPUs, NCCL on CUDA GPUs (``group``). Where the caller already started a group of another backend,
@@ -11,17 +12,93 @@ a gloo group beside it serves the CPU collectives.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_sum", "barrier", "broadcast", "cleanup", "group", "is_main", "rank", "setup", "world_size"]
+from fastflow.errors import FastFlowError
+
+__all__ = ["all_reduce_sum", "barrier", "broadcast", "cleanup", "group", "is_main", "launch", "launched_processes", "launched_rank",
+           "rank", "setup", "world_size"]
 
 _cpu_group: Any = None
 _started_here = False
+
+
+def launched_processes() -> int:
+    """How many processes ``torchrun`` (or ``launch``) started this one among; 1 when neither did."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_rank() -> int:
+    """This process's rank among those ``torchrun`` (or ``launch``) started, known before ``setup``; 0 alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def launch(processes: int, arguments: list[str]) -> None:
+    """Run ``python -m fastflow ARGUMENTS`` in ``processes`` local processes and wait for them, as
+    ``torchrun --standalone --nproc-per-node PROCESSES -m fastflow ARGUMENTS`` would.
+
+    Torch's launcher API (``elastic_launch``) rather than a ``torchrun`` subprocess: a process that
+    fails becomes one ``FastFlowError`` here instead of torchrun's traceback (the process's own
+    one-line error is already on stderr), and a signal that stops the launcher stops as Ctrl-C
+    stops one process. Each process gets an equal share of the CPU threads
+    unless ``OMP_NUM_THREADS`` is set, as torchrun does.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    threads = str(max(1, (os.cpu_count() or 1) // processes))
+    with _environment("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS") or threads), _quiet("torch.distributed.elastic"):
+        try:
+            elastic_launch(config, sys.executable)("-m", "fastflow", *arguments)
+        except ChildFailedError as error:
+            failed = ", ".join(f"{failure.local_rank} (exit {failure.exitcode})"
+                               for failure in sorted(error.failures.values(), key=lambda f: f.local_rank))
+            raise FastFlowError(f"training process {failed} of {processes} failed; the error lines above say why") from None
+        except SignalException:  # Ctrl-C (or a kill): the launcher has stopped the processes
+            raise KeyboardInterrupt from None
+
+
+@contextlib.contextmanager
+def _quiet(prefix: str) -> Iterator[None]:
+    """Silence the loggers under ``prefix`` (the launcher's own report of a failed process, which
+    ``launch``'s one-line error replaces); their levels back after."""
+    import logging
+
+    names = [name for name in logging.root.manager.loggerDict if name == prefix or name.startswith(prefix + ".")]
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` for the processes started inside; the old value after."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
 
 
 def setup(device: torch.device = torch.device("cpu")) -> None:
@@ -29,7 +106,7 @@ def setup(device: torch.device = torch.device("cpu")) -> None:
     a CUDA device (this process's GPU made current first), gloo otherwise; nothing without
     ``WORLD_SIZE`` > 1."""
     global _cpu_group, _started_here
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _cpu_group is not None:
+    if launched_processes() <= 1 or _cpu_group is not None:
         return
     if not dist.is_initialized():
         if device.type == "cuda":

@@ -352,10 +352,10 @@ def fit_flows(
               config.flow_precision, micro_batch_size)
     loss_of = BatchNll(model, exact_nll, precision)
     if ranks > 1:
-        # Ranks hold identical frozen backbones: no buffer broadcast at every step.
+        # Ranks hold identical frozen backbones: no buffer broadcast at every step (DDP's one at the start only).
         # Gradients as views of DDP's buckets: no copy, and no stride mismatch with channels-last weights.
         loss_of = DistributedDataParallel(loss_of, device_ids=[device.index] if device.type == "cuda" else None,
-                                          process_group=distributed.group(device), broadcast_buffers=False,
+                                          process_group=distributed.group(device), forward_sync_buffers=False,
                                           gradient_as_bucket_view=True)
     generator = torch.Generator()
     noise_scales = channel_noise_scales(train_features, feature_noise) if feature_noise > 0 else []

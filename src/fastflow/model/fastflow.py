@@ -89,9 +89,13 @@ class FastFlowModel(nn.Module):
         """Store the flows' convolutions channels-last: oneDNN runs them about twice as fast on CPUs.
 
         Called after construction and after loading weights (which replaces the tensors), so a
-        trained and a reloaded model run the same kernels and give bit-identical scores.
+        trained and a reloaded model run the same kernels and give bit-identical scores. Only
+        the convolutions: a (1, C, 1, 1) global affine is both layouts at once, but strided as
+        channels-last its gradient's strides differ from its own, which costs DDP a copy.
         """
-        self.flows.to(memory_format=torch.channels_last)
+        for module in self.flows.modules():
+            if isinstance(module, nn.Conv2d):
+                module.to(memory_format=torch.channels_last)
         return self
 
     def extract(self, pixels: Tensor) -> list[Tensor]:
