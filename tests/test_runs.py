@@ -90,7 +90,7 @@ def test_several_datasets_under_torchrun_are_an_error(datasets: list[Path], tmp_
 
 @pytest.mark.parametrize(("processes", "world_size", "message"), [
     (0, None, "--processes must be at least 1, got 0"),
-    (3, "2", "--processes 3 inside 2 processes started by torchrun"),
+    (3, "2", "--processes 3 under torchrun, which started 2; leave --processes out"),
 ])
 def test_a_bad_process_count_is_an_error_before_any_process_starts(
     datasets: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,

@@ -256,8 +256,8 @@ def _check_processes(processes: int, datasets: int, device: str) -> bool:
     if processes < 1:
         raise FastFlowError(f"--processes must be at least 1, got {processes}")
     if launched > 1 and processes not in (1, launched):
-        raise FastFlowError(f"--processes {processes} inside {launched} processes started by torchrun; "
-                            "give the count to one of them")
+        raise FastFlowError(f"--processes {processes} under torchrun, which started {launched}; "
+                            "leave --processes out under torchrun, or run without torchrun")
     if datasets > 1 and max(processes, launched) > 1:
         raise FastFlowError("data-parallel processes train one dataset at a time; for several datasets at once "
                             "use --jobs, without --processes or torchrun")

@@ -1,10 +1,10 @@
 """Data-parallel training on ``torch.distributed``: the few collectives ``fit`` needs.
 
 Launched by ``torchrun`` (``torchrun --nproc-per-node N -m fastflow train ...``), or by ``launch``
-(``fastflow train --processes N``) which starts the same local processes through torch's launcher
-API. The launcher sets ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR``; ``setup`` joins
-the process group it describes. Without them everything here is the identity of a single process, so one code path
-serves both. The feature caches and their statistics live in CPU memory, so those collectives
+(``fastflow train --processes N``), which starts the same local processes through torch's
+launcher API. Either sets ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR``; ``setup``
+joins the process group they describe. Without them everything here is the identity of a single
+process, so one code path serves both. The feature caches and their statistics live in CPU memory, so those collectives
 (and the held-out NLL) always go through gloo. The gradients live where the flows train: gloo on
 CPUs, NCCL on CUDA GPUs (``group``). Where the caller already started a group of another backend,
 a gloo group beside it serves the CPU collectives.
@@ -25,8 +25,8 @@ from torch import Tensor
 
 from fastflow.errors import FastFlowError
 
-__all__ = ["all_reduce_sum", "barrier", "broadcast", "cleanup", "group", "is_main", "launch", "launched_processes", "launched_rank",
-           "rank", "setup", "world_size"]
+__all__ = ["all_reduce_sum", "barrier", "broadcast", "cleanup", "group", "is_main", "launch", "launched_processes",
+           "launched_rank", "rank", "setup", "world_size"]
 
 _cpu_group: Any = None
 _started_here = False
@@ -49,8 +49,8 @@ def launch(processes: int, arguments: list[str]) -> None:
     Torch's launcher API (``elastic_launch``) rather than a ``torchrun`` subprocess: a process that
     fails becomes one ``FastFlowError`` here instead of torchrun's traceback (the process's own
     one-line error is already on stderr), and a signal that stops the launcher stops as Ctrl-C
-    stops one process. Each process gets an equal share of the CPU threads
-    unless ``OMP_NUM_THREADS`` is set, as torchrun does.
+    stops one process. Each process gets an equal share of the CPU threads unless
+    ``OMP_NUM_THREADS`` is set, as torchrun does.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -59,7 +59,8 @@ def launch(processes: int, arguments: list[str]) -> None:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     threads = str(max(1, (os.cpu_count() or 1) // processes))
-    with _environment("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS") or threads), _quiet("torch.distributed.elastic"):
+    threads = os.environ.get("OMP_NUM_THREADS") or threads
+    with _environment("OMP_NUM_THREADS", threads), _quiet("torch.distributed.elastic"):
         try:
             elastic_launch(config, sys.executable)("-m", "fastflow", *arguments)
         except ChildFailedError as error:
