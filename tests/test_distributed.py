@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -83,7 +84,9 @@ def test_two_gloo_processes_under_torchrun_equal_one_process(data: Path, one_pro
 def test_processes_option_launches_what_torchrun_does(data: Path, one_process: Path, tmp_path: Path,
                                                       capfd: pytest.CaptureFixture[str]) -> None:
     # In-process, as a user's shell runs it: the launcher starts the 2 processes (RAM cache, summed).
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     assert main(["train", str(data), *ARGS, "--output", str(tmp_path / "two"), "--processes", "2"]) == 0
+    assert {number: signal.getsignal(number) for number in handlers} == handlers  # the launcher's are gone
     out, err = capfd.readouterr()
     assert out.count("saved ") == 1 and err.count("in RAM") == 1 and "Grad strides" not in err
     _assert_same_model(data, one_process, tmp_path / "two")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Iterator
@@ -60,7 +61,7 @@ def launch(processes: int, arguments: list[str]) -> None:
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     threads = str(max(1, (os.cpu_count() or 1) // processes))
     threads = os.environ.get("OMP_NUM_THREADS") or threads
-    with _environment("OMP_NUM_THREADS", threads), _quiet("torch.distributed.elastic"):
+    with _environment("OMP_NUM_THREADS", threads), _quiet("torch.distributed.elastic"), _signal_handlers_kept():
         try:
             elastic_launch(config, sys.executable)("-m", "fastflow", *arguments)
         except ChildFailedError as error:
@@ -86,6 +87,20 @@ def _quiet(prefix: str) -> Iterator[None]:
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """This process's signal handlers back after the launcher, which installs its own (to stop
+    the processes it started) and leaves them: a later Ctrl-C in a program that called ``launch``
+    must not raise the launcher's exception."""
+    names = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+    kept = {number: signal.getsignal(number) for number in (getattr(signal, n) for n in names if hasattr(signal, n))}
+    try:
+        yield
+    finally:
+        for number, handler in kept.items():
+            signal.signal(number, handler)
 
 
 @contextlib.contextmanager
