@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from support import make_folder_dataset
 
 from fastflow.cli import main
 from fastflow.detector import FastFlow
+from fastflow.distributed import _failure_line
 
 # Same global batches, same noise: only the order of floating-point sums differs (DDP adds the
 # ranks' gradients), which after 2 epochs moved no weight by more than 5e-6 when this was written.
@@ -102,5 +104,19 @@ def test_a_failing_process_is_one_error_line_and_writes_nothing(data: Path, tmp_
     err = capfd.readouterr().err
     lines = err.strip().splitlines()
     assert code == 2 and str(corrupt) in lines[0] and "Traceback" not in err
-    assert lines[-1] == "error: training process 0 (exit 2), 1 (exit 2) of 2 failed; the error lines above say why"
+    # Both processes read every image, so either may fail first; the launcher then stops the
+    # other, which the line does not count as failing (a negative, signal exit status).
+    last = lines[-1]
+    assert last.startswith("error: training process ") and " of 2 failed" in last and "(exit 2)" in last
+    assert "(exit -" not in last and last.endswith("the error lines above say why")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_failure_line_names_the_processes_that_failed_not_those_stopped_after() -> None:
+    failed, stopped = SimpleNamespace(local_rank=1, exitcode=2), SimpleNamespace(local_rank=0, exitcode=-15)
+    assert _failure_line([stopped, failed], 2) == (
+        "training process 1 (exit 2) of 2 failed; the launcher stopped the others; the error lines above say why")
+    both = [SimpleNamespace(local_rank=1, exitcode=2), SimpleNamespace(local_rank=0, exitcode=1)]
+    assert _failure_line(both, 2) == "training process 0 (exit 1), 1 (exit 2) of 2 failed; the error lines above say why"
+    killed = [SimpleNamespace(local_rank=0, exitcode=-9)]  # nothing failed by itself: say what happened
+    assert _failure_line(killed, 2).startswith("training process 0 (exit -9) of 2 failed")

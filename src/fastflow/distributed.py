@@ -65,11 +65,19 @@ def launch(processes: int, arguments: list[str]) -> None:
         try:
             elastic_launch(config, sys.executable)("-m", "fastflow", *arguments)
         except ChildFailedError as error:
-            failed = ", ".join(f"{failure.local_rank} (exit {failure.exitcode})"
-                               for failure in sorted(error.failures.values(), key=lambda f: f.local_rank))
-            raise FastFlowError(f"training process {failed} of {processes} failed; the error lines above say why") from None
+            raise FastFlowError(_failure_line(list(error.failures.values()), processes)) from None
         except SignalException:  # Ctrl-C (or a kill): the launcher has stopped the processes
             raise KeyboardInterrupt from None
+
+
+def _failure_line(failures: list[Any], processes: int) -> str:
+    """The one line that ends a failed launch: the processes that failed by themselves (exit
+    status > 0), not those the launcher then stopped with a signal (negative status)."""
+    own = sorted((f for f in failures if f.exitcode > 0), key=lambda f: f.local_rank) or failures
+    line = "training process " + ", ".join(f"{f.local_rank} (exit {f.exitcode})" for f in own) + f" of {processes} failed"
+    if len(own) < processes:
+        line += "; the launcher stopped the others"
+    return line + "; the error lines above say why"
 
 
 @contextlib.contextmanager
