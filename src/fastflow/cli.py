@@ -15,13 +15,16 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import click
 import typer
 import yaml
 
 from fastflow.errors import FastFlowError, first_line
+
+if TYPE_CHECKING:  # torch loads when a command needs it, not at start-up
+    import torch
 
 app = typer.Typer(
     help="FastFlow anomaly detection: train on normal images, test, predict heat maps.",
@@ -215,7 +218,7 @@ def train(
         weight_decay=options["weight_decay"], patience=options["patience"], seed=options["seed"],
         flow_precision=options["flow_precision"], device=options["device"],
     )
-    resolve_device(training.device)  # a GPU asked for on a machine without one
+    training_device = resolve_device(training.device)  # a GPU asked for on a machine without one
     chosen = get_recipe(options["recipe"])
     if options["exact_nll"] is not None:
         chosen = dataclasses.replace(chosen, exact_nll=options["exact_nll"])
@@ -226,7 +229,7 @@ def train(
         cache=cache, **architecture,
     )
     check_jobs(jobs)
-    launch = _check_processes(processes, len(data), training.device)
+    launch = _check_processes(processes, len(data), training.device, training_device)
     runs = [TrainRun(detector, dataset, folder) for dataset, folder in zip(data, run_folders(data, output), strict=True)]
     for run in runs:  # every folder checked before any run starts
         check_run_folder(run.output, resume)
@@ -244,13 +247,13 @@ def train(
         distributed.cleanup()
 
 
-def _check_processes(processes: int, datasets: int, device: str) -> bool:
-    """Check ``train --processes`` against the datasets, the device and a torchrun around this
-    process; whether this process must launch the others."""
+def _check_processes(processes: int, datasets: int, device: str, resolved: torch.device) -> bool:
+    """Check ``train --processes`` against the datasets, the device (``--device`` as given, and
+    what it resolved to) and a torchrun around this process; whether this process must launch
+    the others."""
     import torch
 
     from fastflow import distributed
-    from fastflow.hardware import resolve_device
 
     launched = distributed.launched_processes()
     if processes < 1:
@@ -264,7 +267,7 @@ def _check_processes(processes: int, datasets: int, device: str) -> bool:
     if processes > 1 and device.startswith("cuda:"):
         raise FastFlowError(f"--device {device} puts every process on one GPU; with --processes use --device cuda "
                             "or auto (one GPU a process)")
-    gpus = torch.cuda.device_count() if resolve_device(device).type == "cuda" else 0
+    gpus = torch.cuda.device_count() if resolved.type == "cuda" else 0
     if gpus and processes > gpus:  # NCCL runs one process a GPU
         raise FastFlowError(f"--processes {processes} on {gpus} GPU(s): NCCL needs one GPU a process; "
                             f"use --processes {gpus} or fewer, or --device cpu")

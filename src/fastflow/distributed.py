@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastflow.errors import FastFlowError
+from fastflow.hardware import threads_each
 
 __all__ = ["all_reduce_sum", "barrier", "broadcast", "cleanup", "group", "is_main", "launch", "launched_processes",
            "launched_rank", "rank", "setup", "world_size"]
@@ -59,8 +60,7 @@ def launch(processes: int, arguments: list[str]) -> None:
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
-    threads = str(max(1, (os.cpu_count() or 1) // processes))
-    threads = os.environ.get("OMP_NUM_THREADS") or threads
+    threads = os.environ.get("OMP_NUM_THREADS") or str(threads_each(processes))
     with _environment("OMP_NUM_THREADS", threads), _quiet("torch.distributed.elastic"), _signal_handlers_kept():
         try:
             elastic_launch(config, sys.executable)("-m", "fastflow", *arguments)

@@ -15,7 +15,7 @@ import torch
 
 from fastflow.errors import FastFlowError
 
-__all__ = ["DEVICE_CHOICES", "cpu_has_native_bf16", "is_device_name", "physical_cores", "resolve_device"]
+__all__ = ["DEVICE_CHOICES", "cpu_has_native_bf16", "is_device_name", "physical_cores", "resolve_device", "threads_each"]
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 _DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -34,6 +34,12 @@ def physical_cores() -> int:
         return max(1, len(cores))
     except (AttributeError, OSError, ValueError):
         return max(1, (os.cpu_count() or 2) // 2)
+
+
+def threads_each(processes: int) -> int:
+    """CPU threads for each of ``processes`` processes that run side by side on this machine:
+    an equal share of its logical CPUs, at least one, so together they do not oversubscribe it."""
+    return max(1, (os.cpu_count() or 1) // processes)
 
 
 def cpu_has_native_bf16() -> bool:

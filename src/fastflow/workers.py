@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 
 from fastflow.errors import FastFlowError, is_integer
-from fastflow.hardware import resolve_device
+from fastflow.hardware import resolve_device, threads_each
 
 __all__ = ["check_jobs", "run_in_workers", "worker_device", "worker_devices"]
 
@@ -72,7 +72,7 @@ def run_in_workers(
             yield task, function(task)
         return
     jobs = min(jobs, len(tasks))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads_each(jobs)
     context = multiprocessing.get_context("spawn")
     devices = context.Queue()
     for name in worker_devices(device, jobs):
