@@ -24,10 +24,10 @@ import torch
 from inference import best_of_rounds, measure, perturbed_model, smooth_pixels, torch_runner
 
 from fastflow import FastFlow
-from fastflow.engines import OnnxRuntimeEngine
-from fastflow.export import to_onnx
-from fastflow.hardware import physical_cores
-from fastflow.robustness import cpu_model
+from fastflow.apps.robustness import cpu_model
+from fastflow.core.hardware import physical_cores
+from fastflow.estimator.engines import OnnxRuntimeEngine
+from fastflow.estimator.export import to_onnx
 
 VARIANTS: dict[str, dict] = {
     "plain (paper)": {},
@@ -41,7 +41,9 @@ VARIANTS: dict[str, dict] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
@@ -61,7 +63,11 @@ def main() -> None:
             onnx_run = OnnxRuntimeEngine(to_onnx(graph, Path(tmp) / str(index)), physical_cores())
             configs[name, "torch fp32"] = (torch_run, torch_run, "pixels")
             configs[name, "onnxruntime fp32"] = (onnx_run, onnx_run, "pixels")
-        for run, _, _ in configs.values():  # a discarded round: first calls pay for allocations and kernel choice
+        for (
+            run,
+            _,
+            _,
+        ) in configs.values():  # a discarded round: first calls pay for allocations and kernel choice
             measure(run, pixels, 0.2)
         best = best_of_rounds(configs, {"pixels": pixels}, args.rounds, args.seconds)
     print(f"\n### Inference cost of the context options: {args.backbone} at {args.size}x{args.size}\n")
@@ -69,10 +75,14 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     for (name, engine), (speed, latency) in best.items():
         plain_speed, plain_latency = best[names[0], engine]
-        print(f"| {name} | {engine} | {speed:.1f} | {plain_speed / speed:.2f}x time | {latency:.1f} | "
-              f"{latency / plain_latency:.2f}x |")
-    print(f"\nCPU: {cpu_model()}, {physical_cores()} physical cores, torch {torch.__version__}; "
-          f"ratios are time per image against '{names[0]}', measured in this run")
+        print(
+            f"| {name} | {engine} | {speed:.1f} | {plain_speed / speed:.2f}x time | {latency:.1f} | "
+            f"{latency / plain_latency:.2f}x |"
+        )
+    print(
+        f"\nCPU: {cpu_model()}, {physical_cores()} physical cores, torch {torch.__version__}; "
+        f"ratios are time per image against '{names[0]}', measured in this run"
+    )
 
 
 if __name__ == "__main__":

@@ -47,20 +47,25 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastflow import FastFlow
-from fastflow.engines import OnnxRuntimeEngine, OpenVinoEngine, TorchEngine
-from fastflow.export import to_onnx
-from fastflow.hardware import physical_cores
-from fastflow.migrate import _anomalib_key
+from fastflow.core.hardware import physical_cores
+from fastflow.estimator.anomalib_import import _anomalib_key
+from fastflow.estimator.engines import OnnxRuntimeEngine, OpenVinoEngine, TorchEngine
+from fastflow.estimator.export import to_onnx
+from fastflow.model.config import RECIPES, get_config
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.model.inference import InferenceGraph
-from fastflow.presets import RECIPES, get_config
-from fastflow.scoring import gaussian_blur
+from fastflow.model.scoring import gaussian_blur
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support import perturb_trainable
 
-PAPER_ROWS = {precision: f"paper architecture (anomalib's): fastflow openvino {precision}" for precision in ("f32", "bf16")}
-LITE0_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "tf_efficientnet_lite0.safetensors"
+PAPER_ROWS = {
+    precision: f"paper architecture (anomalib's): fastflow openvino {precision}"
+    for precision in ("f32", "bf16")
+}
+LITE0_WEIGHTS = (
+    Path(__file__).resolve().parents[2] / "shared" / "weights" / "tf_efficientnet_lite0.safetensors"
+)
 Runner = Callable[[np.ndarray], object]
 # A precision is offered where image and pixel AUROC stay this close to f32 (the reduced-precision issue).
 AUROC_TOLERANCE = 0.005
@@ -82,12 +87,18 @@ def anomalib_twin(model: FastFlowModel) -> nn.Module:
 
     config = model.config
     if config.positional_channels or config.context_pool > 1 or config.fuse_scales:
-        raise ValueError("anomalib's FastflowModel has no context options (positional condition, pooling, "
-                         "fused scales): its twin needs a model without them")
+        raise ValueError(
+            "anomalib's FastflowModel has no context options (positional condition, pooling, "
+            "fused scales): its twin needs a model without them"
+        )
     supported = config.backbone in ("resnet18", "wide_resnet50_2")
     twin = FastflowModel(
-        config.input_size, config.backbone if supported else "resnet18", pre_trained=False,
-        flow_steps=config.flow_steps, conv3x3_only=config.conv3x3_only, hidden_ratio=config.hidden_ratio,
+        config.input_size,
+        config.backbone if supported else "resnet18",
+        pre_trained=False,
+        flow_steps=config.flow_steps,
+        conv3x3_only=config.conv3x3_only,
+        hidden_ratio=config.hidden_ratio,
     )
     if not supported:  # same class and forward; our CNN plugged in, flows of its shapes
         twin.feature_extractor = timm.create_model(
@@ -178,18 +189,27 @@ def build_configs(backbone: str, size: int, batch: int, workdir: Path) -> tuple[
 
     core = ov.Core()
     configs["fastflow openvino f32"] = (
-        *openvino_runners(lambda config: core.compile_model(str(xml), "CPU", config), "f32"), "pixels"
+        *openvino_runners(lambda config: core.compile_model(str(xml), "CPU", config), "f32"),
+        "pixels",
     )
-    bf16_xml = detector.export(workdir / backbone / "openvino_bf16", "openvino", "bf16")  # the graph a user exports
-    bf16_batches, bf16_latency = OpenVinoEngine(bf16_xml, "bf16"), OpenVinoEngine(bf16_xml, "bf16", hint="latency")
+    bf16_xml = detector.export(
+        workdir / backbone / "openvino_bf16", "openvino", "bf16"
+    )  # the graph a user exports
+    bf16_batches, bf16_latency = (
+        OpenVinoEngine(bf16_xml, "bf16"),
+        OpenVinoEngine(bf16_xml, "bf16", hint="latency"),
+    )
     configs["fastflow openvino bf16 (f32 pre-processing)"] = (bf16_batches, bf16_latency, "pixels")
     # The same OpenVINO engines on the paper's architecture, the one anomalib's twin holds: the graphs
     # compared at equal work (the default's positional condition widens every subnet).
     paper = FastFlow.from_model(plain, threshold=-0.5, map_floor=-0.6)
     for precision, row in PAPER_ROWS.items():
         paper_xml = paper.export(workdir / backbone / f"openvino_{precision}_paper", "openvino", precision)
-        configs[row] = (OpenVinoEngine(paper_xml, precision), OpenVinoEngine(paper_xml, precision, hint="latency"),
-                        "pixels")
+        configs[row] = (
+            OpenVinoEngine(paper_xml, precision),
+            OpenVinoEngine(paper_xml, precision, hint="latency"),
+            "pixels",
+        )
     try:
         twin = anomalib_twin(plain)
     except ImportError:
@@ -201,18 +221,24 @@ def build_configs(backbone: str, size: int, batch: int, workdir: Path) -> tuple[
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             converted = ov.convert_model(
-                wrapped, example_input=torch.from_numpy(normalised[:2]), input=[([-1, 3, size, size], ov.Type.f32)]
+                wrapped,
+                example_input=torch.from_numpy(normalised[:2]),
+                input=[([-1, 3, size, size], ov.Type.f32)],
             )
         for precision in ("f32", "bf16"):
             configs[f"anomalib openvino {precision}"] = (
-                *openvino_runners(lambda config: core.compile_model(converted, "CPU", config), precision), "normalised"
+                *openvino_runners(lambda config: core.compile_model(converted, "CPU", config), precision),
+                "normalised",
             )
         # Same weights, same function: anomalib's map (blurred as our recipe blurs it) equals ours
         # before anything is timed. anomalib itself is timed without the blur.
         with torch.no_grad():
             ours = FastFlow.from_model(plain, threshold=-0.5, map_floor=-0.6).inference_graph()(
-                torch.from_numpy(pixels[:2]))[0]
-            theirs = gaussian_blur(wrapped(torch.from_numpy(normalised[:2]))[0][:, 0], detector.recipe.map_sigma)
+                torch.from_numpy(pixels[:2])
+            )[0]
+            theirs = gaussian_blur(
+                wrapped(torch.from_numpy(normalised[:2]))[0][:, 0], detector.recipe.map_sigma
+            )
         assert torch.allclose(ours, theirs, atol=1e-4), float((ours - theirs).abs().max())
     check = OpenVinoEngine(xml, "f32")(pixels[:2])[0]
     assert np.abs(check - graph(torch.from_numpy(pixels[:2]))[0].detach().numpy()).max() < 1e-4
@@ -257,12 +283,16 @@ def best_of_rounds(configs: dict, inputs: dict[str, np.ndarray], rounds: int, se
     return {name: (max(r[0] for r in rows), min(r[1] for r in rows)) for name, rows in results.items()}
 
 
-def benchmark(backbone: str, size: int, batch: int, rounds: int, seconds: float, workdir: Path) -> dict[str, tuple]:
+def benchmark(
+    backbone: str, size: int, batch: int, rounds: int, seconds: float, workdir: Path
+) -> dict[str, tuple]:
     configs, pixels, normalised = build_configs(backbone, size, batch, workdir)
     return best_of_rounds(configs, {"pixels": pixels, "normalised": normalised}, rounds, seconds)
 
 
-def anomalib_aurocs(detector: FastFlow, batches: list[tuple[np.ndarray, dict]], labels: np.ndarray) -> list[tuple]:
+def anomalib_aurocs(
+    detector: FastFlow, batches: list[tuple[np.ndarray, dict]], labels: np.ndarray
+) -> list[tuple]:
     """The same AUROC rows for anomalib's FastflowModel holding the model's weights, in OpenVINO
     f32 and bf16 (fed fastflow's pre-processed images)."""
     import openvino as ov
@@ -294,7 +324,7 @@ def anomalib_aurocs(detector: FastFlow, batches: list[tuple[np.ndarray, dict]], 
 
 def _auroc_row(name: str, run: Callable, batches: list[tuple[np.ndarray, dict]], labels: np.ndarray) -> tuple:
     """(name, image AUROC, pixel AUROC, scores, seconds) of ``run`` (inputs -> maps, scores) over ``batches``."""
-    from fastflow.metrics import image_auroc, pixel_auroc
+    from fastflow.estimator.metrics import image_auroc, pixel_auroc
 
     scores, maps, masks = [], [], []
     start = time.perf_counter()
@@ -306,7 +336,13 @@ def _auroc_row(name: str, run: Callable, batches: list[tuple[np.ndarray, dict]],
                 maps.append(amap[i])
                 masks.append(batch["mask"][i].numpy())
     all_scores = np.concatenate(scores)
-    return name, image_auroc(labels, all_scores), pixel_auroc(np.stack(masks), np.stack(maps)), all_scores, time.perf_counter() - start
+    return (
+        name,
+        image_auroc(labels, all_scores),
+        pixel_auroc(np.stack(masks), np.stack(maps)),
+        all_scores,
+        time.perf_counter() - start,
+    )
 
 
 def int8_aurocs(
@@ -322,21 +358,28 @@ def int8_aurocs(
         return []
     import openvino as ov
 
-    from fastflow.engines import split_preprocessing
+    from fastflow.estimator.engines import split_preprocessing
 
     core = ov.Core()
     with tempfile.TemporaryDirectory() as tmp:
         path = detector.export(tmp, "openvino", "f32")
         preprocess, rest = split_preprocessing(core.read_model(str(path)), path)
     normalise = core.compile_model(preprocess, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    calibration = [image[None] for _, batch in detector.image_batches(train_images[::2])
-                   for image in normalise(batch["image"].numpy())[0]]
+    calibration = [
+        image[None]
+        for _, batch in detector.image_batches(train_images[::2])
+        for image in normalise(batch["image"].numpy())[0]
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # MIXED: asymmetric activations (the default preset's symmetric ones did not compile here).
-        quantized = nncf.quantize(rest, nncf.Dataset(calibration), subset_size=len(calibration),
-                                  preset=nncf.QuantizationPreset.MIXED,
-                                  ignored_scope=nncf.IgnoredScope(patterns=[".*/flows\\..*"], validate=False))
+        quantized = nncf.quantize(
+            rest,
+            nncf.Dataset(calibration),
+            subset_size=len(calibration),
+            preset=nncf.QuantizationPreset.MIXED,
+            ignored_scope=nncf.IgnoredScope(patterns=[".*/flows\\..*"], validate=False),
+        )
     compiled = core.compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
 
     def run(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -348,17 +391,26 @@ def int8_aurocs(
 
 def auroc_check(run: Path, data: Path) -> None:
     """Image and pixel AUROC of a trained model with each engine and precision, against PyTorch fp32."""
-    from fastflow.data import list_images, load_samples
+    from fastflow.estimator.data import list_images, load_samples
 
     detector = FastFlow.load(run)
     samples = load_samples(data, "test")
     labels = np.array([s.label for s in samples])
-    batches = [(batch["image"].numpy(), batch) for _, batch in detector.image_batches(samples)]  # decoded once
+    batches = [
+        (batch["image"].numpy(), batch) for _, batch in detector.image_batches(samples)
+    ]  # decoded once
     rows = []
-    for engine, precision in [("torch", "f32"), ("onnx", "f32"), ("openvino", "f32"), ("torch", "bf16"),
-                              ("openvino", "bf16")]:
+    for engine, precision in [
+        ("torch", "f32"),
+        ("onnx", "f32"),
+        ("openvino", "f32"),
+        ("torch", "bf16"),
+        ("openvino", "bf16"),
+    ]:
 
-        def run_engine(pixels: np.ndarray, engine=engine, precision=precision) -> tuple[np.ndarray, np.ndarray]:
+        def run_engine(
+            pixels: np.ndarray, engine=engine, precision=precision
+        ) -> tuple[np.ndarray, np.ndarray]:
             amap, score, _ = detector.engine(engine, precision)(pixels)  # the first call exports (timed)
             return amap, score
 
@@ -367,34 +419,55 @@ def auroc_check(run: Path, data: Path) -> None:
     rows += anomalib_aurocs(detector, batches, labels)
     reference = rows[0]
     print(f"\n### AUROC on {data} ({len(samples)} test images), model {run}\n")
-    print("| engine | image AUROC | pixel AUROC | max score difference vs torch f32 | seconds (incl. export) |")
+    print(
+        "| engine | image AUROC | pixel AUROC | max score difference vs torch f32 | seconds (incl. export) |"
+    )
     print("|---|---:|---:|---:|---:|")
     for name, image, pixel, scores, elapsed in rows:
-        print(f"| {name} | {image:.4f} ({image - reference[1]:+.4f}) | {pixel:.4f} ({pixel - reference[2]:+.4f}) | "
-              f"{np.abs(scores - reference[3]).max():.2g} | {elapsed:.0f} |")
+        print(
+            f"| {name} | {image:.4f} ({image - reference[1]:+.4f}) | {pixel:.4f} ({pixel - reference[2]:+.4f}) | "
+            f"{np.abs(scores - reference[3]).max():.2g} | {elapsed:.0f} |"
+        )
     for name, image, pixel, _, _ in rows[1:]:
-        verdict = "within" if max(abs(image - reference[1]), abs(pixel - reference[2])) <= AUROC_TOLERANCE else "NOT within"
+        verdict = (
+            "within"
+            if max(abs(image - reference[1]), abs(pixel - reference[2])) <= AUROC_TOLERANCE
+            else "NOT within"
+        )
         print(f"{name}: image and pixel AUROC {verdict} {AUROC_TOLERANCE} of torch f32")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", action="append", help="repeatable; default: resnet18, wide_resnet50_2, tf_efficientnet_lite0")
+    parser.add_argument(
+        "--backbone",
+        action="append",
+        help="repeatable; default: resnet18, wide_resnet50_2, tf_efficientnet_lite0",
+    )
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing per configuration and round")
-    parser.add_argument("--auroc", nargs=2, metavar=("RUN", "DATA"), type=Path,
-                        help="instead of timing: AUROC of a trained model per engine and precision")
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="minimum timing per configuration and round"
+    )
+    parser.add_argument(
+        "--auroc",
+        nargs=2,
+        metavar=("RUN", "DATA"),
+        type=Path,
+        help="instead of timing: AUROC of a trained model per engine and precision",
+    )
     args = parser.parse_args()
     torch.set_num_threads(physical_cores())
     if args.auroc:
         auroc_check(*args.auroc)
         return
     backbones = args.backbone or ["resnet18", "wide_resnet50_2", "tf_efficientnet_lite0"]
-    print(f"{physical_cores()} physical cores, torch {torch.__version__}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
-          f"load average {os.getloadavg()[0]:.2f}; "
-          f"input {args.size}x{args.size}, batch {args.batch}, best of {args.rounds} rounds")
+    print(
+        f"{physical_cores()} physical cores, torch {torch.__version__}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+        f"load average {os.getloadavg()[0]:.2f}; "
+        f"input {args.size}x{args.size}, batch {args.batch}, best of {args.rounds} rounds"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for backbone in backbones:
             table = benchmark(backbone, args.size, args.batch, args.rounds, args.seconds, Path(tmp))
@@ -406,19 +479,28 @@ def main() -> None:
             ours = {k: v for k, v in table.items() if k.startswith("fastflow")}  # the default architecture
             fastest = max(ours, key=lambda k: ours[k][0])
             quickest = min(ours, key=lambda k: ours[k][1])
-            print(f"\nfastest fastflow path (each passes the AUROC check, --auroc): {fastest} (throughput), "
-                  f"{quickest} (latency)")
-            goals = {"anomalib openvino f32": "  (goals: >= 1.5x, <= 0.7x)", "anomalib openvino bf16": "  (goal: >= 1.0x)"}
+            print(
+                f"\nfastest fastflow path (each passes the AUROC check, --auroc): {fastest} (throughput), "
+                f"{quickest} (latency)"
+            )
+            goals = {
+                "anomalib openvino f32": "  (goals: >= 1.5x, <= 0.7x)",
+                "anomalib openvino bf16": "  (goal: >= 1.0x)",
+            }
             for name in ("anomalib openvino f32", "anomalib openvino bf16", "anomalib torch fp32"):
                 if name in table:
-                    print(f"vs {name}: throughput {ours[fastest][0] / table[name][0]:.2f}x, "
-                          f"batch-1 latency {ours[quickest][1] / table[name][1]:.2f}x{goals.get(name, '')}")
+                    print(
+                        f"vs {name}: throughput {ours[fastest][0] / table[name][0]:.2f}x, "
+                        f"batch-1 latency {ours[quickest][1] / table[name][1]:.2f}x{goals.get(name, '')}"
+                    )
             for precision, row in PAPER_ROWS.items():
                 if f"anomalib openvino {precision}" not in table:
                     continue
                 paper, theirs = table[row], table[f"anomalib openvino {precision}"]
-                print(f"equal architecture, {row} vs anomalib openvino {precision}: throughput "
-                      f"{paper[0] / theirs[0]:.2f}x, batch-1 latency {paper[1] / theirs[1]:.2f}x")
+                print(
+                    f"equal architecture, {row} vs anomalib openvino {precision}: throughput "
+                    f"{paper[0] / theirs[0]:.2f}x, batch-1 latency {paper[1] / theirs[1]:.2f}x"
+                )
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fastflow.train import TrainConfig
+from fastflow.estimator.training import TrainConfig
 
 
 def make_images(folder: Path, count: int, size: int = 256) -> Path:
@@ -42,7 +42,9 @@ def make_images(folder: Path, count: int, size: int = 256) -> Path:
     for index in range(count):
         f = rng.uniform(4, 12, size=(3, 2))
         phase = rng.uniform(0, 2 * np.pi, size=3)
-        image = np.stack([np.sin(2 * np.pi * (f[c, 0] * xx + f[c, 1] * yy) + phase[c]) for c in range(3)], axis=-1)
+        image = np.stack(
+            [np.sin(2 * np.pi * (f[c, 0] * xx + f[c, 1] * yy) + phase[c]) for c in range(3)], axis=-1
+        )
         image = 127.5 + 100 * image + rng.normal(0, 3, image.shape)
         Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(good / f"{index:05d}.png")
     return folder
@@ -53,7 +55,8 @@ def child(args: argparse.Namespace) -> None:
     import logging
 
     from fastflow import FastFlow
-    from fastflow.cache import CacheConfig, parse_memory
+    from fastflow.estimator.feature_cache import CacheConfig, parse_memory
+
     lines: list[str] = []
 
     class Keep(logging.Handler):
@@ -63,41 +66,79 @@ def child(args: argparse.Namespace) -> None:
     logger = logging.getLogger("fastflow")
     logger.addHandler(Keep())
     logger.setLevel(logging.INFO)
-    cache = CacheConfig(max_memory=None if args.max_memory is None else parse_memory(args.max_memory), dtype=args.cache_dtype)
-    detector = FastFlow(args.backbone[0], weights="random", input_size=(256, 256), cache=cache,
-                        training=TrainConfig(max_epochs=args.epochs, patience=args.epochs,
-                                                            micro_batch_size=args.micro_batch_size))
+    cache = CacheConfig(
+        max_memory=None if args.max_memory is None else parse_memory(args.max_memory), dtype=args.cache_dtype
+    )
+    detector = FastFlow(
+        args.backbone[0],
+        weights="random",
+        input_size=(256, 256),
+        cache=cache,
+        training=TrainConfig(
+            max_epochs=args.epochs, patience=args.epochs, micro_batch_size=args.micro_batch_size
+        ),
+    )
     start = time.perf_counter()
     detector.fit(args.data)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_rss": peak, "seconds": seconds, "cache": next((x for x in lines if "feature cache" in x), "")}))
+    print(
+        json.dumps(
+            {
+                "peak_rss": peak,
+                "seconds": seconds,
+                "cache": next((x for x in lines if "feature cache" in x), ""),
+            }
+        )
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backbone", action="append", help="repeatable; default resnet18")
     parser.add_argument("--images", type=int, nargs="+", default=[1000, 3000])
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--max-memory", default=None, help="feature cache RAM budget (default: the library's)")
+    parser.add_argument(
+        "--max-memory", default=None, help="feature cache RAM budget (default: the library's)"
+    )
     parser.add_argument("--cache-dtype", default="float32")
-    parser.add_argument("--micro-batch-size", type=int, default=None, help="images a pass (default: the library's automatic choice)")
+    parser.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=None,
+        help="images a pass (default: the library's automatic choice)",
+    )
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "fastflow-memory-images")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    from fastflow.robustness import cpu_model
+    from fastflow.apps.robustness import cpu_model
 
     print(f"CPU: {cpu_model()}; {os.cpu_count()} logical cores; command: python {shlex.join(sys.argv)}")
-    print("\n| backbone | images | feature cache | peak RSS | vs first | train seconds |\n|---|---|---|---|---|---|")
+    print(
+        "\n| backbone | images | feature cache | peak RSS | vs first | train seconds |\n|---|---|---|---|---|---|"
+    )
     for backbone in args.backbone or ["resnet18"]:
         first = None
         for count in args.images:
             data = make_images(args.data / str(count), count)
-            command = [sys.executable, __file__, "--child", "--backbone", backbone, "--epochs", str(args.epochs),
-                       "--cache-dtype", args.cache_dtype, "--data", str(data)]
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--backbone",
+                backbone,
+                "--epochs",
+                str(args.epochs),
+                "--cache-dtype",
+                args.cache_dtype,
+                "--data",
+                str(data),
+            ]
             if args.micro_batch_size is not None:
                 command += ["--micro-batch-size", str(args.micro_batch_size)]
             if args.max_memory is not None:
@@ -109,8 +150,11 @@ def main() -> None:
             result = json.loads(done.stdout.strip().splitlines()[-1])
             peak = result["peak_rss"] / 2**30
             first = first or peak
-            print(f"| {backbone} | {count} | {result['cache'].removeprefix('feature cache: ')} | {peak:.2f} GB "
-                  f"| {peak / first - 1:+.1%} | {result['seconds']:.0f} |", flush=True)
+            print(
+                f"| {backbone} | {count} | {result['cache'].removeprefix('feature cache: ')} | {peak:.2f} GB "
+                f"| {peak / first - 1:+.1%} | {result['seconds']:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

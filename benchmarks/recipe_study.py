@@ -2,7 +2,7 @@
 
 How the defaults of the improved recipe were chosen. For a dataset and a seed, the normal
 training images are split exactly as ``fit`` splits them (``split_holdout``); defects are then
-painted on copies of the *held-out* normal images (``fastflow.synthetic.paint_defect``:
+painted on copies of the *held-out* normal images (``fastflow.apps.synthetic.paint_defect``:
 scratch, spot, cut-and-paste), which gives a validation set with pixel truth made only of
 training images. Each training variant is fitted once; every scoring variant is computed from
 its latents and log-determinants on that validation set. No test image is read.
@@ -36,10 +36,10 @@ from PIL import Image
 from torch import Tensor
 
 from fastflow import FastFlow, TrainConfig
-from fastflow.data import Sample, image_loader, load_samples, split_holdout
-from fastflow.metrics import aupro, image_auroc, pixel_auroc
-from fastflow.scoring import fuse_scales, image_score
-from fastflow.synthetic import PAINTED_DEFECTS, paint_defect
+from fastflow.apps.synthetic import PAINTED_DEFECTS, paint_defect
+from fastflow.estimator.data import Sample, image_loader, load_samples, split_holdout
+from fastflow.estimator.metrics import aupro, image_auroc, pixel_auroc
+from fastflow.model.scoring import fuse_scales, image_score
 
 TRAINING_VARIANTS: dict[str, tuple[str, dict]] = {
     # name: (recipe, whose loss trains the model; FastFlow architecture overrides)
@@ -93,7 +93,10 @@ def per_position_nll(detector: FastFlow, samples: list[Sample]) -> tuple[list[Te
 
 
 def scoring_variants(
-    val_sq: list[Tensor], val_nll: list[Tensor], train_sq: list[Tensor], train_nll: list[Tensor],
+    val_sq: list[Tensor],
+    val_nll: list[Tensor],
+    train_sq: list[Tensor],
+    train_nll: list[Tensor],
     size: tuple[int, int],
 ) -> dict[str, Tensor]:
     """Anomaly maps (N, H, W) of the validation images under each scoring variant."""
@@ -123,13 +126,17 @@ def scoring_variants(
 
 def study_arguments(description: str, data_type: type, opacity: float) -> argparse.ArgumentParser:
     """The arguments every study on painted held-out normals takes (this one and ``robust_study.py``)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("data", type=data_type)
     parser.add_argument("--weights", required=True)
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--opacity", type=float, default=opacity, help="blend painted defects in (1 = opaque)")
+    parser.add_argument(
+        "--opacity", type=float, default=opacity, help="blend painted defects in (1 = opaque)"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--models", type=Path, help="folder to keep the fitted models in and reuse them from")
     return parser
@@ -151,11 +158,17 @@ def main() -> None:
                 recipe, overrides = TRAINING_VARIANTS[name]
                 training = TrainConfig(max_epochs=args.epochs, seed=seed)
                 start = time.perf_counter()
-                saved = args.models / f"{args.data.name}_{name}_{args.epochs}_seed{seed}.safetensors" if args.models else None
+                saved = (
+                    args.models / f"{args.data.name}_{name}_{args.epochs}_seed{seed}.safetensors"
+                    if args.models
+                    else None
+                )
                 if saved is not None and saved.exists():
                     detector = FastFlow.load(saved)
                 else:
-                    detector = FastFlow(args.backbone, recipe=recipe, weights=args.weights, training=training, **overrides)
+                    detector = FastFlow(
+                        args.backbone, recipe=recipe, weights=args.weights, training=training, **overrides
+                    )
                     detector.fit(args.data)
                     if saved is not None:
                         detector.save(saved)
@@ -173,9 +186,15 @@ def main() -> None:
                     }
                     for reducer, scores in reductions.items():
                         row = {
-                            "seed": seed, "training": name, "scoring": scorer, "image_score": reducer,
-                            "image_auroc": image_auroc(labels, scores), "pixel_auroc": pix, "aupro": pro,
-                            "epochs": len(detector.history_), "best_epoch": detector.best_epoch_,
+                            "seed": seed,
+                            "training": name,
+                            "scoring": scorer,
+                            "image_score": reducer,
+                            "image_auroc": image_auroc(labels, scores),
+                            "pixel_auroc": pix,
+                            "aupro": pro,
+                            "epochs": len(detector.history_),
+                            "best_epoch": detector.best_epoch_,
                             "seconds": round(seconds, 1),
                         }
                         rows.append(row)

@@ -32,11 +32,11 @@ import torch
 from recipe_study import study_arguments, validation_set
 
 from fastflow import FastFlow, TrainConfig
-from fastflow.benchmark import resolve_dataset
-from fastflow.data import load_samples, split_holdout
-from fastflow.hardware import physical_cores
-from fastflow.presets import RECIPES, Recipe
-from fastflow.robustness import PERTURBATIONS, cpu_model, measure
+from fastflow.apps.benchmark import resolve_dataset
+from fastflow.apps.robustness import PERTURBATIONS, cpu_model, measure
+from fastflow.core.hardware import physical_cores
+from fastflow.estimator.data import load_samples, split_holdout
+from fastflow.model.config import RECIPES, Recipe
 
 # Architecture tokens: the context options of ``FastFlowConfig`` (``fastflow.model.context``).
 ARCHITECTURE_TOKENS: dict[str, dict] = {
@@ -58,7 +58,7 @@ SCORING_TOKENS = {"top": "score_top", "sigma": "map_sigma"}
 def scoring_token(token: str) -> tuple[str, float] | None:
     """(``Recipe`` field, value) of a scoring token such as ``top0.01``, else ``None``."""
     for prefix, field in SCORING_TOKENS.items():
-        if token.startswith(prefix) and token[len(prefix):].replace(".", "", 1).isdigit():
+        if token.startswith(prefix) and token[len(prefix) :].replace(".", "", 1).isdigit():
             return field, float(token.removeprefix(prefix))
     return None
 
@@ -81,13 +81,20 @@ def candidate(name: str) -> tuple[Recipe, dict]:
     """
     # Every candidate starts from the improved recipe *without* training noise or context
     # options (its scoring and loss), whatever the current default is, so names keep their meaning.
-    recipe = dataclasses.replace(RECIPES["improved"], feature_noise=0.0, pixel_noise=0.0, pixel_jpeg=0, pixel_jpeg_share=1.0,
-                                 architecture={})
+    recipe = dataclasses.replace(
+        RECIPES["improved"],
+        feature_noise=0.0,
+        pixel_noise=0.0,
+        pixel_jpeg=0,
+        pixel_jpeg_share=1.0,
+        architecture={},
+    )
     architecture: dict = {}
     for token in name.split("+"):
         if token == "reference":
-            recipe = dataclasses.replace(RECIPES["reference"], feature_noise=recipe.feature_noise,
-                                         pixel_noise=recipe.pixel_noise)
+            recipe = dataclasses.replace(
+                RECIPES["reference"], feature_noise=recipe.feature_noise, pixel_noise=recipe.pixel_noise
+            )
         elif token.startswith("noise"):
             recipe = dataclasses.replace(recipe, feature_noise=float(token.removeprefix("noise")))
         elif token.startswith("pixel"):
@@ -139,28 +146,42 @@ def main() -> None:
             val_samples = validation_set(held, seed, painted, args.opacity)
             for name in args.candidates.split(","):
                 start = time.perf_counter()
-                saved = (args.models / f"{data.name}_{trained_part(name)}_{args.epochs}_seed{seed}.safetensors"
-                         if args.models else None)
+                saved = (
+                    args.models / f"{data.name}_{trained_part(name)}_{args.epochs}_seed{seed}.safetensors"
+                    if args.models
+                    else None
+                )
                 recipe, architecture = candidate(name)
                 if saved is not None and saved.exists():
                     detector = FastFlow.load(saved)
                     detector.recipe = recipe  # its scoring tokens, if any: the same trained model
                 else:
                     training = TrainConfig(max_epochs=args.epochs, seed=seed)
-                    detector = FastFlow(args.backbone, recipe=recipe, weights=args.weights, training=training,
-                                        **architecture)
+                    detector = FastFlow(
+                        args.backbone, recipe=recipe, weights=args.weights, training=training, **architecture
+                    )
                     detector.fit(data)
                     if saved is not None:
                         detector.save(saved)
                 seconds = time.perf_counter() - start
                 rows = measure(detector, val_samples, names, seed)
-                result = {"data": data.name, "seed": seed, "candidate": name, "best_epoch": detector.best_epoch_,
-                          "fit_seconds": round(seconds, 1), **summary(rows), "rows": rows}
+                result = {
+                    "data": data.name,
+                    "seed": seed,
+                    "candidate": name,
+                    "best_epoch": detector.best_epoch_,
+                    "fit_seconds": round(seconds, 1),
+                    **summary(rows),
+                    "rows": rows,
+                }
                 results.append(result)
-                print(f"{data.name} seed {seed} {name:20s} image {result['image_auroc']:.4f} "
-                      f"pixel {result['pixel_auroc']:.4f} aupro {result['aupro']:.4f} worst drop {result['worst_image_drop']:+.4f} / "
-                      f"{result['worst_pixel_drop']:+.4f} noise1 drift {result['noise1_drift']:+.4f} "
-                      f"best epoch {detector.best_epoch_} {seconds:.0f}s", flush=True)
+                print(
+                    f"{data.name} seed {seed} {name:20s} image {result['image_auroc']:.4f} "
+                    f"pixel {result['pixel_auroc']:.4f} aupro {result['aupro']:.4f} worst drop {result['worst_image_drop']:+.4f} / "
+                    f"{result['worst_pixel_drop']:+.4f} noise1 drift {result['noise1_drift']:+.4f} "
+                    f"best epoch {detector.best_epoch_} {seconds:.0f}s",
+                    flush=True,
+                )
     print(f"CPU: {cpu_model()}, torch {torch.__version__}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -4,7 +4,7 @@
     python benchmarks/robustness.py RUN DATA --engine openvino --precision bf16 --perturbations noise1,...
 
 RUN is a run folder or ``model.safetensors``, DATA an MVTec-layout dataset folder (its test
-split). The perturbations, the rows and the drift are ``fastflow.robustness``'s (its docstring
+split). The perturbations, the rows and the drift are ``fastflow.apps.robustness``'s (its docstring
 lists them); ``fastflow test RUN DATA --robustness`` prints the same table. This script adds the
 CPU model and the command line, which a README table needs beside its figures.
 """
@@ -25,10 +25,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from fastflow import FastFlow
-from fastflow.data import load_samples
-from fastflow.errors import FastFlowError
-from fastflow.hardware import physical_cores
-from fastflow.robustness import PERTURBATIONS, cpu_model, markdown_table, measure, perturbation_names
+from fastflow.apps.robustness import PERTURBATIONS, cpu_model, markdown_table, measure, perturbation_names
+from fastflow.core.errors import FastFlowError
+from fastflow.core.hardware import physical_cores
+from fastflow.estimator.data import load_samples
 
 
 def main() -> None:
@@ -38,11 +38,17 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="run folder or model.safetensors")
     parser.add_argument("data", type=Path, help="MVTec-layout dataset folder (its test split is scored)")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--perturbations", default=",".join(PERTURBATIONS),
-                        help=f"comma-separated, of {', '.join(PERTURBATIONS)}; clean is always run first")
+    parser.add_argument(
+        "--perturbations",
+        default=",".join(PERTURBATIONS),
+        help=f"comma-separated, of {', '.join(PERTURBATIONS)}; clean is always run first",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the pixel noise")
-    parser.add_argument("--engine", choices=("torch", "onnx", "openvino"),
-                        help="score with this engine (pixel changes only); default: the float32 PyTorch graph")
+    parser.add_argument(
+        "--engine",
+        choices=("torch", "onnx", "openvino"),
+        help="score with this engine (pixel changes only); default: the float32 PyTorch graph",
+    )
     parser.add_argument("--precision", default="f32", choices=("f32", "bf16"), help="the engine's precision")
     args = parser.parse_args()
     try:

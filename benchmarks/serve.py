@@ -52,8 +52,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support import bad_requests
 
-from fastflow.predict import expand_inputs
-from fastflow.robustness import cpu_model
+from fastflow.apps.prediction_files import expand_inputs
+from fastflow.apps.robustness import cpu_model
 
 TOLERANCE = 1e-5
 
@@ -87,9 +87,21 @@ def rss_mb(pid: int) -> float:
 
 
 def start_server(args: argparse.Namespace, port: int, log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "fastflow", "serve", str(args.run), "--port", str(port),
-               "--max-body-mb", str(args.max_body_mb), "--max-batch", str(args.max_batch),
-               "--batch-wait-ms", str(args.batch_wait_ms)]
+    command = [
+        sys.executable,
+        "-m",
+        "fastflow",
+        "serve",
+        str(args.run),
+        "--port",
+        str(port),
+        "--max-body-mb",
+        str(args.max_body_mb),
+        "--max-batch",
+        str(args.max_batch),
+        "--batch-wait-ms",
+        str(args.batch_wait_ms),
+    ]
     if args.engine is not None:
         command += ["--engine", args.engine]
     with log.open("wb") as sink:  # the child keeps its own descriptor
@@ -111,7 +123,9 @@ def wait_healthy(server: subprocess.Popen, base: str, timeout: float, log: Path)
     sys.exit(f"no healthy server after {timeout:.0f} s:\n{log.read_text()[-2000:]}")
 
 
-def send(client: httpx.Client, base: str, body: bytes, content_type: str, query: str, kind: int | str) -> Outcome:
+def send(
+    client: httpx.Client, base: str, body: bytes, content_type: str, query: str, kind: int | str
+) -> Outcome:
     start = time.perf_counter()
     try:
         response = client.post(f"{base}/predict{query}", content=body, headers={"content-type": content_type})
@@ -126,7 +140,9 @@ def send(client: httpx.Client, base: str, body: bytes, content_type: str, query:
     return Outcome(kind, response.status_code, seconds, score, str(answer.get("error", ""))[:200])
 
 
-def schedule(count: int, bad_fraction: float, n_images: int, bad_names: list[str], seed: int) -> list[int | str]:
+def schedule(
+    count: int, bad_fraction: float, n_images: int, bad_names: list[str], seed: int
+) -> list[int | str]:
     """``count`` request kinds: round(count x bad_fraction) bad ones (cycling through the names) at
     random places, the others good (cycling through the images)."""
     n_bad = round(count * bad_fraction)
@@ -135,8 +151,15 @@ def schedule(count: int, bad_fraction: float, n_images: int, bad_names: list[str
     return [next(bad) if i in places else next(good) for i in range(count)]
 
 
-def run_level(base: str, clients: int, kinds: list[int | str], images: list[bytes],
-              bad: dict[str, tuple[bytes, str, str, int, str]], timeout: float, deadline: float) -> tuple[list[Outcome], float]:
+def run_level(
+    base: str,
+    clients: int,
+    kinds: list[int | str],
+    images: list[bytes],
+    bad: dict[str, tuple[bytes, str, str, int, str]],
+    timeout: float,
+    deadline: float,
+) -> tuple[list[Outcome], float]:
     """Send ``kinds`` from ``clients`` threads; returns the outcomes and the wall time. Requests not
     started by ``deadline`` are not sent."""
     pending = iter(enumerate(kinds))
@@ -165,17 +188,30 @@ def run_level(base: str, clients: int, kinds: list[int | str], images: list[byte
     return [o for o in outcomes if o is not None], time.perf_counter() - start
 
 
-def parity(args: argparse.Namespace, paths: list[Path], reference: list[dict], engine: str) -> tuple[float, int, int]:
+def parity(
+    args: argparse.Namespace, paths: list[Path], reference: list[dict], engine: str
+) -> tuple[float, int, int]:
     """Every image's served (alone) score and label against ``fastflow predict``'s with ``engine``
     (``auto``: predict's own choice): (max abs score difference, label mismatches, images compared)."""
     with tempfile.TemporaryDirectory() as output:
-        command = [sys.executable, "-m", "fastflow", "predict", str(args.run), *map(str, paths), "--output", output]
+        command = [
+            sys.executable,
+            "-m",
+            "fastflow",
+            "predict",
+            str(args.run),
+            *map(str, paths),
+            "--output",
+            output,
+        ]
         command += [] if engine == "auto" else ["--engine", engine]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             sys.exit(f"fastflow predict failed:\n{done.stderr[-2000:]}")
-        rows = {str(Path(row["path"]).resolve()): row
-                for row in json.loads((Path(output) / "predictions.json").read_text())["predictions"]}
+        rows = {
+            str(Path(row["path"]).resolve()): row
+            for row in json.loads((Path(output) / "predictions.json").read_text())["predictions"]
+        }
     worst, labels = 0.0, 0
     for path, served in zip(paths, reference):
         row = rows[str(path.resolve())]
@@ -185,31 +221,52 @@ def parity(args: argparse.Namespace, paths: list[Path], reference: list[dict], e
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run", type=Path, help="run folder, model.safetensors or fastflow export folder")
     parser.add_argument("--images", nargs="+", required=True, help="image files, folders or globs (PNG/JPEG)")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per level")
+    parser.add_argument(
+        "--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients per level"
+    )
     parser.add_argument("--requests", type=int, default=200, help="requests per level, good and bad")
     parser.add_argument("--bad-fraction", type=float, default=0.2)
-    parser.add_argument("--max-body-mb", type=float, default=4.0, help="the server's body limit (the oversized "
-                        "upload is one byte over it)")
+    parser.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=4.0,
+        help="the server's body limit (the oversized upload is one byte over it)",
+    )
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--engine", default=None, help="the server's --engine (default: its own choice)")
-    parser.add_argument("--max-rss-growth-mb", type=float, default=800.0,
-                        help="fail when the server's RSS grows by more than this over the warm start")
+    parser.add_argument(
+        "--max-rss-growth-mb",
+        type=float,
+        default=800.0,
+        help="fail when the server's RSS grows by more than this over the warm start",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
-    parser.add_argument("--time-limit", type=float, default=1800.0, help="seconds per level; later requests are not sent")
+    parser.add_argument(
+        "--time-limit", type=float, default=1800.0, help="seconds per level; later requests are not sent"
+    )
     parser.add_argument("--startup-timeout", type=float, default=300.0)
-    parser.add_argument("--parity", nargs="*", metavar="ENGINE", default=None,
-                        help="also compare with fastflow predict: with the server's engine, or with each one named "
-                        "(torch, onnx, openvino, auto = predict's choice)")
+    parser.add_argument(
+        "--parity",
+        nargs="*",
+        metavar="ENGINE",
+        default=None,
+        help="also compare with fastflow predict: with the server's engine, or with each one named "
+        "(torch, onnx, openvino, auto = predict's choice)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not 0 <= args.bad_fraction <= 1 or args.requests < 1 or min(args.clients) < 1:
         parser.error("--bad-fraction must be in [0, 1], --requests and --clients at least 1")
 
-    print(f"CPU: {cpu_model()}; {os.cpu_count()} logical cores; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
+    print(
+        f"CPU: {cpu_model()}; {os.cpu_count()} logical cores; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}"
+    )
     print(f"command: python {shlex.join(sys.argv)}")
     paths = expand_inputs(args.images)
     images = [path.read_bytes() for path in paths]
@@ -227,27 +284,46 @@ def main() -> int:
             reference: list[dict] = []
             with httpx.Client(timeout=args.timeout) as client:
                 for path, body in zip(paths, images):
-                    response = client.post(f"{base}/predict", content=body, headers={"content-type": "image/png"})
+                    response = client.post(
+                        f"{base}/predict", content=body, headers={"content-type": "image/png"}
+                    )
                     if response.status_code != 200:
-                        sys.exit(f"the reference call for {path} got {response.status_code}: {response.text[:300]}")
+                        sys.exit(
+                            f"the reference call for {path} got {response.status_code}: {response.text[:300]}"
+                        )
                     reference.append(response.json())
             warm = rss_mb(server.pid)
-            print(f"model: {model['name']} ({model['engine']}, {model['precision']}, input "
-                  f"{model['config']['input_size'] if model.get('config') else '?'}); {len(paths)} images, "
-                  f"{len(bad)} kinds of bad upload, bad fraction {args.bad_fraction:.0%}; max batch "
-                  f"{args.max_batch}, batch wait {args.batch_wait_ms} ms; server RSS {ready:.0f} MiB ready, "
-                  f"{warm:.0f} MiB after the {len(paths)} reference calls")
+            print(
+                f"model: {model['name']} ({model['engine']}, {model['precision']}, input "
+                f"{model['config']['input_size'] if model.get('config') else '?'}); {len(paths)} images, "
+                f"{len(bad)} kinds of bad upload, bad fraction {args.bad_fraction:.0%}; max batch "
+                f"{args.max_batch}, batch wait {args.batch_wait_ms} ms; server RSS {ready:.0f} MiB ready, "
+                f"{warm:.0f} MiB after the {len(paths)} reference calls"
+            )
 
             rows = []
             for clients in args.clients:
                 kinds = schedule(args.requests, args.bad_fraction, len(paths), list(bad), args.seed + clients)
-                outcomes, wall = run_level(base, clients, kinds, images, bad, args.timeout,
-                                           time.monotonic() + args.time_limit)
+                outcomes, wall = run_level(
+                    base, clients, kinds, images, bad, args.timeout, time.monotonic() + args.time_limit
+                )
                 good = [o for o in outcomes if isinstance(o.kind, int)]
-                wrong = [o for o in good if o.status != 200 or o.score is None
-                         or abs(o.score - reference[o.kind]["score"]) > TOLERANCE]
-                not_4xx = [o for o in outcomes if isinstance(o.kind, str) and not (o.status and 400 <= o.status < 500)]
-                worst = max((abs(o.score - reference[o.kind]["score"]) for o in good if o.score is not None), default=0.0)
+                wrong = [
+                    o
+                    for o in good
+                    if o.status != 200
+                    or o.score is None
+                    or abs(o.score - reference[o.kind]["score"]) > TOLERANCE
+                ]
+                not_4xx = [
+                    o
+                    for o in outcomes
+                    if isinstance(o.kind, str) and not (o.status and 400 <= o.status < 500)
+                ]
+                worst = max(
+                    (abs(o.score - reference[o.kind]["score"]) for o in good if o.score is not None),
+                    default=0.0,
+                )
                 latency = np.array([o.seconds for o in good]) * 1000
                 rss = rss_mb(server.pid)
                 alive = server.poll() is None
@@ -257,10 +333,12 @@ def main() -> int:
                     except httpx.HTTPError:
                         alive = False
                 served = sum(o.status == 200 for o in good)
-                rows.append(f"| {clients} | {len(outcomes)} | {len(good)} | {served / wall:.2f} | "
-                            f"{np.percentile(latency, 50):.0f} | {np.percentile(latency, 99):.0f} | {len(wrong)} | "
-                            f"{worst:.1e} | {len(outcomes) - len(good)} | {len(not_4xx)} | {rss:.0f} | "
-                            f"{rss - warm:+.0f} | {'yes' if alive else 'NO'} |")
+                rows.append(
+                    f"| {clients} | {len(outcomes)} | {len(good)} | {served / wall:.2f} | "
+                    f"{np.percentile(latency, 50):.0f} | {np.percentile(latency, 99):.0f} | {len(wrong)} | "
+                    f"{worst:.1e} | {len(outcomes) - len(good)} | {len(not_4xx)} | {rss:.0f} | "
+                    f"{rss - warm:+.0f} | {'yes' if alive else 'NO'} |"
+                )
                 print(rows[-1].replace("|", " ").strip(), flush=True)
                 for o in (wrong + not_4xx)[:5]:
                     print(f"  failed: {o.kind!r} -> {o.status} {o.error or o.score}")
@@ -269,17 +347,23 @@ def main() -> int:
                 if not_4xx:
                     failures.append(f"{clients} clients: {len(not_4xx)} bad requests not answered with a 4xx")
                 if len(outcomes) < len(kinds):
-                    failures.append(f"{clients} clients: only {len(outcomes)} of {len(kinds)} requests sent "
-                                    f"within --time-limit {args.time_limit:.0f} s")
+                    failures.append(
+                        f"{clients} clients: only {len(outcomes)} of {len(kinds)} requests sent "
+                        f"within --time-limit {args.time_limit:.0f} s"
+                    )
                 if not rss - warm <= args.max_rss_growth_mb:
-                    failures.append(f"{clients} clients: server RSS grew by {rss - warm:.0f} MiB "
-                                    f"(bound {args.max_rss_growth_mb:.0f})")
+                    failures.append(
+                        f"{clients} clients: server RSS grew by {rss - warm:.0f} MiB "
+                        f"(bound {args.max_rss_growth_mb:.0f})"
+                    )
                 if not alive:
                     failures.append(f"{clients} clients: the server died or is unhealthy")
                     break
 
-            print("\n| clients | requests | good | good images/s | p50 ms | p99 ms | good failed | max score diff "
-                  "| bad | bad not 4xx | server RSS MiB | RSS growth | alive |")
+            print(
+                "\n| clients | requests | good | good images/s | p50 ms | p99 ms | good failed | max score diff "
+                "| bad | bad not 4xx | server RSS MiB | RSS growth | alive |"
+            )
             print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             print("\n".join(rows))
             if args.parity is not None:
@@ -287,10 +371,14 @@ def main() -> int:
             for engine in (args.parity or [model["engine"]]) if args.parity is not None else []:
                 worst, labels, compared = parity(args, paths, reference, engine)
                 shown = "(its own engine choice)" if engine == "auto" else f"--engine {engine}"
-                print(f"parity of the served scores ({model['engine']}) with fastflow predict {shown} on {compared} "
-                      f"images: max abs score difference {worst:.2e}, {labels} label mismatches")
+                print(
+                    f"parity of the served scores ({model['engine']}) with fastflow predict {shown} on {compared} "
+                    f"images: max abs score difference {worst:.2e}, {labels} label mismatches"
+                )
                 if worst > TOLERANCE or labels or compared != len(paths):
-                    failures.append(f"parity with predict {shown}: max difference {worst:.2e}, {labels} label mismatches")
+                    failures.append(
+                        f"parity with predict {shown}: max difference {worst:.2e}, {labels} label mismatches"
+                    )
         finally:
             server.terminate()
             try:

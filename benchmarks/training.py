@@ -36,14 +36,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.nn import functional as F
 
 from fastflow import FastFlow
-from fastflow.data import image_loader, load_samples
+from fastflow.apps.robustness import cpu_model
+from fastflow.estimator.data import image_loader, load_samples
+from fastflow.estimator.training import FLOW_PRECISIONS, TrainConfig
+from fastflow.model.config import get_config
 from fastflow.model.fastflow import FastFlowModel
-from fastflow.presets import get_config
-from fastflow.robustness import cpu_model
-from fastflow.train import FLOW_PRECISIONS, TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference import LITE0_WEIGHTS, anomalib_twin  # noqa: E402
+from inference import LITE0_WEIGHTS, anomalib_twin
 
 BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_ad" / "bottle"
 BATCH = 32
@@ -56,7 +56,7 @@ def weights_of(backbone: str) -> str:
 def normalised_images(data: Path, size: int) -> torch.Tensor:
     """Every normal training image as anomalib's models take it: resized, ImageNet-normalised floats."""
     samples = [s for s in load_samples(data, "train") if s.label == 0]
-    resize = lambda pixels: F.interpolate(pixels.float(), (size, size), mode="bilinear", antialias=True)  # noqa: E731
+    resize = lambda pixels: F.interpolate(pixels.float(), (size, size), mode="bilinear", antialias=True)
     pixels = torch.cat([resize(batch["image"]) for batch in image_loader(samples, (size, size), BATCH)])
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
@@ -97,14 +97,24 @@ def time_anomalib_engine(backbone: str, data: Path, size: int, epochs: int) -> f
     from anomalib.engine import Engine
     from anomalib.models import Fastflow
 
-    module = Fastflow(pre_trained=False, visualizer=False,
-                      pre_processor=Fastflow.configure_pre_processor(image_size=(size, size)))
+    module = Fastflow(
+        pre_trained=False,
+        visualizer=False,
+        pre_processor=Fastflow.configure_pre_processor(image_size=(size, size)),
+    )
     module.model = anomalib_model(backbone, (size, size))
-    datamodule = MVTecAD(root=data.parent, category=data.name, train_batch_size=BATCH, eval_batch_size=BATCH,
-                         num_workers=2)
+    datamodule = MVTecAD(
+        root=data.parent, category=data.name, train_batch_size=BATCH, eval_batch_size=BATCH, num_workers=2
+    )
     with tempfile.TemporaryDirectory() as folder:
-        engine = Engine(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, default_root_dir=folder,
-                        enable_progress_bar=False)
+        engine = Engine(
+            max_epochs=epochs,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            default_root_dir=folder,
+            enable_progress_bar=False,
+        )
         start = time.perf_counter()
         engine.fit(model=module, datamodule=datamodule)
         return time.perf_counter() - start
@@ -122,32 +132,54 @@ def time_fastflow(backbone: str, data: Path, size: int, epochs: int, precision: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", action="append", help="repeatable; default resnet18 and tf_efficientnet_lite0")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--backbone", action="append", help="repeatable; default resnet18 and tf_efficientnet_lite0"
+    )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--flow-precision", nargs="+", default=["float32", "bfloat16"], choices=FLOW_PRECISIONS)
+    parser.add_argument(
+        "--flow-precision", nargs="+", default=["float32", "bfloat16"], choices=FLOW_PRECISIONS
+    )
     parser.add_argument("--data", type=Path, default=BOTTLE, help="dataset folder (normal training images)")
-    parser.add_argument("--anomalib-engine", action="store_true",
-                        help="also time anomalib's Engine.fit (needs --data in the MVTec AD layout)")
+    parser.add_argument(
+        "--anomalib-engine",
+        action="store_true",
+        help="also time anomalib's Engine.fit (needs --data in the MVTec AD layout)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"CPU: {cpu_model()}; {torch.get_num_threads()} threads; command: python {shlex.join(sys.argv)}")
     images = normalised_images(args.data, args.size)
-    print(f"{len(images)} normal images from {args.data}, {args.size}x{args.size}, batch {BATCH}, {args.epochs} epochs\n")
-    print("| backbone | trainer | seconds (whole run) | seconds per epoch | training images/s | vs anomalib loop "
-          "| vs anomalib Engine.fit |")
+    print(
+        f"{len(images)} normal images from {args.data}, {args.size}x{args.size}, batch {BATCH}, {args.epochs} epochs\n"
+    )
+    print(
+        "| backbone | trainer | seconds (whole run) | seconds per epoch | training images/s | vs anomalib loop "
+        "| vs anomalib Engine.fit |"
+    )
     print("|---|---|---|---|---|---|---|")
 
-    def row(backbone: str, trainer: str, seconds: float, rate: float, reference: float, engine: float | None) -> None:
+    def row(
+        backbone: str, trainer: str, seconds: float, rate: float, reference: float, engine: float | None
+    ) -> None:
         versus_engine = f"{rate / engine:.2f}x" if engine else ""
-        print(f"| {backbone} | {trainer} | {seconds:.1f} | {seconds / args.epochs:.1f} | {rate:.1f} "
-              f"| {rate / reference:.2f}x | {versus_engine} |", flush=True)
+        print(
+            f"| {backbone} | {trainer} | {seconds:.1f} | {seconds / args.epochs:.1f} | {rate:.1f} "
+            f"| {rate / reference:.2f}x | {versus_engine} |",
+            flush=True,
+        )
 
     for backbone in args.backbone or ["resnet18", "tf_efficientnet_lite0"]:
         per_epoch = time_anomalib(backbone, images, args.epochs)
         reference = len(images) * args.epochs / sum(per_epoch)
-        engine_seconds = time_anomalib_engine(backbone, args.data, args.size, args.epochs) if args.anomalib_engine else None
+        engine_seconds = (
+            time_anomalib_engine(backbone, args.data, args.size, args.epochs)
+            if args.anomalib_engine
+            else None
+        )
         engine = len(images) * args.epochs / engine_seconds if engine_seconds else None
         row(backbone, "anomalib FastflowModel loop", sum(per_epoch), reference, reference, engine)
         if engine_seconds:
@@ -155,7 +187,14 @@ def main() -> None:
         for precision in args.flow_precision:
             seconds, holdout = time_fastflow(backbone, args.data, args.size, args.epochs, precision)
             rate = (len(images) - holdout) * args.epochs / seconds
-            row(backbone, f"fastflow fit (improved recipe, flows {precision})", seconds, rate, reference, engine)
+            row(
+                backbone,
+                f"fastflow fit (improved recipe, flows {precision})",
+                seconds,
+                rate,
+                reference,
+                engine,
+            )
 
 
 if __name__ == "__main__":

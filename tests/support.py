@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fastflow.synthetic import DEFECTS, _check_fmt, _prepare_root, _render, _save, _save_mask, _style
+from fastflow.apps.synthetic import DEFECTS, _check_fmt, _prepare_root, _render, _save, _save_mask, _style
 
 __all__ = ["bad_requests", "make_folder_dataset", "perturb_trainable", "png_claiming"]
 
@@ -79,10 +79,17 @@ def make_folder_dataset(
 
 def png_claiming(width: int, height: int) -> bytes:
     """A 60-byte PNG whose header says ``width`` x ``height`` (a decompression bomb's header)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def bad_requests(good: bytes, max_body_bytes: int) -> dict[str, tuple[bytes, str, str, int, str]]:
@@ -101,7 +108,12 @@ def bad_requests(good: bytes, max_body_bytes: int) -> dict[str, tuple[bytes, str
         "wrong content type": (good, "application/json", "", 415, "content type"),
         "text content type": (good, "text/plain", "", 415, "content type"),
         "GIF": (gif.getvalue(), "image/gif", "", 400, "not a PNG"),
-        "multipart without a file": (b"--b\r\nContent-Disposition: form-data; name=x\r\n\r\n1\r\n--b--\r\n",
-                                     "multipart/form-data; boundary=b", "", 400, "no file"),
+        "multipart without a file": (
+            b"--b\r\nContent-Disposition: form-data; name=x\r\n\r\n1\r\n--b--\r\n",
+            "multipart/form-data; boundary=b",
+            "",
+            400,
+            "no file",
+        ),
         "bad heatmap flag": (good, "image/png", "?heatmap=maybe", 422, "heatmap"),
     }

@@ -4,12 +4,22 @@ A frozen pretrained backbone feeds per-scale 2D normalizing flows trained on nor
 only; the likelihood of each feature position becomes a pixel anomaly map and an image score.
 """
 
-from fastflow.detector import FastFlow, Prediction
-from fastflow.errors import FastFlowError
-from fastflow.io import load_model, save_model
+from fastflow.core.errors import FastFlowError
+from fastflow.estimator.detector import FastFlow, Prediction
+from fastflow.estimator.engines import load_exported
+from fastflow.estimator.export import check_parity, to_onnx, to_openvino
+from fastflow.estimator.model_file import load_model, save_model
+from fastflow.estimator.training import TrainConfig
+from fastflow.model.config import (
+    PRESETS,
+    RECIPES,
+    FastFlowConfig,
+    Recipe,
+    get_config,
+    get_recipe,
+    list_presets,
+)
 from fastflow.model.fastflow import FastFlowModel
-from fastflow.presets import PRESETS, RECIPES, FastFlowConfig, Recipe, get_config, get_recipe, list_presets
-from fastflow.train import TrainConfig
 
 __version__ = "0.1.0"
 
@@ -23,11 +33,15 @@ __all__ = [
     "Prediction",
     "Recipe",
     "TrainConfig",
+    "check_parity",
     "get_config",
     "get_recipe",
     "list_presets",
+    "load_exported",
     "load_model",
     "save_model",
+    "to_onnx",
+    "to_openvino",
 ]
 
 

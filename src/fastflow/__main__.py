@@ -1,5 +1,5 @@
 """``python -m fastflow``: the command line, as ``torchrun -m fastflow train ...`` launches it."""
 
-from fastflow.cli import app
+from fastflow.apps.cli import app
 
 app(prog_name="fastflow")

@@ -6,12 +6,12 @@ import pytest
 import torch
 from support import perturb_trainable
 
-from fastflow.errors import FastFlowError
+from fastflow.core.errors import FastFlowError
+from fastflow.model.config import get_config
 from fastflow.model.context import fuse_to_finest, local_average, positional_encoding
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.model.flow import CouplingStep, FlowStack
-from fastflow.presets import get_config
-from fastflow.scoring import nll_loss
+from fastflow.model.scoring import nll_loss
 
 
 def test_local_average_is_the_neighbourhood_mean_inside_and_at_the_borders():
@@ -47,7 +47,9 @@ def test_conditioned_step_log_det_matches_autograd_and_inverts():
         perturb_trainable(step, torch.Generator().manual_seed(0))
         condition = positional_encoding(4, 3, 2).double()
         x = torch.randn(1, 4, 3, 2)
-        jacobian = torch.autograd.functional.jacobian(lambda t: step(t, condition)[0], x).reshape(x.numel(), -1)
+        jacobian = torch.autograd.functional.jacobian(lambda t: step(t, condition)[0], x).reshape(
+            x.numel(), -1
+        )
         torch.testing.assert_close(step(x, condition)[1].sum(), torch.linalg.slogdet(jacobian)[1])
         torch.testing.assert_close(step.inverse(step(x, condition)[0], condition), x)
         assert not torch.allclose(step(x, condition)[0], step(x, torch.zeros_like(condition))[0])
@@ -71,9 +73,13 @@ def test_folded_conditioned_flow_equals_the_flow(in_place, permutation):
         flow.fold()
 
 
-OPTIONS = [{"context_pool": 3}, {"fuse_scales": True}, {"positional_channels": 8},
-           {"positional_channels": 8, "permutation": "swap"},
-           {"context_pool": 3, "fuse_scales": True, "positional_channels": 8}]
+OPTIONS = [
+    {"context_pool": 3},
+    {"fuse_scales": True},
+    {"positional_channels": 8},
+    {"positional_channels": 8, "permutation": "swap"},
+    {"context_pool": 3, "fuse_scales": True, "positional_channels": 8},
+]
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o))
@@ -100,7 +106,9 @@ def test_model_options_train_fold_and_reload_alike(options):
 
 def test_pooling_changes_what_the_flows_see():
     plain = FastFlowModel(get_config("resnet18", input_size=(64, 48), flow_steps=2), "random").eval()
-    pooled = FastFlowModel(get_config("resnet18", input_size=(64, 48), flow_steps=2, context_pool=3), "random")
+    pooled = FastFlowModel(
+        get_config("resnet18", input_size=(64, 48), flow_steps=2, context_pool=3), "random"
+    )
     pooled.backbone.load_state_dict(plain.backbone.state_dict())
     pixels = torch.randint(0, 256, (1, 3, 64, 48), dtype=torch.uint8)
     raw, smooth = plain.extract(pixels), pooled.extract(pixels)
@@ -108,9 +116,16 @@ def test_pooling_changes_what_the_flows_see():
     assert not torch.allclose(smooth[1], raw[1])
 
 
-@pytest.mark.parametrize(("field", "value"), [("context_pool", 2), ("context_pool", 0), ("positional_channels", 6),
-                                              ("fuse_scales", 1),
-                                              ("permutation", "shuffle")])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("context_pool", 2),
+        ("context_pool", 0),
+        ("positional_channels", 6),
+        ("fuse_scales", 1),
+        ("permutation", "shuffle"),
+    ],
+)
 def test_bad_context_options_are_clear_errors(field, value):
     with pytest.raises(FastFlowError, match=field):
         get_config("resnet18", **{field: value})

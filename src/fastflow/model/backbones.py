@@ -21,8 +21,8 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fastflow.errors import FastFlowError, first_line
-from fastflow.files import read_tensor_file
+from fastflow.core.errors import FastFlowError, first_line
+from fastflow.core.files import read_tensor_file
 
 __all__ = ["RANDOM_WEIGHTS", "Backbone", "is_transformer", "load_state_dict_file"]
 
@@ -43,7 +43,9 @@ def load_state_dict_file(path: Path) -> dict[str, Tensor]:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise FastFlowError(f"weights file {path} holds no state dict of tensors; save model.state_dict() instead")
+        raise FastFlowError(
+            f"weights file {path} holds no state dict of tensors; save model.state_dict() instead"
+        )
     return state
 
 
@@ -80,7 +82,9 @@ class Backbone(nn.Module):
             # token grid covers exactly the input's field of view and maps upsample back aligned.
             with torch.device("meta"):  # shapes only: no memory, no slow weight init
                 patch = timm.create_model(name, pretrained=False).patch_embed.patch_size
-            self.token_input_size = tuple(max(step, round(size / step) * step) for size, step in zip(input_size, patch))
+            self.token_input_size = tuple(
+                max(step, round(size / step) * step) for size, step in zip(input_size, patch)
+            )
             kwargs = {"img_size": self.token_input_size}
         else:
             kwargs = {"features_only": True, "out_indices": self.layers}

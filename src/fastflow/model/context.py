@@ -44,7 +44,8 @@ def fuse_to_finest(maps: list[Tensor]) -> Tensor:
     """
     height, width = max((m.shape[-2:] for m in maps), key=lambda hw: hw[0] * hw[1])
     resized = [
-        m if m.shape[-2:] == (height, width)
+        m
+        if m.shape[-2:] == (height, width)
         else F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False)
         for m in maps
     ]

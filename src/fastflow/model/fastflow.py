@@ -14,10 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from fastflow.model.backbones import Backbone
+from fastflow.model.config import FastFlowConfig
 from fastflow.model.context import fuse_to_finest, local_average, positional_encoding
 from fastflow.model.flow import FlowStack
 from fastflow.model.preprocess import Preprocess
-from fastflow.presets import FastFlowConfig
 
 __all__ = ["FastFlowModel"]
 
@@ -66,9 +66,16 @@ class FastFlowModel(nn.Module):
             self.flow_shapes = list(self.feature_shapes)
         kernels = (3,) if config.conv3x3_only else (3, 1)
         self.flows = nn.ModuleList(
-            FlowStack(shape[0], config.flow_steps, config.hidden_ratio, kernels, config.clamp, seed=index,
-                      condition_channels=config.positional_channels,
-                      permutation=config.permutation)
+            FlowStack(
+                shape[0],
+                config.flow_steps,
+                config.hidden_ratio,
+                kernels,
+                config.clamp,
+                seed=index,
+                condition_channels=config.positional_channels,
+                permutation=config.permutation,
+            )
             for index, shape in enumerate(self.flow_shapes)
         )
         self.use_channels_last()
@@ -127,10 +134,16 @@ class FastFlowModel(nn.Module):
         exact NLL of the fused map, with the norms' scales still paid for.
         """
         normed = [norm(feature) for norm, feature in zip(self.norms, features, strict=True)]
-        norm_log_dets = [
-            norm.weight.abs().log().sum(dim=0, keepdim=True)[None] if isinstance(norm, nn.LayerNorm) else None
-            for norm in self.norms
-        ] if with_norm_log_det else [None] * len(self.norms)
+        norm_log_dets = (
+            [
+                norm.weight.abs().log().sum(dim=0, keepdim=True)[None]
+                if isinstance(norm, nn.LayerNorm)
+                else None
+                for norm in self.norms
+            ]
+            if with_norm_log_det
+            else [None] * len(self.norms)
+        )
         if self.config.fuse_scales:
             normed = [fuse_to_finest(normed)]
             terms = [t for t in norm_log_dets if t is not None]
@@ -164,8 +177,12 @@ class FastFlowModel(nn.Module):
         conditions = self.positions(next(self.flows.parameters()).device)
         in_place = in_place and self.config.permutation == "random"
         flows = nn.ModuleList(
-            flow.fold(condition, in_place and channels**2 * height * width <= IN_PLACE_MAX_WORK, conv_permutation)
-            for flow, condition, (channels, height, width) in zip(self.flows, conditions, self.flow_shapes, strict=True)
+            flow.fold(
+                condition, in_place and channels**2 * height * width <= IN_PLACE_MAX_WORK, conv_permutation
+            )
+            for flow, condition, (channels, height, width) in zip(
+                self.flows, conditions, self.flow_shapes, strict=True
+            )
         )
         folded._modules = {**self._modules, "flows": flows}
         return folded.eval()

@@ -92,7 +92,9 @@ class CouplingStep(nn.Module):
     def _scale_shift(self, x1: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.condition_channels:
             x1 = torch.cat((x1, condition.expand(x1.shape[0], -1, -1, -1)), dim=1)
-        raw_log_scale, shift = (self.subnet(x1) * _SUBNET_OUTPUT_SCALE).split((self.active, self.active), dim=1)
+        raw_log_scale, shift = (self.subnet(x1) * _SUBNET_OUTPUT_SCALE).split(
+            (self.active, self.active), dim=1
+        )
         return self.clamp * torch.tanh(raw_log_scale), shift
 
     def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -141,8 +143,15 @@ class FlowStack(nn.Module):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.steps = nn.ModuleList(
-            CouplingStep(channels, kernels[i % len(kernels)], hidden_ratio, clamp, generator, condition_channels,
-                         permutation)
+            CouplingStep(
+                channels,
+                kernels[i % len(kernels)],
+                hidden_ratio,
+                clamp,
+                generator,
+                condition_channels,
+                permutation,
+            )
             for i in range(steps)
         )
 
@@ -171,7 +180,9 @@ class FlowStack(nn.Module):
 class _FoldedStep(nn.Module):
     """One coupling step with its constants folded (see ``FoldedFlow``)."""
 
-    def __init__(self, step: CouplingStep, last: bool, condition: Tensor | None, conv_permutation: bool) -> None:
+    def __init__(
+        self, step: CouplingStep, last: bool, condition: Tensor | None, conv_permutation: bool
+    ) -> None:
         super().__init__()
         self.passive, self.active, self.clamp = step.passive, step.active, step.clamp
         conv1, conv2 = step.subnet[0], step.subnet[2]
@@ -211,8 +222,13 @@ class _FoldedStep(nn.Module):
         # gathered straight from it (no permuted copy to split), and the last step skips it.
         permutation = step.permutation.clone()
         # Halves that trade places need no gather: this step's outputs are the next one's inputs.
-        self.swaps = not last and step.passive == step.active and torch.equal(
-            permutation, torch.cat((torch.arange(step.passive, step.channels), torch.arange(step.passive)))
+        self.swaps = (
+            not last
+            and step.passive == step.active
+            and torch.equal(
+                permutation,
+                torch.cat((torch.arange(step.passive, step.channels), torch.arange(step.passive))),
+            )
         )
         gathers = not (last or self.swaps)
         self.register_buffer("next_passive", permutation[: step.passive] if gathers else None)
@@ -334,7 +350,10 @@ class FoldedFlow(nn.Module):
     """
 
     def __init__(
-        self, flow: FlowStack, condition: Tensor | None = None, in_place: bool = False,
+        self,
+        flow: FlowStack,
+        condition: Tensor | None = None,
+        in_place: bool = False,
         conv_permutation: bool = False,
     ) -> None:
         super().__init__()
@@ -344,8 +363,10 @@ class FoldedFlow(nn.Module):
         self.passive = steps[0].passive
         self.in_place = in_place
         self.conv_permutation = conv_permutation and not in_place
-        folded = [_FoldedStep(step, i == len(steps) - 1, condition, self.conv_permutation)
-                  for i, step in enumerate(steps)]
+        folded = [
+            _FoldedStep(step, i == len(steps) - 1, condition, self.conv_permutation)
+            for i, step in enumerate(steps)
+        ]
         if not self.in_place:
             self.steps = nn.ModuleList(folded)
             # The last step's permutation, not applied: FlowStack's z == this module's z[:, output_permutation].
@@ -354,7 +375,9 @@ class FoldedFlow(nn.Module):
         physical = torch.arange(steps[0].channels)  # physical channel of each of a step's input channels
         in_place_steps = []
         for step, folded_step in zip(steps, folded, strict=True):
-            in_place_steps.append(_InPlaceStep(folded_step, physical[: step.passive], physical[step.passive :]))
+            in_place_steps.append(
+                _InPlaceStep(folded_step, physical[: step.passive], physical[step.passive :])
+            )
             physical = physical[step.permutation]
         self.steps = nn.ModuleList(in_place_steps)
         self.register_buffer("output_permutation", physical)
@@ -374,4 +397,3 @@ class FoldedFlow(nn.Module):
         for step in self.steps:
             x1, x2 = step(x1, x2)
         return torch.cat((x1, x2), dim=1), None
-

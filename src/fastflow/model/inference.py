@@ -1,7 +1,7 @@
 """The inference graph: raw image pixels in, anomaly map, image score and label out.
 
 ``InferenceGraph`` is the one definition of inference. ``FastFlow`` runs it in Python (engine
-"torch"), and ``fastflow.export`` traces this very module to ONNX and OpenVINO, so every
+"torch"), and ``fastflow.estimator.export`` traces this very module to ONNX and OpenVINO, so every
 engine computes the same function: ``FastFlowModel.extract`` (resize + normalise -> frozen
 backbone) -> ``FastFlowModel.flow`` (norms -> flows, latent ``z``) -> ``score_latents`` (the
 recipe's anomaly map and image score) -> label (score above the calibrated threshold, which
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fastflow.model.config import Recipe
 from fastflow.model.fastflow import FastFlowModel
-from fastflow.presets import Recipe
 
 __all__ = ["InferenceGraph", "float32_threshold"]
 

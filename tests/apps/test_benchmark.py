@@ -1,0 +1,127 @@
+"""Benchmark tables: the markdown layout and averages, and one tiny real run."""
+
+from __future__ import annotations
+
+import json
+
+from fastflow.apps.benchmark import (
+    BUILTIN_DATASETS,
+    TABLE_METRICS,
+    BenchmarkRun,
+    markdown_tables,
+    resolve_dataset,
+    run_benchmark,
+)
+from fastflow.apps.synthetic import make_textures
+from fastflow.core.errors import FastFlowError
+from fastflow.estimator.training import TrainConfig
+
+
+def _run(category, backbone, seed, value):
+    keys = ("image_auroc", "pixel_auroc", "image_f1", "pixel_f1", "aupro")
+    return BenchmarkRun(category, backbone, seed, {k: value for k in keys})
+
+
+def test_tables_have_one_row_per_category_an_average_and_seed_spread():
+    runs = [
+        _run("bottle", "a", 0, 0.90),
+        _run("bottle", "a", 1, 0.94),
+        _run("cable", "a", 0, 0.80),
+        _run("bottle", "b", 0, 1.00),
+        _run("cable", "b", 0, 0.60),
+    ]
+    text = markdown_tables(runs)
+    assert text.count("### ") == 5
+    image_table = text.split("### Image AUROC")[1].split("###")[0]
+    assert "| bottle | 0.920 (0.900-0.940) | 1.000 |" in image_table
+    assert "| cable | 0.800 | 0.600 |" in image_table
+    assert "| **Average** | 0.860 | 0.800 |" in image_table
+
+
+def test_tiny_real_run_writes_one_json_per_run(tmp_path, lite0_weights):
+    data = make_textures(tmp_path / "tex", n_train=10, n_test_good=3, n_test_defect=2, size=(64, 64))
+    runs = run_benchmark(
+        [data],
+        ["tf_efficientnet_lite0"],
+        tmp_path / "out",
+        weights={"tf_efficientnet_lite0": lite0_weights},
+        seeds=(0, 1),
+        recipes=("reference", "improved"),
+        training=TrainConfig(max_epochs=1, batch_size=8),
+        input_size=(64, 64),
+        robustness=["clean", "noise1"],
+    )
+    assert [(r.recipe, r.seed) for r in runs] == [
+        ("reference", 0),
+        ("reference", 1),
+        ("improved", 0),
+        ("improved", 1),
+    ]
+    files = sorted((tmp_path / "out").glob("*.json"))
+    assert [f.name for f in files] == [
+        f"tex__tf_efficientnet_lite0__{recipe}__seed{seed}.json"
+        for recipe in ("improved", "reference")
+        for seed in (0, 1)
+    ]
+    record = json.loads(files[0].read_text())
+    assert 0.0 <= record["metrics"]["image_auroc"] <= 1.0 and record["epochs"] == 1
+    assert [row["perturbation"] for row in record["robustness"]] == ["clean", "noise1"]
+    assert record["robustness"][0]["image_auroc"] == record["metrics"]["image_auroc"]
+    tables = markdown_tables(runs)
+    assert "tf_efficientnet_lite0 (reference)" in tables
+    robustness = tables.split("### Robustness")[1].splitlines()
+    assert (
+        sum(line.startswith("| tex | tf_efficientnet_lite0") for line in robustness) == 4
+    )  # 2 recipes x 2 changes
+
+
+def test_recipes_get_their_own_columns():
+    runs = [
+        _run("bottle", "a", 0, 0.9),
+        BenchmarkRun("bottle", "a", 0, {k: 0.99 for k in TABLE_METRICS}, "reference"),
+    ]
+    image_table = markdown_tables(runs).split("### Image AUROC")[1].split("###")[0]
+    assert "| category | a | a (reference) |" in image_table
+    assert "| bottle | 0.900 | 0.990 |" in image_table
+
+
+def test_builtin_dataset_is_generated_once_under_the_output(tmp_path, monkeypatch):
+    calls = []
+
+    def tiny(root):
+        calls.append(root)
+        return make_textures(root, n_train=2, n_test_good=1, n_test_defect=1, size=(32, 32))
+
+    monkeypatch.setitem(BUILTIN_DATASETS, "textures", tiny)
+    first = resolve_dataset("textures", tmp_path)
+    assert first == tmp_path / "data" / "textures" and (first / "train" / "good").is_dir()
+    assert resolve_dataset("textures", tmp_path) == first and len(calls) == 1
+    assert resolve_dataset(tmp_path / "elsewhere", tmp_path) == tmp_path / "elsewhere"
+
+
+def test_two_jobs_give_the_runs_one_job_gives(tmp_path, lite0_weights):
+    import pytest
+    import torch
+
+    data = make_textures(tmp_path / "tex", n_train=8, n_test_good=3, n_test_defect=2, size=(64, 64))
+    kwargs = {
+        "weights": {"tf_efficientnet_lite0": lite0_weights},
+        "seeds": (0, 1),
+        "training": TrainConfig(max_epochs=1, batch_size=4),
+        "input_size": (64, 64),
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of two workers on two cores, so the arithmetic is the same
+    try:
+        serial = run_benchmark([data], ["tf_efficientnet_lite0"], tmp_path / "one", jobs=1, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    parallel = run_benchmark([data], ["tf_efficientnet_lite0"], tmp_path / "two", jobs=2, **kwargs)
+    assert [r.seed for r in parallel] == [0, 1]
+    for one, two in zip(serial, parallel, strict=True):
+        assert two.metrics == pytest.approx(one.metrics, abs=1e-6)
+    assert sorted(f.name for f in (tmp_path / "two").glob("*.json")) == sorted(
+        f.name for f in (tmp_path / "one").glob("*.json")
+    )
+    with pytest.raises(FastFlowError, match="--jobs"):
+        run_benchmark([data], ["tf_efficientnet_lite0"], tmp_path / "bad", jobs=0, **kwargs)

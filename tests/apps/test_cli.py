@@ -1,0 +1,576 @@
+"""The ``fastflow`` command line, run in-process through ``main``: train -> test -> predict, and errors.
+
+Datasets are generated once per module; one model is trained per layout (MVTec and generic
+folder) and reused. Every user error must exit non-zero with exactly one stderr line
+``error: ...`` naming the offending path, and must leave no half-written output behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+from support import make_folder_dataset
+
+from fastflow import FastFlow
+from fastflow.apps.cli import main
+from fastflow.apps.synthetic import make_textures
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+INPUT_SIZE = "64x96"
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "image_f1", "pixel_f1", "aupro")
+
+
+@pytest.fixture(scope="module")
+def mvtec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli") / "textures"
+    return make_textures(root, n_train=16, n_test_good=3, n_test_defect=1, size=(128, 128))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generic layout: normal/, anomalous/, masks/; png + jpg, every third image grayscale, mixed sizes."""
+    root = tmp_path_factory.mktemp("cli") / "folder"
+    return make_folder_dataset(root, n_normal=12, n_anomalous=4)
+
+
+@pytest.fixture(scope="module")
+def _runs() -> dict[str, Path]:
+    return {}
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: Any) -> tuple[int, str, str]:
+    """``main(args)``: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def train_args(data: Path, output: Path, weights: Path, *extra: Any) -> list[Any]:
+    return [
+        "train",
+        data,
+        "--output",
+        output,
+        "--backbone",
+        "tf_efficientnet_lite0",
+        "--weights",
+        weights,
+        "--input-size",
+        INPUT_SIZE,
+        "--epochs",
+        3,
+        "--batch-size",
+        8,
+        *extra,
+    ]
+
+
+def assert_user_error(code: int, err: str, *names: Any) -> str:
+    """Exit status 2 and one stderr line 'error: ...' that names every one of ``names``."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    for name in names:
+        assert str(name) in lines[0], f"{name} not named in: {lines[0]}"
+    return lines[0]
+
+
+def snapshot(path: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``path`` with its size and modification time."""
+    files = sorted(path.rglob("*"))
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
+
+
+def _train_once(
+    capsys: pytest.CaptureFixture[str],
+    runs: dict[str, Path],
+    key: str,
+    data: Path,
+    weights: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    if key not in runs:
+        run = tmp_path_factory.mktemp("runs") / key
+        code, out, err = run_cli(capsys, *train_args(data, run, weights))
+        assert code == 0, err
+        assert "saved" in out and "best epoch" in out
+        runs[key] = run
+    return runs[key]
+
+
+@pytest.fixture
+def mvtec_run(capsys, _runs, mvtec, lite0_weights, tmp_path_factory) -> Path:
+    return _train_once(capsys, _runs, "mvtec", mvtec, lite0_weights, tmp_path_factory)
+
+
+@pytest.fixture
+def folder_run(capsys, _runs, folder, lite0_weights, tmp_path_factory) -> Path:
+    return _train_once(capsys, _runs, "folder", folder, lite0_weights, tmp_path_factory)
+
+
+# ---------------------------------------------------------------------------- train -> test -> predict
+
+
+def check_run(run: Path) -> None:
+    assert (run / "model.safetensors").is_file()
+    history = json.loads((run / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    detector = FastFlow.load(run)
+    assert detector.model_.config.input_size == (64, 96)
+    assert detector.model_.config.backbone == "tf_efficientnet_lite0"
+    assert detector.training.max_epochs == 3
+    assert detector.history_ == history
+
+
+def check_test_json(path: Path, n_images: int) -> None:
+    report = json.loads(path.read_text())
+    for key in METRIC_KEYS:
+        assert isinstance(report[key], float), key
+        assert 0.0 <= report[key] <= 1.0, (key, report[key])
+    assert len(report["images"]) == n_images
+    assert {row["label"] for row in report["images"]} == {0, 1}
+
+
+def check_predictions(output: Path, inputs: list[Path]) -> list[dict[str, str]]:
+    """One row per input in predictions.csv/.json, an overlay and a mask at the image's size for each."""
+    with open(output / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    summary = json.loads((output / "predictions.json").read_text())
+    assert sorted(row["path"] for row in rows) == sorted(str(p) for p in inputs)
+    assert [row["path"] for row in summary["predictions"]] == [row["path"] for row in rows]
+    assert len(list((output / "overlays").iterdir())) == len(inputs)
+    assert len(list((output / "masks").iterdir())) == len(inputs)
+    threshold = summary["threshold"]
+    for row in summary["predictions"]:
+        assert row["label"] in ("normal", "anomalous")
+        assert (row["label"] == "anomalous") == (row["score"] > threshold)
+        with Image.open(row["path"]) as image:
+            size = image.size
+        with Image.open(output / row["overlay"]) as overlay, Image.open(output / row["mask"]) as mask:
+            assert overlay.size == size and mask.size == size
+            assert set(mask.getdata()) <= {0, 255}
+    return rows
+
+
+def test_train_test_predict_mvtec_layout(capsys, mvtec: Path, mvtec_run: Path, tmp_path: Path) -> None:
+    check_run(mvtec_run)
+
+    report = tmp_path / "report.json"
+    code, out, err = run_cli(capsys, "test", mvtec_run, mvtec, "--json", report)
+    assert code == 0, err
+    assert "image_auroc" in out and "aupro" in out
+    check_test_json(report, n_images=3 + 3)
+
+    # A glob over every test folder (MVTec test folders reuse file names).
+    test_images = sorted((mvtec / "test").glob("*/*.png"))
+    output = tmp_path / "predictions"
+    code, out, err = run_cli(capsys, "predict", mvtec_run, str(mvtec / "test" / "*" / "*.png"), "-o", output)
+    assert code == 0, err
+    assert f"wrote {len(test_images)} predictions" in out
+    rows = check_predictions(output, test_images)
+    assert len({row["overlay"] for row in rows}) == len(test_images)
+
+
+def test_test_with_robustness_adds_a_row_per_change(
+    capsys, mvtec: Path, mvtec_run: Path, tmp_path: Path
+) -> None:
+    report = tmp_path / "report.json"
+    code, out, err = run_cli(
+        capsys, "test", mvtec_run, mvtec, "--perturbations", "noise1,bright3", "--json", report
+    )
+    assert code == 0, err
+    assert "| clean |" in out and "| noise1 |" in out and "| bright3 |" in out and "| shift4 |" not in out
+    rows = json.loads(report.read_text())["robustness"]
+    assert [row["perturbation"] for row in rows] == ["clean", "noise1", "bright3"]
+    assert rows[0]["normal_drift"] == 0.0 and rows[1]["normal_drift"] != 0.0
+
+    code, _, err = run_cli(
+        capsys, "test", mvtec_run, mvtec, "--perturbations", "noise3", "--json", tmp_path / "x.json"
+    )
+    assert_user_error(code, err, "noise3", "noise1")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_predict_a_folder_and_a_file(capsys, mvtec: Path, mvtec_run: Path, tmp_path: Path) -> None:
+    good = mvtec / "test" / "good"
+    scratch = mvtec / "test" / "scratch" / "000.png"
+    output = tmp_path / "out"
+    code, _, err = run_cli(capsys, "predict", mvtec_run, good, scratch, "-o", output)
+    assert code == 0, err
+    check_predictions(output, [*sorted(good.glob("*.png")), scratch])
+
+
+def test_train_test_predict_folder_layout(capsys, folder: Path, folder_run: Path, tmp_path: Path) -> None:
+    check_run(folder_run)
+
+    report = tmp_path / "report.json"
+    code, _, err = run_cli(capsys, "test", folder_run, folder, "--json", report)
+    assert code == 0, err
+    check_test_json(report, n_images=12 + 4)
+
+    images = sorted([*(folder / "normal").iterdir(), *(folder / "anomalous").iterdir()])
+    assert {p.suffix for p in images} == {".png", ".jpg"}
+    output = tmp_path / "predictions"
+    inputs = [folder / "normal", folder / "anomalous"]
+    code, _, err = run_cli(capsys, "predict", folder_run, *inputs, "-o", output)
+    assert code == 0, err
+    check_predictions(output, images)
+
+
+# ---------------------------------------------------------------------------- --config
+
+
+def test_config_file_with_flag_overrides(capsys, mvtec: Path, lite0_weights: Path, tmp_path: Path) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "backbone": "tf_efficientnet_lite0",
+                "weights": str(lite0_weights),
+                "input_size": "64x96",
+                "epochs": 3,
+                "batch_size": 8,
+                "lr": 0.002,
+                "seed": 3,
+                "flow_steps": 2,
+                "threshold_quantile": 0.9,
+            }
+        )
+    )
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", mvtec, "-o", run, "--config", config, "--epochs", 1, "--seed", 5)
+    assert code == 0, err
+    detector = FastFlow.load(run)
+    # From the file:
+    assert detector.model_.config.flow_steps == 2
+    assert detector.model_.config.input_size == (64, 96)
+    assert detector.training.lr == 0.002
+    assert detector.training.batch_size == 8
+    assert detector.threshold_quantile == 0.9
+    # Flags win:
+    assert detector.training.max_epochs == 1
+    assert detector.training.seed == 5
+    assert len(detector.history_) == 1
+
+
+def test_resume_continues_a_run(capsys, mvtec: Path, lite0_weights: Path, tmp_path: Path) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"flow_steps": 2, "batch_size": 8}))
+    run = tmp_path / "run"
+    base = [
+        "train",
+        mvtec,
+        "-o",
+        run,
+        "--config",
+        config,
+        "--backbone",
+        "tf_efficientnet_lite0",
+        "--weights",
+        lite0_weights,
+        "--input-size",
+        INPUT_SIZE,
+    ]
+    code, _, err = run_cli(capsys, *base, "--epochs", 2)
+    assert code == 0, err
+    first = json.loads((run / "history.json").read_text())
+    assert len(first) == 2
+
+    code, _, err = run_cli(capsys, *base, "--epochs", 3, "--resume")
+    assert code == 0, err
+    history = json.loads((run / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[:2] == first
+    assert FastFlow.load(run).history_ == history
+
+
+def test_resume_without_a_run(capsys, mvtec: Path, lite0_weights: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, *train_args(mvtec, run, lite0_weights), "--resume")
+    assert_user_error(code, err, run)
+    assert not run.exists()
+
+
+def test_config_file_unknown_key(capsys, mvtec: Path, tmp_path: Path) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", mvtec, "-o", run, "--config", config)
+    line = assert_user_error(code, err, config, "learning_rate")
+    assert "valid keys" in line
+    assert not run.exists()
+
+
+# ---------------------------------------------------------------------------- user errors
+
+
+def _copy_train_images(mvtec: Path, folder: Path, count: int = 4) -> Path:
+    folder.mkdir(parents=True)
+    for image in sorted((mvtec / "train" / "good").glob("*.png"))[:count]:
+        shutil.copy(image, folder / image.name)
+    return folder
+
+
+def test_corrupt_training_image(capsys, mvtec: Path, lite0_weights: Path, tmp_path: Path) -> None:
+    data = _copy_train_images(mvtec, tmp_path / "data")
+    broken = data / "002_broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, *train_args(data, run, lite0_weights))
+    assert_user_error(code, err, broken)
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("layout", ["empty", "only a subfolder of text files"])
+def test_no_training_images(capsys, layout: str, lite0_weights: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    if layout != "empty":
+        (data / "notes").mkdir()
+        (data / "notes" / "readme.txt").write_text("not an image")
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, *train_args(data, run, lite0_weights))
+    assert_user_error(code, err, data)
+    assert not run.exists()
+
+
+def test_missing_mask_for_defect_image(capsys, mvtec: Path, mvtec_run: Path, tmp_path: Path) -> None:
+    data = tmp_path / "textures"
+    shutil.copytree(mvtec, data)
+    mask = data / "ground_truth" / "spot" / "000_mask.png"
+    mask.unlink()
+    report = tmp_path / "report.json"
+    code, _, err = run_cli(capsys, "test", mvtec_run, data, "--json", report)
+    assert_user_error(code, err, mask)
+    assert not report.exists()
+
+
+def _random_bytes(path: Path) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    path.write_bytes(torch.randint(0, 256, (4096,), generator=generator, dtype=torch.uint8).numpy().tobytes())
+    return path
+
+
+def _resnet18_weights(path: Path) -> Path:
+    import timm
+
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "random bytes", "another model"])
+def test_bad_backbone_weights(capsys, kind: str, mvtec: Path, tmp_path: Path) -> None:
+    weights = {
+        "missing": lambda: Path("/nonexistent.safetensors"),
+        "random bytes": lambda: _random_bytes(tmp_path / "weights.safetensors"),
+        "another model": lambda: _resnet18_weights(tmp_path / "resnet18.safetensors"),
+    }[kind]()
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, *train_args(mvtec, run, weights))
+    line = assert_user_error(code, err, weights)
+    if kind == "another model":
+        assert "tf_efficientnet_lite0" in line
+    assert not run.exists()
+
+
+def _not_our_safetensors(path: Path) -> Path:
+    save_file({"weight": torch.zeros(3, 3)}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("verb", ["test", "predict"])
+@pytest.mark.parametrize("kind", ["random bytes", "foreign safetensors"])
+def test_wrong_model_file(capsys, verb: str, kind: str, mvtec: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model.safetensors"
+    (_random_bytes if kind == "random bytes" else _not_our_safetensors)(model)
+    output = tmp_path / "output"
+    if verb == "test":
+        args: list[Any] = ["test", model, mvtec, "--json", output]
+    else:
+        args = ["predict", model, mvtec / "test" / "good", "-o", output]
+    code, _, err = run_cli(capsys, *args)
+    assert_user_error(code, err, model)
+    assert not output.exists()
+
+
+def test_train_into_existing_run_needs_resume(
+    capsys, mvtec: Path, mvtec_run: Path, lite0_weights: Path
+) -> None:
+    before = snapshot(mvtec_run)
+    code, _, err = run_cli(capsys, *train_args(mvtec, mvtec_run, lite0_weights))
+    line = assert_user_error(code, err, mvtec_run)
+    assert "--resume" in line
+    assert snapshot(mvtec_run) == before
+
+
+def test_predict_bad_inputs_leave_output_unchanged(
+    capsys, mvtec: Path, mvtec_run: Path, tmp_path: Path
+) -> None:
+    good = mvtec / "test" / "good"
+    output = tmp_path / "out"
+    code, _, err = run_cli(capsys, "predict", mvtec_run, good, "-o", output)
+    assert code == 0, err
+    before = snapshot(output)
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    code, _, err = run_cli(capsys, "predict", mvtec_run, mvtec / "test" / "scratch", broken, "-o", output)
+    assert_user_error(code, err, broken)
+    assert snapshot(output) == before
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_cli(capsys, "predict", mvtec_run, empty, "-o", output)
+    assert_user_error(code, err, empty)
+    assert snapshot(output) == before
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == [], "temporary folder left behind"
+
+
+# ---------------------------------------------------------------------------- help
+
+
+def test_help(capsys) -> None:
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0
+    for verb in ("train", "test", "predict", "demo", "presets"):
+        assert verb in out
+
+    code, out, _ = run_cli(capsys, "train", "--help")
+    assert code == 0
+    for option in ("--output", "--backbone", "--weights", "--epochs", "--input-size", "--config", "--resume"):
+        assert option in out, option
+
+
+def test_context_options_reach_the_saved_model(mvtec, lite0_weights, tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text("positional_channels: 8\n")
+    code, _, err = run_cli(
+        capsys,
+        *train_args(
+            mvtec,
+            tmp_path / "run",
+            lite0_weights,
+            "--epochs",
+            1,
+            "--context-pool",
+            3,
+            "--fuse-scales",
+            "--permutation",
+            "swap",
+            "--config",
+            config,
+        ),
+    )
+    assert code == 0, err
+    saved = FastFlow.load(tmp_path / "run")
+    assert (saved.config.context_pool, saved.config.fuse_scales, saved.config.positional_channels) == (
+        3,
+        True,
+        8,
+    )
+    assert saved.config.permutation == "swap"
+    assert len(saved.model_.flows) == 1
+
+
+def test_unknown_recipe_is_a_user_error(mvtec, lite0_weights, tmp_path, capsys):
+    code, _, err = run_cli(capsys, *train_args(mvtec, tmp_path / "run", lite0_weights, "--recipe", "paper"))
+    assert_user_error(code, err, "paper", "improved", "reference")
+    assert not (tmp_path / "run").exists()
+    code, _, err = run_cli(capsys, "benchmark", mvtec, "--output", tmp_path / "bench", "--recipe", "paper")
+    assert_user_error(code, err, "paper")
+
+
+# ---------------------------------------------------------------------------- bad option values
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        (["--holdout", "1"], ["--holdout", "between 0 and 1"]),
+        (["--holdout", "0"], ["--holdout", "between 0 and 1"]),
+        (["--epochs", "0"], ["--epochs", ">= 1"]),
+        (["--batch-size", "0"], ["--batch-size", ">= 1"]),
+        (["--lr", "-0.1"], ["--lr", "> 0"]),
+        (["--patience", "0"], ["--patience", ">= 1"]),
+        (["--seed", "-1"], ["--seed", ">= 0"]),
+        (["--input-size", "8"], ["input size", "at least 16"]),
+        (["--context-pool", "2"], ["context_pool", "odd"]),
+        (["--positional-channels", "6"], ["positional_channels", "multiple of 4"]),
+        (["--device", "gpu"], ["--device", "auto, cpu, cuda or cuda:N", "gpu"]),
+    ],
+)
+def test_bad_option_values_are_one_line_errors(
+    capsys, flags, names, mvtec: Path, lite0_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked before any image is read or file written: no feature extraction, no run folder."""
+    import fastflow.estimator.detector
+
+    def no_extraction(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("features were extracted before the options were checked")
+
+    # Where fit looks it up: the detector imports it by name.
+    monkeypatch.setattr(fastflow.estimator.detector, "extract_features", no_extraction)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, *train_args(mvtec, run, lite0_weights), *flags)
+    assert_user_error(code, err, *names)
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "names"),
+    [
+        ("flow_steps: 0\n", ["flow_steps", ">= 1"]),
+        ("hidden_ratio: -1\n", ["hidden_ratio", "> 0"]),
+        ("epochs: many\n", ["epochs", "integer", "many"]),
+        ("lr: fast\n", ["lr", "number", "fast"]),
+        ("threshold_quantile: 1.5\n", ["threshold_quantile", "(0, 1]"]),
+        ("exact_nll: maybe\n", ["exact_nll", "true or false"]),
+        ("layers: [one]\n", ["layers", "integers"]),
+        ("recipe: paper\n", ["paper", "improved, reference"]),
+        ("fuse_scales: sometimes\n", ["fuse_scales", "true or false"]),
+    ],
+)
+def test_bad_config_file_values_are_one_line_errors(
+    capsys, yaml_text, names, mvtec: Path, lite0_weights: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml_text)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", mvtec, "-o", run, "--weights", lite0_weights, "--config", config)
+    assert_user_error(code, err, *names)
+    assert not run.exists()
+
+
+def test_predict_decodes_each_image_at_most_twice(
+    capsys, mvtec: Path, mvtec_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation decodes every input once, scoring once; the pictures come from those pixels."""
+    import PIL.Image
+
+    opened: dict[str, int] = {}
+    original = PIL.Image.open
+
+    def counting_open(fp: Any, *args: Any, **kwargs: Any) -> Any:
+        opened[str(fp)] = opened.get(str(fp), 0) + 1
+        return original(fp, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "open", counting_open)
+    images = sorted((mvtec / "test" / "good").glob("*.png"))
+    code, _, err = run_cli(capsys, "predict", mvtec_run, *images, "-o", tmp_path / "out", "--engine", "torch")
+    assert code == 0, err
+    assert {str(p) for p in images} <= set(opened)
+    assert max(opened[str(p)] for p in images) <= 2, opened
