@@ -389,6 +389,37 @@ def test_split_holdout() -> None:
         split_holdout([Sample(Path("/d/x.png"), 1), *samples])
 
 
+def test_loader_reports_the_first_bad_file_in_sample_order_after_the_batches_before_it(
+    tmp_path: Path,
+) -> None:
+    """The loader's decode is the validation: batches before the bad file come out, then its error,
+    whatever the decoding threads' timing."""
+    for i in range(5):
+        save(rgb((40, 30), seed=i), tmp_path / "n" / f"{i}.png")
+    data = (tmp_path / "n" / "3.png").read_bytes()
+    (tmp_path / "n" / "3.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "n" / "4.png").write_bytes(b"garbage")
+    samples = folder_samples(tmp_path / "n")
+    for workers in (1, 4):
+        names: list[str] = []
+        with pytest.raises(DataError) as err:
+            for batch in image_loader(samples, (8, 8), 2, workers=workers):
+                names += [Path(p).name for p in batch["path"]]
+        assert names == ["0.png", "1.png"]
+        assert_names(err, tmp_path / "n" / "3.png")
+        assert "corrupt image" in str(err.value) and "replace" in str(err.value)
+
+
+def test_loader_checks_mask_sizes_against_the_decoded_image(tmp_path: Path) -> None:
+    """A sample built by hand (no listing to read the headers) meets the listing's error."""
+    image = save(rgb((40, 30), seed=1), tmp_path / "a.png")
+    mask = save(mask_img((30, 40)), tmp_path / "a_mask.png")
+    with pytest.raises(DataError) as err:
+        next(iter(image_loader([Sample(image, 1, mask, "crack")], (8, 8), 1)))
+    assert_names(err, mask, image)
+    assert "30x40" in str(err.value) and "40x30" in str(err.value)
+
+
 def test_validation_records_sizes_and_loader_batches_by_size(tmp_path: Path) -> None:
     sizes = [(40, 30), (40, 30), (20, 50), (40, 30), (40, 30), (40, 30)]
     for i, size in enumerate(sizes):

@@ -6,6 +6,8 @@ models (two coupling steps, a few epochs) so the whole module stays well under a
 
 from __future__ import annotations
 
+import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from fastflow import FastFlow, FastFlowError, TrainConfig
 from fastflow.apps.synthetic import make_textures
-from fastflow.estimator.data import Sample, load_mask, load_samples, split_holdout
+from fastflow.estimator.data import DataError, Sample, load_mask, load_samples, split_holdout
 from fastflow.model import backbones
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -320,3 +322,45 @@ def test_a_disk_cache_trains_the_model_a_ram_cache_trains(
         np.testing.assert_allclose(
             in_ram.decision_function(paths), exact.decision_function(paths), rtol=0.02, atol=0.02
         )
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+def test_fit_decodes_each_image_once(
+    lite0_weights: Path, textures: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The feature pass's decode is the only one: it gives the pixels and validates the file."""
+    import PIL.Image
+
+    opened: Counter[str] = Counter()
+    original = PIL.Image.open
+
+    def counting_open(fp: Any, *args: Any, **kwargs: Any) -> Any:
+        opened[str(fp)] += 1
+        return original(fp, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "open", counting_open)
+    make(lite0_weights, 1, **TINY).fit(textures)
+    images = sorted((textures / "train" / "good").glob("*.png"))
+    assert len(images) == 16
+    assert {str(p): opened[str(p)] for p in images} == {str(p): 1 for p in images}, opened
+
+
+def test_a_corrupt_image_stops_fit_before_the_checkpoint(
+    lite0_weights: Path, textures: Path, tmp_path: Path
+) -> None:
+    """Found by the feature pass, after the images before it: the one-line error names the
+    file, and nothing is written."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for image in sorted((textures / "train" / "good").glob("*.png"))[:6]:
+        shutil.copy(image, data / image.name)
+    broken = max(data.iterdir())
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated: the header reads, the pixels do not
+    checkpoint = tmp_path / "run" / "last.safetensors"
+    with pytest.raises(DataError) as error:
+        make(lite0_weights, 1, **TINY).fit(data, checkpoint=checkpoint)
+    assert str(broken) in str(error.value) and "remove or replace the file" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()

@@ -148,8 +148,9 @@ def test_a_failing_process_is_one_error_line_and_writes_nothing(
         line.startswith("error: corrupt image") and str(corrupt) in line for line in lines[:-1]
     )
     assert "Traceback" not in err
-    # Both processes read every image, so either may fail first; the launcher then stops the
-    # other, which the line does not count as failing (a negative, signal exit status).
+    # Each process decodes its own share, then every process raises the error of the share that
+    # held the corrupt image. Either may exit first; the launcher may then stop the other, which
+    # the line does not count as failing (a negative, signal exit status).
     last = lines[-1]
     assert last.startswith("error: training process ") and " of 2 failed" in last and "(exit 2)" in last
     assert "(exit -" not in last and last.endswith("the error lines above say why")

@@ -1,8 +1,9 @@
 """Writing predictions to disk: per-image scores and labels, heat-map overlays, binary masks.
 
-All inputs are decoded before anything is written, and results are assembled in a staged
-folder (``fastflow.core.files.staged_folder``) that replaces the files in the destination only once
-everything succeeded, so a bad input never leaves half-written output behind.
+Each input is decoded once, by the loader that feeds the model, and results are assembled in a
+staged folder (``fastflow.core.files.staged_folder``) that replaces the files in the destination
+only once every image succeeded, so a bad input (its one-line error raised when its turn comes)
+never leaves half-written output behind.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from fastflow.apps.viz import save_mask, save_overlay
 from fastflow.core.errors import FastFlowError
 from fastflow.core.files import staged_folder
-from fastflow.estimator.data import list_images, validate_samples
+from fastflow.estimator.data import list_images
 from fastflow.estimator.detector import FastFlow, ImagesLike, as_samples
 
 __all__ = ["expand_inputs", "write_predictions"]
@@ -61,11 +62,13 @@ def write_predictions(
 ) -> list[dict]:
     """Score ``images`` and write ``overlays/``, ``masks/``, ``predictions.csv`` and ``.json`` to ``output``.
 
-    ``engine`` / ``precision``: see ``FastFlow.engine``. Each image is decoded twice: once to
-    validate every input before scoring, once to score it; the pictures are drawn from the
-    decoded pixels.
+    ``engine`` / ``precision``: see ``FastFlow.engine``. Each image is decoded once, to score
+    it; the pictures and the mask's size come from those pixels. A file that cannot be decoded
+    stops the run with its one-line error, and the staged folder is dropped.
     """
-    samples = validate_samples(as_samples(images))
+    samples = as_samples(images)
+    if not samples:
+        raise FastFlowError("no images to score; pass image files, a folder of images or a glob")
     names = _unique_names([s.path for s in samples])
     rows: list[dict] = []
     with staged_folder(output) as tmp:
@@ -78,10 +81,11 @@ def write_predictions(
                     prediction.maps[i],
                     np.ascontiguousarray(batch["image"][i].permute(1, 2, 0).numpy()),
                 )
+                height, width = pixels.shape[:2]
                 save_overlay(
                     tmp / "overlays" / f"{name}.png", pixels, amap, detector.map_floor_, detector.threshold_
                 )
-                save_mask(tmp / "masks" / f"{name}.png", amap, detector.threshold_, sample.size)
+                save_mask(tmp / "masks" / f"{name}.png", amap, detector.threshold_, (width, height))
                 rows.append(
                     {
                         "path": str(sample.path),

@@ -15,18 +15,23 @@ Two on-disk layouts are supported:
 
 Every problem with the input data raises :class:`DataError` with a one-line message
 that names the offending file or folder *and* says how to fix it, because the users
-are QC engineers who need to act on the message, not read a traceback.  Listing and
-validation are done up front (:func:`validate_samples`) so that a bad file stops a
-training run before anything is written.
+are QC engineers who need to act on the message, not read a traceback.  Listing checks
+what needs no pixels (layouts, mask pairing, mask sizes from the file headers); the pixels
+are decoded once, by :func:`image_loader`, which feeds the model: a file that cannot be
+decoded (or a mask whose size is not its image's) raises there, in sample order, and the
+callers write nothing until every image went through (``fit`` fails before its first
+checkpoint, ``predict`` writes into a staged folder).  :func:`validate_samples` decodes
+everything up front, for callers that want the check without the model.
 """
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import random
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -34,7 +39,7 @@ from typing import Literal, TypeVar
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, default_collate
 
 from fastflow.core.errors import FastFlowError, first_line, is_real, require
 
@@ -55,7 +60,6 @@ __all__ = [
     "load_mask",
     "load_samples",
     "mvtec_samples",
-    "same_size_batches",
     "split_holdout",
     "validate_samples",
 ]
@@ -96,8 +100,8 @@ class Sample:
     ``label`` is 0 for normal, 1 for anomalous.  ``mask`` is the pixel ground truth of an
     anomalous image; ``None`` means "no mask" (normal, or anomalous counted at image level
     only).  ``defect`` is the defect type ("good" for normal images).  ``size`` is the
-    image's (width, height) once :func:`validate_samples` has decoded it, so batching need
-    not open the file again.
+    image's (width, height) once :func:`validate_samples` has decoded it (``None`` before:
+    :func:`image_loader` takes the size from the pixels it decodes).
     """
 
     path: Path
@@ -438,9 +442,12 @@ def _mask_bool(img: Image.Image) -> np.ndarray:
 
 def load_mask(path: str | os.PathLike[str], size: int | tuple[int, int]) -> torch.Tensor:
     """Decode a ground-truth mask and resize it (nearest) to ``size`` = (H, W) -> bool tensor."""
-    path = Path(path)
+    return _resized_mask(_decoded(Path(path), "mask", _mask_bool), size)
+
+
+def _resized_mask(binary: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
+    """A decoded (H, W) bool mask resized (nearest) to ``size`` = (H, W)."""
     h, w = _as_hw(size)
-    binary = _decoded(path, "mask", _mask_bool)
     if binary.shape != (h, w):
         small = Image.fromarray(binary.astype(np.uint8) * 255, "L").resize((w, h), Image.NEAREST)
         binary = np.asarray(small) > 0
@@ -454,7 +461,7 @@ class ImageDataset(Dataset):
     """Torch dataset over :class:`Sample` items, returning default-collate friendly dicts.
 
     Keys: ``image`` the decoded (3, height, width) uint8 RGB picture at its own size (the input
-    of ``FastFlowModel`` and of exported models; batch those with :func:`same_size_batches`),
+    of ``FastFlowModel`` and of exported models; :func:`image_loader` batches same-size ones),
     ``label`` int, ``mask`` (H, W) bool at ``mask_size`` (all False when there is no mask),
     ``has_mask`` bool (False for anomalous images without a mask, so pixel metrics can skip
     them), ``path`` str and ``defect`` str.
@@ -468,13 +475,19 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, object]:
+        """The item of ``samples[index]``: its image and mask decoded once each; a mask whose
+        size is not its image's raises the :class:`DataError` listing would."""
         sample = self.samples[index]
+        image = decode_image(sample.path)
         if sample.mask is not None:
-            mask = load_mask(sample.mask, self.mask_size)
+            binary = _decoded(sample.mask, "mask", _mask_bool)
+            height, width = image.shape[1:]
+            _check_mask_size(sample, (width, height), (binary.shape[1], binary.shape[0]))
+            mask = _resized_mask(binary, self.mask_size)
         else:
             mask = torch.zeros(self.mask_size, dtype=torch.bool)
         return {
-            "image": decode_image(sample.path),
+            "image": image,
             "label": int(sample.label),
             "mask": mask,
             # Normal images have a trivially known (empty) mask.
@@ -484,27 +497,51 @@ class ImageDataset(Dataset):
         }
 
 
-def same_size_batches(samples: Sequence[Sample], batch_size: int) -> list[list[int]]:
-    """Indices of ``samples`` in order, cut into batches of at most ``batch_size`` same-size images.
+def image_loader(
+    samples: Sequence[Sample],
+    mask_size: int | tuple[int, int],
+    batch_size: int,
+    workers: int | None = None,
+) -> Iterator[dict[str, object]]:
+    """Batches (collated :class:`ImageDataset` items) of ``samples`` in order, each of at most
+    ``batch_size`` images of one size.
 
-    A batch ends where the image size changes (``Sample.size``, else read from the file
-    header), so the images of a batch stack into one tensor and predictions stay in order.
+    Every image is decoded once, here: a batch ends where the decoded size changes, so its
+    images stack into one tensor and predictions stay in order. ``workers`` threads (default
+    up to 8; PIL releases the GIL) decode ahead, about one batch, while the caller uses the
+    last one. A file that cannot be decoded raises its :class:`DataError` when its turn comes,
+    so the first bad file in sample order is the one reported (after the batches before it).
     """
-    batches: list[list[int]] = []
-    previous: tuple[int, int] | None = None
-    for index, sample in enumerate(samples):
-        size = sample.size or image_size(sample.path)
-        if not batches or size != previous or len(batches[-1]) >= batch_size:
-            batches.append([])
-        batches[-1].append(index)
-        previous = size
-    return batches
+    dataset = ImageDataset(samples, mask_size)
+    workers = workers or min(8, os.cpu_count() or 1)
+    batch: list[dict[str, object]] = []
+    for item in _decoded_ahead(dataset.__getitem__, len(dataset), workers, batch_size + workers):
+        if batch and (len(batch) >= batch_size or item["image"].shape != batch[0]["image"].shape):
+            yield default_collate(batch)
+            batch = []
+        batch.append(item)
+    if batch:
+        yield default_collate(batch)
 
 
-def image_loader(samples: Sequence[Sample], mask_size: int | tuple[int, int], batch_size: int) -> DataLoader:
-    """Batches of :class:`ImageDataset` items in sample order, each of one image size."""
-    samples = list(samples)
-    return DataLoader(ImageDataset(samples, mask_size), batch_sampler=same_size_batches(samples, batch_size))
+def _decoded_ahead(load: Callable[[int], T], count: int, workers: int, ahead: int) -> Iterator[T]:
+    """``load(0)``, ..., ``load(count - 1)`` in order, up to ``ahead`` of them computed early by
+    ``workers`` threads; an exception of ``load(i)`` raises when ``i``'s turn comes."""
+    if workers <= 1:
+        yield from (load(index) for index in range(count))
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: collections.deque[Future[T]] = collections.deque()
+        try:
+            for index in range(count):
+                pending.append(pool.submit(load, index))
+                if len(pending) > ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # stopped early (an error, or the caller's): no more decoding
+            for future in pending:
+                future.cancel()
 
 
 # --------------------------------------------------------------------------- checks
@@ -540,8 +577,9 @@ def _check_one(sample: Sample) -> Sample:
 def validate_samples(samples: Sequence[Sample], workers: int | None = None) -> list[Sample]:
     """Fully decode every image and mask; raise :class:`DataError` for the first bad one.
 
-    Run before training so a corrupt or truncated file fails the run before any output is
-    written.  A full decode is needed because ``verify()`` misses truncated data; threads
+    A check without the model: ``fit`` and ``predict`` do not call it, as the decode that
+    feeds their model (:func:`image_loader`) raises the same errors.  A full decode is
+    needed because ``verify()`` misses truncated data; threads
     help because PIL releases the GIL while decoding.  "First" is in sample order, so the
     reported file does not depend on thread timing.  Returns the samples with their
     ``size`` filled in.

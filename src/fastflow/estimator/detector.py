@@ -22,12 +22,12 @@ from fastflow.core.errors import FastFlowError, is_integer, is_real, require
 from fastflow.core.hardware import resolve_device
 from fastflow.estimator import distributed
 from fastflow.estimator.data import (
+    DataError,
     Sample,
     check_holdout_fraction,
     image_loader,
     load_samples,
     split_holdout,
-    validate_samples,
 )
 from fastflow.estimator.engines import Engine, TorchEngine, check_engine, check_precision
 from fastflow.estimator.export import EXPORT_PRECISIONS, export_engine, to_onnx, to_openvino
@@ -193,11 +193,16 @@ class FastFlow:
         Under ``torchrun`` (``fastflow.estimator.distributed``) every process calls ``fit`` alike: each
         extracts the features of its share of the images, the flows train data-parallel, and
         every process ends with the same model and threshold; only rank 0 writes the checkpoint.
+
+        Each image is decoded once, by the feature pass (under ``torchrun``, by the process whose
+        share it is): a file that cannot be decoded stops ``fit`` with its one-line ``DataError``
+        before the first checkpoint is written; under ``torchrun`` every process raises it, once
+        each has been through its share.
         """
         del y
         device = resolve_device(self.training.device)
         distributed.setup(device)
-        samples = validate_samples([s for s in as_samples(X, "train") if s.label == 0])
+        samples = [s for s in as_samples(X, "train") if s.label == 0]
         train_samples, holdout_samples = split_holdout(samples, self.holdout_fraction, self.training.seed)
         torch.manual_seed(self.training.seed)
         resume = Path(checkpoint) if checkpoint is not None and Path(checkpoint).exists() else None
@@ -212,20 +217,26 @@ class FastFlow:
             counts["noisy"] = len(train_samples)
         with open_caches(self.cache, model.feature_shapes, counts) as caches:
             noisy = caches.get("noisy")
-            extract_features(
-                model,
-                self._shard_pixels(train_samples),
-                caches["train"],
-                noisy,
-                self.recipe.pixel_noise,
-                self.training.seed,
-                "train features",
-                self.recipe.pixel_jpeg,
-                self.recipe.pixel_jpeg_share,
-            )
-            extract_features(
-                model, self._shard_pixels(holdout_samples), caches["holdout"], desc="held-out features"
-            )
+            failure: DataError | None = None
+            try:
+                extract_features(
+                    model,
+                    self._shard_pixels(train_samples),
+                    caches["train"],
+                    noisy,
+                    self.recipe.pixel_noise,
+                    self.training.seed,
+                    "train features",
+                    self.recipe.pixel_jpeg,
+                    self.recipe.pixel_jpeg_share,
+                )
+                extract_features(
+                    model, self._shard_pixels(holdout_samples), caches["holdout"], desc="held-out features"
+                )
+            except DataError as error:  # a bad file of this process's share
+                failure = error
+            _raise_any_failure(failure)
+            caches.log_placement()
             for cache in caches.values():
                 cache.synchronise()
             on_epoch_end = None
@@ -432,6 +443,18 @@ class FastFlow:
         detector.best_epoch_ = extra.get("best_epoch", 0)
         detector.history_ = extra.get("history", [])
         return detector
+
+
+def _raise_any_failure(failure: DataError | None) -> None:
+    """Raise ``failure``, or under ``torchrun`` the failure of the first process that had one, in
+    every process alike: each decoded only its share of the images, so the others must learn of
+    a bad file before they wait for the failed one in a collective that never comes."""
+    failures = [f for f in distributed.all_gather(None if failure is None else str(failure)) if f]
+    if not failures:
+        return
+    if failure is not None and str(failure) == failures[0]:
+        raise failure
+    raise DataError(failures[0])
 
 
 def _save_checkpoint(

@@ -28,6 +28,7 @@ from fastflow.core.errors import FastFlowError
 from fastflow.core.hardware import threads_each
 
 __all__ = [
+    "all_gather",
     "all_reduce_sum",
     "barrier",
     "broadcast",
@@ -224,3 +225,12 @@ def broadcast(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0, group=_cpu_group)
     return box[0]
+
+
+def all_gather(value: Any) -> list[Any]:
+    """Every rank's ``value`` (any picklable object made by this program), in rank order; ``[value]`` alone."""
+    if not _active():
+        return [value]
+    values: list[Any] = [None] * world_size()
+    dist.all_gather_object(values, value, group=_cpu_group)
+    return values

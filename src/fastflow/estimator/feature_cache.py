@@ -38,6 +38,7 @@ __all__ = [
     "STORAGE_DTYPES",
     "CacheConfig",
     "FeatureCache",
+    "FeatureCaches",
     "available_memory",
     "open_caches",
     "parse_memory",
@@ -128,11 +129,11 @@ class CacheConfig:
 @contextlib.contextmanager
 def open_caches(
     config: CacheConfig, shapes: list[tuple[int, int, int]], counts: dict[str, int]
-) -> Iterator[dict[str, FeatureCache]]:
+) -> Iterator[FeatureCaches]:
     """One ``FeatureCache`` per name in ``counts`` (images each), all in RAM if they fit the
-    budget together, else all on disk; logs which was taken. Distributed ranks share one disk
-    folder (created by rank 0), so after ``FeatureCache.synchronise`` any rank reads any record.
-    The folder is removed on exit.
+    budget together, else all on disk; ``FeatureCaches.log_placement`` logs which was taken.
+    Distributed ranks share one disk folder (created by rank 0), so after
+    ``FeatureCache.synchronise`` any rank reads any record. The folder is removed on exit.
     """
     dtype = STORAGE_DTYPES[config.dtype]
     needed = sum(counts.values()) * FeatureCache.bytes_per_image(shapes, dtype)
@@ -145,21 +146,17 @@ def open_caches(
                 parent.mkdir(parents=True, exist_ok=True)
             folder = Path(tempfile.mkdtemp(prefix="fastflow-features-", dir=parent))
         folder = distributed.broadcast(folder)
-        _log.info(
-            "feature cache: %.2f GB on disk in %s (%s; over the %.2f GB RAM budget, --max-memory)",
-            needed / 2**30,
-            folder,
-            config.dtype,
-            budget / 2**30,
+    caches = FeatureCaches()
+    if folder is not None:
+        caches.placement = (
+            f"feature cache: {needed / 2**30:.2f} GB on disk in {folder} ({config.dtype}; "
+            f"over the {budget / 2**30:.2f} GB RAM budget, --max-memory)"
         )
     else:
-        _log.info(
-            "feature cache: %.2f GB in RAM (%s; RAM budget %.2f GB, --max-memory)",
-            needed / 2**30,
-            config.dtype,
-            budget / 2**30,
+        caches.placement = (
+            f"feature cache: {needed / 2**30:.2f} GB in RAM ({config.dtype}; "
+            f"RAM budget {budget / 2**30:.2f} GB, --max-memory)"
         )
-    caches: dict[str, FeatureCache] = {}
     try:
         if folder is not None and not distributed.is_main():
             distributed.barrier()  # rank 0 creates the files first
@@ -336,6 +333,17 @@ class FeatureCache:
         for handle in self._files:
             os.close(handle)
         self._files = []
+
+
+class FeatureCaches(dict[str, FeatureCache]):
+    """The caches of ``open_caches`` by name, and the line that says where they keep the features."""
+
+    placement: str = ""
+
+    def log_placement(self) -> None:
+        """Log where the features went (RAM or disk, how much): once the feature pass is over, so
+        that a bad image found by that pass stops a run with its error line alone."""
+        _log.info("%s", self.placement)
 
 
 def _as_batch(records: Tensor) -> Tensor:
