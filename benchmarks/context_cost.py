@@ -24,8 +24,7 @@ import torch
 from inference import best_of_rounds, measure, perturbed_model, smooth_pixels, torch_runner
 
 from fastflow import FastFlow
-from fastflow.apps.robustness import cpu_model
-from fastflow.core.hardware import physical_cores
+from fastflow.core.hardware import cpu_model, physical_cores
 from fastflow.estimator.engines import OnnxRuntimeEngine
 from fastflow.estimator.export import to_onnx
 

@@ -116,7 +116,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    from fastflow.apps.robustness import cpu_model
+    from fastflow.core.hardware import cpu_model
 
     print(f"CPU: {cpu_model()}; {os.cpu_count()} logical cores; command: python {shlex.join(sys.argv)}")
     print(

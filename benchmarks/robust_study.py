@@ -33,8 +33,8 @@ from recipe_study import study_arguments, validation_set
 
 from fastflow import FastFlow, TrainConfig
 from fastflow.apps.benchmark import resolve_dataset
-from fastflow.apps.robustness import PERTURBATIONS, cpu_model, measure
-from fastflow.core.hardware import physical_cores
+from fastflow.apps.robustness import PERTURBATIONS, measure
+from fastflow.core.hardware import cpu_model, physical_cores
 from fastflow.estimator.data import load_samples, split_holdout
 from fastflow.model.config import RECIPES, Recipe
 

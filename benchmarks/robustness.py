@@ -25,9 +25,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from fastflow import FastFlow
-from fastflow.apps.robustness import PERTURBATIONS, cpu_model, markdown_table, measure, perturbation_names
+from fastflow.apps.robustness import PERTURBATIONS, markdown_table, measure, perturbation_names
 from fastflow.core.errors import FastFlowError
-from fastflow.core.hardware import physical_cores
+from fastflow.core.hardware import cpu_model, physical_cores
 from fastflow.estimator.data import load_samples
 
 

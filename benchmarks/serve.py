@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support import bad_requests
 
 from fastflow.apps.prediction_files import expand_inputs
-from fastflow.apps.robustness import cpu_model
+from fastflow.core.hardware import cpu_model
 
 TOLERANCE = 1e-5
 

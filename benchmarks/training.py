@@ -36,7 +36,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.nn import functional as F
 
 from fastflow import FastFlow
-from fastflow.apps.robustness import cpu_model
+from fastflow.core.hardware import cpu_model
 from fastflow.estimator.data import image_loader, load_samples
 from fastflow.estimator.training import FLOW_PRECISIONS, TrainConfig
 from fastflow.model.config import get_config

@@ -14,6 +14,7 @@ from support import perturb_trainable
 from fastflow import FastFlow, FastFlowError
 from fastflow.apps import robustness
 from fastflow.apps.synthetic import make_textures
+from fastflow.estimator.augment import add_pixel_noise, image_generator, jpeg_round_trip
 from fastflow.estimator.data import Sample, load_samples
 from fastflow.model.config import get_config
 from fastflow.model.fastflow import FastFlowModel
@@ -22,15 +23,34 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_pixel_changes():
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
-    noisy = robustness.gaussian_noise(image, np.random.default_rng(1), sigma=1.0)
-    assert noisy.dtype == np.uint8 and 0.5 < np.abs(noisy.astype(int) - image).mean() < 1.5
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=generator)
+    noisy = robustness.gaussian_noise(image, torch.Generator().manual_seed(1), sigma=1.0)
+    assert noisy.dtype == torch.uint8 and 0.5 < (noisy.float() - image.float()).abs().mean() < 1.5
     moved = robustness.crop_top_left(image, 4)
-    assert moved.shape == (16, 26, 3) and np.array_equal(moved, image[4:, 4:])
-    bright = robustness.brighter(image, rng, levels=3)
-    assert np.array_equal(bright, np.minimum(image.astype(int) + 3, 255))
-    assert np.abs(robustness.jpeg(image, rng, quality=95).astype(int) - image).max() > 0
+    assert moved.shape == (3, 16, 26) and torch.equal(moved, image[:, 4:, 4:])
+    bright = robustness.brighter(image, generator, levels=3)
+    assert torch.equal(bright, (image.int() + 3).clamp(max=255).to(torch.uint8))
+    assert (robustness.jpeg(image, generator, quality=95).int() - image.int()).abs().max() > 0
+
+
+def test_noise_and_jpeg_are_the_ones_training_uses():
+    """One implementation (``fastflow.estimator.augment``) for the training copies and the benchmark,
+    and noise2 is noise1's noise doubled: the same per-image generator, whatever the sigma."""
+    image = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.stack([image, image.flip(-1)])
+    for name, sigma in (("noise1", 1.0), ("noise2", 2.0)):
+        changed = robustness.perturbed_pixels(images, robustness.PERTURBATIONS[name].image, 7, seed=3)
+        for offset in range(2):
+            expected = add_pixel_noise(images[offset], sigma, image_generator(3, 7 + offset))
+            assert torch.equal(changed[offset], expected)
+    noise1 = robustness.PERTURBATIONS["noise1"].image
+    assert not torch.equal(  # another seed, other noise
+        robustness.perturbed_pixels(images, noise1, 7, seed=3),
+        robustness.perturbed_pixels(images, noise1, 7, seed=4),
+    )
+    jpeg80 = robustness.perturbed_pixels(images, robustness.PERTURBATIONS["jpeg80"].image, 0, seed=0)
+    assert all(torch.equal(jpeg80[i], jpeg_round_trip(images[i], 80)) for i in range(2))
 
 
 def test_measure_is_reproducible_and_clean_is_the_reference(tmp_path: Path):

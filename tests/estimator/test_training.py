@@ -10,11 +10,8 @@ from fastflow.estimator.feature_cache import FeatureCache
 from fastflow.estimator.training import (
     BatchNll,
     TrainConfig,
-    add_pixel_noise,
     channel_noise_scales,
     fit_flows,
-    jpeg_round_trip,
-    noisy_copy,
 )
 from fastflow.model.config import get_config
 from fastflow.model.fastflow import FastFlowModel
@@ -84,55 +81,6 @@ def test_training_noise_is_drawn_reproducibly_and_changes_what_the_flow_learns()
         first, again = trained(noise, copies), trained(noise, copies)
         assert all(torch.equal(first[k], again[k]) for k in first)
         assert any(not torch.equal(clean[k], first[k]) for k in clean)
-
-
-def test_pixel_noise_is_rounded_sensor_noise_of_the_asked_size():
-    pixels = torch.full((2, 3, 64, 64), 100, dtype=torch.uint8)
-    pixels[0, 0, 0, 0], pixels[0, 0, 0, 1] = 0, 255
-    noisy = add_pixel_noise(pixels, 2.0, torch.Generator().manual_seed(0))
-    assert noisy.dtype == torch.uint8
-    difference = noisy.float() - pixels.float()
-    assert 1.8 < difference[:, :, 1:].std() < 2.2 and difference.abs().max() <= 12
-
-
-def test_jpeg_round_trip_leaves_quality_0_alone_and_compresses_more_at_lower_quality():
-    generator = torch.Generator().manual_seed(0)
-    smooth = torch.nn.functional.interpolate(
-        torch.rand(1, 3, 8, 8, generator=generator), (64, 64), mode="bilinear"
-    )
-    image = (smooth[0] * 200 + 20 + 10 * torch.rand(3, 64, 64, generator=generator)).to(torch.uint8)
-    assert jpeg_round_trip(image, 0) is image
-    errors = []
-    for quality in (95, 75, 30):
-        decoded = jpeg_round_trip(image, quality)
-        assert decoded.shape == image.shape and decoded.dtype == torch.uint8
-        errors.append((decoded.float() - image.float()).abs().mean().item())
-    assert 0 < errors[0] < errors[1] < errors[2] < 20
-
-
-def test_noisy_copy_is_noise_then_jpeg_for_its_share_of_images_drawn_per_image():
-    generator = torch.Generator().manual_seed(0)
-    smooth = torch.nn.functional.interpolate(
-        torch.rand(1, 3, 8, 8, generator=generator), (64, 64), mode="bilinear"
-    )
-    image = (smooth[0] * 200 + 20).to(torch.uint8)
-
-    def copies(quality: int, share: float) -> list[torch.Tensor]:
-        return [
-            noisy_copy(image, 3.0, torch.Generator().manual_seed(seed), quality, share) for seed in range(40)
-        ]
-
-    plain = [add_pixel_noise(image, 3.0, torch.Generator().manual_seed(seed)) for seed in range(40)]
-    assert all(
-        torch.equal(a, b) for a, b in zip(copies(0, 1.0), plain, strict=True)
-    )  # no JPEG: the noise alone
-    compressed = [jpeg_round_trip(p, 75) for p in plain]
-    assert all(torch.equal(a, b) for a, b in zip(copies(75, 1.0), compressed, strict=True))
-    half = copies(75, 0.5)
-    taken = [torch.equal(a, b) for a, b in zip(half, compressed, strict=True)]
-    assert all(t or torch.equal(a, p) for t, a, p in zip(taken, half, plain, strict=True))
-    assert 8 <= sum(taken) <= 32
-    assert all(torch.equal(a, b) for a, b in zip(half, copies(75, 0.5), strict=True))  # the same draws again
 
 
 def test_bfloat16_flows_give_the_float32_loss_and_float32_gradients():

@@ -14,10 +14,11 @@ should leave all three near 0. ``clean`` is always the first row: the others are
 against it. ``fastflow test RUN DATA --robustness`` and ``benchmarks/robustness.py`` print it;
 ``benchmarks/robust_study.py`` runs it on a validation set of painted defects.
 
-The perturbations (pixel ones act on the decoded uint8 RGB image at its own size, before the
-model's resize, which happens inside the graph; noise is drawn per image from
-``numpy.random.default_rng([seed, image index])``, so a run is deterministic for a ``seed``
-and ``noise2`` is ``noise1``'s noise doubled before rounding):
+The perturbations (pixel ones act on the decoded (3, H, W) uint8 RGB image at its own size,
+before the model's resize, which happens inside the graph). Noise and JPEG are the functions
+training's noisy copies use (``fastflow.estimator.augment``); noise is drawn per image from
+``augment.image_generator(seed, image index)``, so a run is deterministic for a ``seed`` and
+``noise2`` is ``noise1``'s noise doubled before rounding:
 
 - ``clean``: the decoded pixels, float32 graph.
 - ``noise1``, ``noise2``: Gaussian noise, sigma 1 / 2 grey levels, rounded and clipped to 0..255.
@@ -43,13 +44,11 @@ and ``noise2`` is ``noise1``'s noise doubled before rounding):
 
 from __future__ import annotations
 
-import io
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,55 +56,55 @@ from PIL import Image
 from torch import Tensor
 
 from fastflow.core.errors import FastFlowError
+from fastflow.estimator.augment import add_pixel_noise, image_generator, jpeg_round_trip
 from fastflow.estimator.data import Sample, load_mask
 from fastflow.estimator.detector import FastFlow
 from fastflow.estimator.engines import Engine
 from fastflow.estimator.metrics import aupro, image_auroc, pixel_auroc
 from fastflow.model.inference import InferenceGraph
 
-__all__ = ["PERTURBATIONS", "Perturbation", "cpu_model", "markdown_table", "measure", "perturbation_names"]
+__all__ = ["PERTURBATIONS", "Perturbation", "markdown_table", "measure", "perturbation_names"]
 
-ImageChange = Callable[[np.ndarray, np.random.Generator], np.ndarray]  # one (H, W, 3) uint8 image
+ImageChange = Callable[[Tensor, torch.Generator], Tensor]  # one (3, H, W) uint8 image
 Runner = Callable[[InferenceGraph, Tensor], tuple[Tensor, Tensor]]  # pixels -> (anomaly map, score)
 
 
 # --------------------------------------------------------------------------- pixel changes
 
 
-def unchanged(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def unchanged(image: Tensor, generator: torch.Generator) -> Tensor:
     return image
 
 
-def gaussian_noise(image: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
-    """Sensor-like noise: ``sigma`` grey levels, rounded back to uint8 as a camera would store it."""
-    noisy = image + rng.normal(0.0, sigma, image.shape)
-    return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
+def gaussian_noise(image: Tensor, generator: torch.Generator, sigma: float) -> Tensor:
+    """Sensor-like noise: ``sigma`` grey levels, rounded back to uint8 as a camera would store it
+    (``augment.add_pixel_noise``, as training's noisy copies)."""
+    return add_pixel_noise(image, sigma, generator)
 
 
-def crop_top_left(array: np.ndarray, by: int) -> np.ndarray:
-    """An (H, W, ...) array without its first ``by`` rows and columns: the view of a camera moved by ``by``.
+def crop_top_left(array: np.ndarray | Tensor, by: int) -> np.ndarray | Tensor:
+    """A (3, H, W) image or (H, W) mask without its first ``by`` rows and columns: the view of a
+    camera moved by ``by``.
 
     Cropping, not ``np.roll`` or padding: wrapping would carry the bottom rows to the top and
     padding would invent pixels; either changes what the image shows, not just where it is.
     """
-    return array[by:, by:]
+    return array[..., by:, by:]
 
 
-def shifted(image: np.ndarray, rng: np.random.Generator, by: int) -> np.ndarray:
+def shifted(image: Tensor, generator: torch.Generator, by: int) -> Tensor:
     return crop_top_left(image, by)
 
 
-def jpeg(image: np.ndarray, rng: np.random.Generator, quality: int) -> np.ndarray:
-    """One JPEG round trip, as when images pass through a camera or a storage system that compresses."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "JPEG", quality=quality)
-    buffer.seek(0)
-    return np.array(Image.open(buffer).convert("RGB"))
+def jpeg(image: Tensor, generator: torch.Generator, quality: int) -> Tensor:
+    """One JPEG round trip (``augment.jpeg_round_trip``, as training's compressed copies), as when
+    images pass through a camera or a storage system that compresses."""
+    return jpeg_round_trip(image, quality)
 
 
-def brighter(image: np.ndarray, rng: np.random.Generator, levels: int) -> np.ndarray:
+def brighter(image: Tensor, generator: torch.Generator, levels: int) -> Tensor:
     """A slightly brighter light or longer exposure: ``levels`` grey levels added, clipped."""
-    return np.clip(image.astype(np.int16) + levels, 0, 255).astype(np.uint8)
+    return (image.to(torch.int16) + levels).clamp_(0, 255).to(torch.uint8)
 
 
 # --------------------------------------------------------------------------- precisions
@@ -160,12 +159,9 @@ PERTURBATIONS: dict[str, Perturbation] = {
 
 def perturbed_pixels(images: Tensor, change: ImageChange, first_index: int, seed: int) -> Tensor:
     """(N, 3, H, W) uint8 -> the same with ``change`` applied per image, each with its own generator."""
-    changed = []
-    for offset, image in enumerate(images):
-        rng = np.random.default_rng([seed, first_index + offset])
-        result = change(image.permute(1, 2, 0).numpy(), rng)
-        changed.append(torch.from_numpy(np.ascontiguousarray(result)).permute(2, 0, 1))
-    return torch.stack(changed)
+    return torch.stack(
+        [change(image, image_generator(seed, first_index + offset)) for offset, image in enumerate(images)]
+    )
 
 
 def moved_mask(
@@ -257,17 +253,6 @@ def measure(
             flush=True,
         )
     return rows
-
-
-def cpu_model() -> str:
-    """The ``model name`` line of /proc/cpuinfo: robustness to bf16 depends on the CPU's kernels."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def perturbation_names(names: str | list[str]) -> list[str]:

@@ -1,5 +1,5 @@
-"""What this machine offers: physical cores, whether the CPU computes bf16 natively, and which
-device (CPU or a CUDA GPU) training runs on.
+"""What this machine offers: physical cores, whether the CPU computes bf16 natively, the CPU's
+name, and which device (CPU or a CUDA GPU) training runs on.
 
 Engines and training pick threads, precisions and devices from these, so a model behaves the
 same on a machine with other hardware, only slower or faster.
@@ -18,6 +18,7 @@ from fastflow.core.errors import FastFlowError
 __all__ = [
     "DEVICE_CHOICES",
     "cpu_has_native_bf16",
+    "cpu_model",
     "is_device_name",
     "physical_cores",
     "resolve_device",
@@ -57,6 +58,18 @@ def cpu_has_native_bf16() -> bool:
     """
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def cpu_model() -> str:
+    """The ``model name`` line of /proc/cpuinfo ("unknown" where there is none), for benchmark
+    reports: speed and bf16 results depend on the CPU's kernels."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 def is_device_name(name: object) -> bool:

@@ -8,7 +8,6 @@ and the deployment threshold (a quantile of held-out normal scores) on the held-
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import Tensor
 from fastflow.core.errors import FastFlowError, is_integer, is_real, require
 from fastflow.core.hardware import resolve_device
 from fastflow.estimator import distributed
+from fastflow.estimator.checkpoint import load_checkpoint, save_checkpoint
 from fastflow.estimator.data import (
     DataError,
     Sample,
@@ -33,8 +33,8 @@ from fastflow.estimator.engines import Engine, TorchEngine, check_engine, check_
 from fastflow.estimator.export import EXPORT_PRECISIONS, export_engine, to_onnx, to_openvino
 from fastflow.estimator.feature_cache import CacheConfig, FeatureCache, open_caches
 from fastflow.estimator.metrics import calibrate_threshold
-from fastflow.estimator.model_file import build_model, load_model, read_model_file, save_model
-from fastflow.estimator.training import TrainConfig, TrainState, extract_features, fit_flows
+from fastflow.estimator.model_file import load_model, save_model
+from fastflow.estimator.training import TrainConfig, extract_features, fit_flows
 from fastflow.model.backbones import RANDOM_WEIGHTS
 from fastflow.model.config import FastFlowConfig, Recipe, get_config, get_recipe
 from fastflow.model.fastflow import FastFlowModel
@@ -208,7 +208,7 @@ class FastFlow:
         resume = Path(checkpoint) if checkpoint is not None and Path(checkpoint).exists() else None
         state = None
         if resume is not None:
-            model, state = _load_checkpoint(resume, self.config, self.recipe)
+            model, state = load_checkpoint(resume, self.config, self.recipe)
         else:
             model = self._new_model()
         model.to(device)
@@ -241,7 +241,7 @@ class FastFlow:
                 cache.synchronise()
             on_epoch_end = None
             if checkpoint is not None and distributed.is_main():
-                on_epoch_end = lambda s: _save_checkpoint(
+                on_epoch_end = lambda s: save_checkpoint(
                     Path(checkpoint), model, s, self.training, self.recipe
                 )
             state = fit_flows(
@@ -455,67 +455,6 @@ def _raise_any_failure(failure: DataError | None) -> None:
     if failure is not None and str(failure) == failures[0]:
         raise failure
     raise DataError(failures[0])
-
-
-def _save_checkpoint(
-    path: Path, model: FastFlowModel, state: TrainState, training: TrainConfig, recipe: Recipe
-) -> None:
-    """Resumable checkpoint: current weights, best weights, optimizer state and history."""
-    tensors = {f"best.{k}": v for k, v in (state.best_weights or {}).items()}
-    optimizer = state.optimizer or {"state": {}, "param_groups": []}
-    for index, values in optimizer["state"].items():
-        for key, value in values.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
-    extra = {
-        "epoch": state.epoch,
-        "best_epoch": state.best_epoch,
-        "best_val_nll": state.best_val_nll if math.isfinite(state.best_val_nll) else None,
-        "progress_epoch": state.progress_epoch,
-        "progress_val_nll": state.progress_val_nll if math.isfinite(state.progress_val_nll) else None,
-        "history": state.history,
-        "param_groups": optimizer["param_groups"],
-        "training": asdict(training),
-        "recipe": recipe.to_dict(),
-    }
-    save_model(path, model, extra, tensors)
-
-
-def _load_checkpoint(path: Path, config: FastFlowConfig, recipe: Recipe) -> tuple[FastFlowModel, TrainState]:
-    """Model and training state from a checkpoint written by ``_save_checkpoint``."""
-    saved_config, state, extra, tensors = read_model_file(path)
-    saved_recipe = Recipe.from_dict(extra["recipe"])
-
-    def training_noise(r: Recipe) -> tuple:
-        return r.exact_nll, r.feature_noise, r.pixel_noise, r.pixel_jpeg, r.pixel_jpeg_share
-
-    if saved_config != config or training_noise(saved_recipe) != training_noise(recipe):
-        raise FastFlowError(
-            f"checkpoint {path} was trained with a different model config, loss or training noise ({saved_config}, {saved_recipe}); "
-            "resume with the same options or use a new --output folder"
-        )
-    model = build_model(saved_config, state, path)
-    best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
-    optimizer_state: dict[int, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            optimizer_state.setdefault(int(index), {})[name] = value
-    state = TrainState(
-        epoch=extra["epoch"],
-        best_epoch=extra["best_epoch"],
-        best_val_nll=_finite_or_inf(extra["best_val_nll"]),
-        progress_epoch=extra["progress_epoch"],
-        progress_val_nll=_finite_or_inf(extra["progress_val_nll"]),
-        history=extra["history"],
-        best_weights=best or None,
-        optimizer={"state": optimizer_state, "param_groups": extra["param_groups"]},
-    )
-    return model, state
-
-
-def _finite_or_inf(value: float | None) -> float:
-    """JSON has no infinity: ``None`` stands for "no value yet"."""
-    return math.inf if value is None else float(value)
 
 
 def _fold_form(engine: str, precision: str) -> tuple[bool, bool]:

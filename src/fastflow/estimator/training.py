@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-import torchvision
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from fastflow.core.errors import FastFlowError, is_integer, is_real, require
 from fastflow.core.hardware import DEVICE_CHOICES, cpu_has_native_bf16, is_device_name
 from fastflow.estimator import distributed
+from fastflow.estimator.augment import noisy_copy
 from fastflow.estimator.feature_cache import FeatureCache
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.model.scoring import nll_loss
@@ -36,12 +36,9 @@ __all__ = [
     "BatchNll",
     "TrainConfig",
     "TrainState",
-    "add_pixel_noise",
     "channel_noise_scales",
     "extract_features",
     "fit_flows",
-    "jpeg_round_trip",
-    "noisy_copy",
     "resolve_flow_precision",
     "resolve_micro_batch_size",
 ]
@@ -173,12 +170,14 @@ def extract_features(
 ) -> None:
     """Write the raw backbone features of every (positions, uint8 pixels) batch into ``cache``.
 
-    With ``noisy``, the same images with pixel noise of ``sigma`` grey levels (``add_pixel_noise``)
-    go into it from the same pass, each image decoded once for both; with ``jpeg_quality``, a
-    ``jpeg_share`` of the noisy images then take a JPEG round trip at that quality
-    (``jpeg_round_trip``). Each image's noise (and whether it is compressed) is drawn from a
-    generator seeded by ``seed`` and the image's position, so it does not depend on how the
-    images are batched or shared between processes.
+    With ``noisy``, the same images with pixel noise of ``sigma`` grey levels go into it from the
+    same pass, each image decoded once for both; with ``jpeg_quality``, a ``jpeg_share`` of the
+    noisy images then take a JPEG round trip at that quality (``fastflow.estimator.augment.noisy_copy``).
+    Each image's noise (and whether it is compressed) is drawn from its own generator, seeded
+    by the image's position, so it does not depend on how the images are batched or shared
+    between processes. The seed given is ``seed * 2**32 + position``, but torch's CPU generator
+    keeps only the low 32 bits of a seed, so in fact every ``seed`` draws the same noise; kept so,
+    since changing it would change every model trained with a nonzero seed.
     """
     device = _device_of(model)
     for positions, pixels in tqdm(
@@ -205,29 +204,6 @@ def extract_features(
 def _device_of(model: nn.Module) -> torch.device:
     """The device ``model``'s parameters are on (where its batches must go)."""
     return next(model.parameters()).device
-
-
-def noisy_copy(
-    image: Tensor, sigma: float, generator: torch.Generator, jpeg_quality: int, jpeg_share: float
-) -> Tensor:
-    """A (3, H, W) ``image`` with pixel noise, then (a ``jpeg_share`` of the time) a JPEG round trip."""
-    noisy = add_pixel_noise(image, sigma, generator)
-    if jpeg_quality and torch.rand((), generator=generator) < jpeg_share:
-        return jpeg_round_trip(noisy, jpeg_quality)
-    return noisy
-
-
-def jpeg_round_trip(image: Tensor, quality: int) -> Tensor:
-    """A (3, H, W) uint8 image encoded as JPEG at ``quality`` and decoded again (0: the image itself)."""
-    if quality == 0:
-        return image
-    return torchvision.io.decode_jpeg(torchvision.io.encode_jpeg(image.contiguous(), quality=quality))
-
-
-def add_pixel_noise(pixels: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
-    """uint8 pixels plus Gaussian noise of ``sigma`` grey levels, rounded back to uint8 as a camera stores them."""
-    noisy = pixels.float() + sigma * torch.randn(pixels.shape, generator=generator)
-    return noisy.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def channel_noise_scales(features: FeatureCache, fraction: float) -> list[Tensor]:
