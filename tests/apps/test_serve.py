@@ -34,7 +34,7 @@ from fastflow.model.fastflow import FastFlowModel
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
-from fastflow.apps.serve import MicroBatcher, ServeConfig, create_app, load_served
+from fastflow.apps.serve import MicroBatcher, ServeConfig, ServedModel, create_app, load_served
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -151,6 +151,17 @@ def test_bad_uploads_get_a_4xx_error_and_the_next_request_is_served(
         assert words in error and "\n" not in error, (name, error)
         after = _post(client, good)
         assert after.status_code == 200 and after.json()["score"] == reference["score"], name
+
+
+def test_an_engine_failure_is_a_500_json_error(images: list[Path]) -> None:
+    def engine(pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        raise RuntimeError("out of memory\nat some kernel")
+
+    served = ServedModel("broken", engine, "torch", "f32", 0.0, 0.0)
+    with TestClient(create_app(served, ServeConfig(batch_wait_ms=0))) as broken:
+        response = _post(broken, images[0].read_bytes())
+    assert response.status_code == 500
+    assert response.json() == {"error": "the engine failed on this image (out of memory); please report it"}
 
 
 def test_image_over_the_pixel_limit_is_refused(run: Path, images: list[Path]) -> None:

@@ -19,6 +19,7 @@ machines where one run does not keep every core busy.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from collections.abc import Callable, Iterable
@@ -175,9 +176,8 @@ def run_benchmark(
         for task, (run, record) in run_in_workers(
             _train_and_test, tasks, jobs, (training or TrainConfig()).device
         ):
-            atomic_write(
-                output / f"{task.name}.json", lambda tmp, r=record: tmp.write_text(json.dumps(r, indent=2))
-            )
+            text = json.dumps(record, indent=2)
+            atomic_write(output / f"{task.name}.json", functools.partial(Path.write_text, data=text))
             finished[task.name] = run
             bar.update(1)
             bar.set_postfix_str(f"{task.name}: image AUROC {run.metrics['image_auroc']:.3f}")

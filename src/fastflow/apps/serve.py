@@ -21,7 +21,7 @@ import io
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,7 +323,7 @@ async def _upload_bytes(request: Request, limit: int) -> bytes:
     if not multipart:
         return body
 
-    async def once() -> AsyncIterator[bytes]:
+    async def once() -> AsyncGenerator[bytes, None]:
         yield body
 
     try:
@@ -356,7 +356,7 @@ def _pictures(pixels: torch.Tensor, scored: Scored, model: ServedModel) -> dict[
     """The heat-map overlay and binary mask (as ``fastflow predict`` draws them), base64 PNG."""
     image = Image.fromarray(np.ascontiguousarray(pixels.permute(1, 2, 0).numpy()))
     mask = Image.fromarray(((scored.amap > model.threshold) * 255).astype(np.uint8)).resize(
-        image.size, Image.NEAREST
+        image.size, Image.Resampling.NEAREST
     )
     return {
         "overlay_png": _png_base64(overlay(image, scored.amap, model.map_floor, model.threshold)),
@@ -450,9 +450,9 @@ def create_app(model: ServedModel, config: ServeConfig) -> FastAPI:
         try:
             scored: Scored = await asyncio.wrap_future(batcher.submit(pixels))
         except Exception as error:  # noqa: BLE001 - an engine failure is answered, never raised
-            return _error(
+            raise RequestError(
                 500, f"the engine failed on this image ({first_line(error)[:200]}); please report it"
-            )
+            ) from None
         result: dict[str, Any] = {
             "score": scored.score,
             "label": "anomalous" if scored.label else "normal",

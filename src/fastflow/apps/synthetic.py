@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -299,13 +300,14 @@ def make_textures(
         (root / "test" / "good", 1, None, n_test_good),
     ]
     groups += [(root / "test" / d, 2 + i, d, n_test_defect) for i, d in enumerate(DEFECTS)]
+    image_size = cast("tuple[int, int]", tuple(size))  # a (height, width) pair, whatever sequence came
     for folder, code, defect, count in groups:
         folder.mkdir(parents=True, exist_ok=True)
         if defect is not None:
             (root / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
         for i in range(count):
             img, mask = _render(
-                seed, (1, code, i), tuple(size), mixed_sizes, style, defect, defect_opacity, noise, backdrop
+                seed, (1, code, i), image_size, mixed_sizes, style, defect, defect_opacity, noise, backdrop
             )
             _save(img, folder / f"{i:03d}.{fmt}", grayscale, fmt)
             if mask is not None:

@@ -30,7 +30,7 @@ def overlay(
     comparable: a normal image stays dark instead of having its noise stretched to full colour.
     """
     scaled = (amap - floor) / max(ceiling - floor, 1e-12)
-    heat = Image.fromarray(heat_colors(scaled)).resize(image.size, Image.BILINEAR)
+    heat = Image.fromarray(heat_colors(scaled)).resize(image.size, Image.Resampling.BILINEAR)
     return Image.blend(image.convert("RGB"), heat, alpha)
 
 
@@ -42,4 +42,4 @@ def save_overlay(path: Path, pixels: np.ndarray, amap: np.ndarray, floor: float,
 def save_mask(path: Path, amap: np.ndarray, threshold: float, size: tuple[int, int]) -> None:
     """Write the binary mask ``amap > threshold`` (white = anomalous) at ``size`` (W, H) as PNG."""
     mask = Image.fromarray(((amap > threshold) * 255).astype(np.uint8))
-    mask.resize(size, Image.NEAREST).save(path)
+    mask.resize(size, Image.Resampling.NEAREST).save(path)

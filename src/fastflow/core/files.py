@@ -24,7 +24,7 @@ from fastflow.core.errors import FastFlowError, first_line
 __all__ = ["atomic_write", "read_tensor_file", "replaced_folder", "staged_folder"]
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     """Run ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
     A crash or error mid-write leaves any previous file at ``path`` untouched and no partial file.

@@ -112,9 +112,13 @@ def _infer_config(state: Mapping[str, Tensor], hparams: Mapping[str, Any], name:
     if input_size is None:
         with torch.device("meta"):  # shapes only
             if is_transformer(backbone):
-                input_size = timm.create_model(backbone, pretrained=False).patch_embed.img_size
+                vit: Any = timm.create_model(backbone, pretrained=False)  # a timm transformer
+                input_size = vit.patch_embed.img_size
             elif "norms.0.weight" in state:
-                cnn = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=layers)
+                # Any: a timm features_only wrapper, with its feature_info.
+                cnn: Any = timm.create_model(
+                    backbone, pretrained=False, features_only=True, out_indices=layers
+                )
                 reduction = cnn.feature_info.reduction()[0]
                 input_size = tuple(int(n) * reduction for n in state["norms.0.weight"].shape[1:])
         if input_size is None:

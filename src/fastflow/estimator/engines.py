@@ -62,6 +62,8 @@ def import_optional(name: str) -> Any:
 class Engine(Protocol):
     """Runs an inference graph: (N, 3, H, W) uint8 pixels -> (anomaly_map, score, label) as numpy."""
 
+    precision: str  # what it computes in: one of PRECISIONS
+
     def __call__(self, images: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 

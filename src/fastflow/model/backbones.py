@@ -13,6 +13,7 @@ Weights come from one of three places, chosen explicitly:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import timm
 import torch
@@ -71,7 +72,7 @@ class Backbone(nn.Module):
         self.model = self._create(name, weights, input_size)
         self.model.requires_grad_(False)
         self.model.eval()
-        config = self.model.pretrained_cfg
+        config = cast("dict[str, Any]", self.model.pretrained_cfg)  # timm sets it on every model
         self.mean = tuple(float(v) for v in config.get("mean", IMAGENET_DEFAULT_MEAN))
         self.std = tuple(float(v) for v in config.get("std", IMAGENET_DEFAULT_STD))
 
@@ -81,7 +82,9 @@ class Backbone(nn.Module):
             # A transformer sees the image resized to the nearest whole number of patches, so the
             # token grid covers exactly the input's field of view and maps upsample back aligned.
             with torch.device("meta"):  # shapes only: no memory, no slow weight init
-                patch = timm.create_model(name, pretrained=False).patch_embed.patch_size
+                # Any: timm's transformers are different classes, all with a patch_embed.
+                vit: Any = timm.create_model(name, pretrained=False)
+                patch = vit.patch_embed.patch_size
             self.token_input_size = tuple(
                 max(step, round(size / step) * step) for size, step in zip(input_size, patch)
             )
@@ -105,8 +108,9 @@ class Backbone(nn.Module):
         state = _match_key_layout(load_state_dict_file(path), name)
         if self.transformer and "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
             prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+            vit: Any = model  # a timm transformer: its patch_embed has a grid_size
             state["pos_embed"] = resample_abs_pos_embed(
-                state["pos_embed"], model.patch_embed.grid_size, num_prefix_tokens=prefix
+                state["pos_embed"], vit.patch_embed.grid_size, num_prefix_tokens=prefix
             )
         own = model.state_dict()
         # Batch-norm step counters carry no weights; files written without them are fine.
@@ -130,7 +134,8 @@ class Backbone(nn.Module):
         if self.transformer:
             if tuple(images.shape[-2:]) != self.token_input_size:
                 images = F.interpolate(images, self.token_input_size, mode="bilinear", align_corners=False)
-            return self.model.forward_intermediates(
+            vit: Any = self.model  # timm's transformers have forward_intermediates
+            return vit.forward_intermediates(
                 images, indices=list(self.layers), norm=True, stop_early=True, intermediates_only=True
             )
         # Channels-last input: oneDNN's convolutions run it 1.4-1.5x faster on CPU (Lite0, resnet18).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -158,7 +159,7 @@ class FastFlowModel(nn.Module):
             log_dets.append(log_det)
         return zs, log_dets
 
-    def forward(self, pixels: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def forward(self, pixels: Tensor) -> tuple[list[Tensor], list[Tensor | None]]:
         """``flow(extract(pixels))``: the same contract in training and evaluation."""
         return self.flow(self.extract(pixels))
 
@@ -177,7 +178,7 @@ class FastFlowModel(nn.Module):
         conditions = self.positions(next(self.flows.parameters()).device)
         in_place = in_place and self.config.permutation == "random"
         flows = nn.ModuleList(
-            flow.fold(
+            cast(FlowStack, flow).fold(
                 condition, in_place and channels**2 * height * width <= IN_PLACE_MAX_WORK, conv_permutation
             )
             for flow, condition, (channels, height, width) in zip(

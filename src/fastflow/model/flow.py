@@ -14,6 +14,7 @@ subnet sees beside the passive half, as in CFlow-AD and MSFlow.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +58,9 @@ class CouplingStep(nn.Module):
     gather at all (``_FoldedStep``).
     """
 
+    permutation: Tensor
+    inverse_permutation: Tensor
+
     def __init__(
         self,
         channels: int,
@@ -91,6 +95,7 @@ class CouplingStep(nn.Module):
 
     def _scale_shift(self, x1: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.condition_channels:
+            assert condition is not None, "a conditioned step needs its condition"
             x1 = torch.cat((x1, condition.expand(x1.shape[0], -1, -1, -1)), dim=1)
         raw_log_scale, shift = (self.subnet(x1) * _SUBNET_OUTPUT_SCALE).split(
             (self.active, self.active), dim=1
@@ -166,7 +171,7 @@ class FlowStack(nn.Module):
     def inverse(self, z: Tensor, condition: Tensor | None = None) -> Tensor:
         """Latent ``z`` back to features: the steps' inverses in reverse order."""
         for step in reversed(self.steps):
-            z = step.inverse(z, condition)
+            z = cast(CouplingStep, step).inverse(z, condition)
         return z
 
     def fold(
@@ -180,16 +185,25 @@ class FlowStack(nn.Module):
 class _FoldedStep(nn.Module):
     """One coupling step with its constants folded (see ``FoldedFlow``)."""
 
+    condition_bias: Tensor | None
+    log_active_scale: Tensor
+    passive_scale: Tensor
+    passive_offset: Tensor
+    next_passive: Tensor | None
+    next_active: Tensor | None
+
     def __init__(
         self, step: CouplingStep, last: bool, condition: Tensor | None, conv_permutation: bool
     ) -> None:
         super().__init__()
         self.passive, self.active, self.clamp = step.passive, step.active, step.clamp
-        conv1, conv2 = step.subnet[0], step.subnet[2]
+        conv1, conv2 = cast(nn.Conv2d, step.subnet[0]), cast(nn.Conv2d, step.subnet[2])
+        assert conv1.bias is not None and conv2.bias is not None  # subnet() builds them with biases
         # The condition is fixed, so its part of the first convolution (bias included) is a
         # constant map: conv(concat(x1, c)) = conv_x1(x1) + conv_c(c), zero padding alike.
         condition_bias = None
         if step.condition_channels:
+            assert condition is not None  # FoldedFlow checks it
             with torch.no_grad():
                 condition_bias = F.conv2d(
                     condition.float(), conv1.weight[:, step.passive :], conv1.bias, padding=conv1.padding
@@ -253,7 +267,7 @@ class _FoldedStep(nn.Module):
         y1 = x1 * self.passive_scale + self.passive_offset
         if self.swaps:
             return y2, y1
-        if self.next_passive is None:
+        if self.next_passive is None or self.next_active is None:  # both or neither
             return y1, y2
         y = torch.cat((y1, y2), dim=1)
         if self.conv_permutation:
@@ -271,11 +285,15 @@ class _InPlaceStep(nn.Module):
     ``y = y * exp(S) + T``. Exact: the zero weights add exact zeros.
     """
 
+    condition_bias: Tensor | None
+    log_scale_offset: Tensor
+
     def __init__(self, step: _FoldedStep, passive: Tensor, active: Tensor) -> None:
         super().__init__()
         channels = len(passive) + len(active)
         self.clamp = step.clamp
         conv1, log_scale, shift = step.conv1, step.conv_log_scale, step.conv_shift
+        assert log_scale.bias is not None and shift.bias is not None  # _copy_conv gives biases
         with torch.no_grad():
             weight1 = conv1.weight.new_zeros(conv1.weight.shape[0], channels, *conv1.kernel_size)
             weight1[:, passive] = conv1.weight
@@ -316,10 +334,16 @@ def _selection_conv(channels: Tensor, total: int) -> nn.Conv2d:
 def _copy_conv(conv: nn.Conv2d, weight: Tensor | None = None, bias: Tensor | None = None) -> nn.Conv2d:
     """A detached copy of ``conv`` (optionally with new weight and bias), channels-last."""
     weight = conv.weight if weight is None else weight
-    copy = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, padding=conv.padding)
+    bias = conv.bias if bias is None else bias
+    assert bias is not None, "only convolutions with a bias are copied"
+    # A Conv2d's kernel_size and padding are pairs (or a padding string); its stubs say any tuple.
+    kernel_size = cast("tuple[int, int]", conv.kernel_size)
+    padding = cast("str | tuple[int, int]", conv.padding)
+    copy = nn.Conv2d(weight.shape[1], weight.shape[0], kernel_size, padding=padding)
+    assert copy.bias is not None
     with torch.no_grad():
         copy.weight.copy_(weight)
-        copy.bias.copy_(conv.bias if bias is None else bias)
+        copy.bias.copy_(bias)
     copy.requires_grad_(False)
     return copy.to(memory_format=torch.channels_last)
 
@@ -349,6 +373,8 @@ class FoldedFlow(nn.Module):
     convolutions with 0/1 weights instead of channel gathers (``_FoldedStep``).
     """
 
+    output_permutation: Tensor
+
     def __init__(
         self,
         flow: FlowStack,
@@ -357,7 +383,7 @@ class FoldedFlow(nn.Module):
         conv_permutation: bool = False,
     ) -> None:
         super().__init__()
-        steps = list(flow.steps)
+        steps = cast("list[CouplingStep]", list(flow.steps))
         if steps[0].condition_channels and condition is None:
             raise ValueError("this flow is conditioned: fold it with the condition it was trained with")
         self.passive = steps[0].passive

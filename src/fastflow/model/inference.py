@@ -10,6 +10,8 @@ is stored in the graph).
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -41,12 +43,14 @@ class InferenceGraph(nn.Module):
     (higher = more anomalous), ``label`` (N,) int64 (1 = anomalous).
     """
 
+    threshold: Tensor
+
     def __init__(self, model: FastFlowModel, recipe: Recipe, threshold: float) -> None:
         super().__init__()
         recipe.check_fits(model.config.input_size)
         self.model = model
         self.recipe = recipe
-        self.input_size = tuple(model.config.input_size)
+        self.input_size = cast("tuple[int, int]", tuple(model.config.input_size))
         self.threshold_value = float(threshold)  # as given; the buffer holds its float32 equivalent
         self.register_buffer("threshold", torch.tensor(float32_threshold(threshold), dtype=torch.float32))
         self.eval()

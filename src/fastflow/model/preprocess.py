@@ -40,7 +40,8 @@ def resize_matrix(in_size: Tensor, out_size: int) -> Tensor:
     the identity matrix.
     """
     length = in_size.to(torch.int64)
-    j = torch.arange(length, dtype=torch.int64)
+    # A 0-d tensor end is valid (and what keeps it symbolic); torch's stubs only list numbers.
+    j = torch.arange(length, dtype=torch.int64)  # type: ignore[call-overload]
     i = torch.arange(out_size, dtype=torch.int64)
     support = 2 * torch.clamp(length, min=out_size)
     distance = torch.abs((2 * j[None, :] + 1) * out_size - (2 * i[:, None] + 1) * length)

@@ -54,12 +54,13 @@ def fuse_scales(maps: list[Tensor], size: tuple[int, int], sigma: float = 0.0) -
     image. The matrices depend only on the sizes, so exported graphs hold them as constants.
     """
     height, width = size
-    total = None
+    total: Tensor | None = None
     for m in maps:
         rows = _resampling(int(m.shape[-2]), height, sigma, m.dtype, m.device)
         columns = _resampling(int(m.shape[-1]), width, sigma, m.dtype, m.device)
         fused = rows @ m @ columns.T
         total = fused if total is None else total + fused
+    assert total is not None, "no maps to fuse"
     return total / len(maps)
 
 
