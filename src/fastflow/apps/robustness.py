@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -82,7 +83,10 @@ def gaussian_noise(image: Tensor, generator: torch.Generator, sigma: float) -> T
     return add_pixel_noise(image, sigma, generator)
 
 
-def crop_top_left(array: np.ndarray | Tensor, by: int) -> np.ndarray | Tensor:
+ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, Tensor)
+
+
+def crop_top_left(array: ArrayOrTensor, by: int) -> ArrayOrTensor:
     """A (3, H, W) image or (H, W) mask without its first ``by`` rows and columns: the view of a
     camera moved by ``by``.
 
@@ -171,9 +175,12 @@ def moved_mask(
     moves: Callable[[np.ndarray], np.ndarray],
 ) -> np.ndarray:
     """The ground truth of a moved image: moved at full resolution, then resized as ``load_mask`` does."""
+    assert sample.mask is not None, "only an image with a mask has a mask to move"
     full = moves(load_mask(sample.mask, image_size).numpy())
     height, width = model_size
-    small = Image.fromarray(full.astype(np.uint8) * 255, "L").resize((width, height), Image.NEAREST)
+    small = Image.fromarray(full.astype(np.uint8) * 255, "L").resize(
+        (width, height), Image.Resampling.NEAREST
+    )
     return np.asarray(small) > 0
 
 
@@ -224,12 +231,12 @@ def measure(
     """One row per perturbation (``clean`` first): AUROCs, their deltas and the normal-score drift;
     with ``engine``, of that engine's scores (``score_test_set``)."""
     labels = np.array([s.label for s in samples])
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     for name in names:
         start = time.perf_counter()
         scores, maps, masks = score_test_set(detector, samples, PERTURBATIONS[name], seed, engine)
         masks_array, maps_array = np.stack(masks), np.stack(maps)
-        row = {
+        row: dict[str, Any] = {
             "perturbation": name,
             "image_auroc": image_auroc(labels, scores),
             "pixel_auroc": pixel_auroc(masks_array, maps_array),

@@ -54,7 +54,7 @@ def load_checkpoint(path: Path, config: FastFlowConfig, recipe: Recipe) -> tuple
     """Model and training state from a checkpoint written by ``save_checkpoint``; a
     ``FastFlowError`` if it was trained with another config, loss or training noise than
     ``config`` and ``recipe`` ask for."""
-    saved_config, state, extra, tensors = read_model_file(path)
+    saved_config, weights, extra, tensors = read_model_file(path)
     saved_recipe = Recipe.from_dict(extra["recipe"])
 
     def training_noise(r: Recipe) -> tuple:
@@ -65,7 +65,7 @@ def load_checkpoint(path: Path, config: FastFlowConfig, recipe: Recipe) -> tuple
             f"checkpoint {path} was trained with a different model config, loss or training noise ({saved_config}, {saved_recipe}); "
             "resume with the same options or use a new --output folder"
         )
-    model = build_model(saved_config, state, path)
+    model = build_model(saved_config, weights, path)
     best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
     optimizer_state: dict[int, dict[str, Tensor]] = {}
     for key, value in tensors.items():

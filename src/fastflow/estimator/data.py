@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -449,7 +449,7 @@ def _resized_mask(binary: np.ndarray, size: int | tuple[int, int]) -> torch.Tens
     """A decoded (H, W) bool mask resized (nearest) to ``size`` = (H, W)."""
     h, w = _as_hw(size)
     if binary.shape != (h, w):
-        small = Image.fromarray(binary.astype(np.uint8) * 255, "L").resize((w, h), Image.NEAREST)
+        small = Image.fromarray(binary.astype(np.uint8) * 255, "L").resize((w, h), Image.Resampling.NEAREST)
         binary = np.asarray(small) > 0
     return torch.from_numpy(np.ascontiguousarray(binary))
 
@@ -474,7 +474,7 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, object]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         """The item of ``samples[index]``: its image and mask decoded once each; a mask whose
         size is not its image's raises the :class:`DataError` listing would."""
         sample = self.samples[index]
@@ -514,7 +514,7 @@ def image_loader(
     """
     dataset = ImageDataset(samples, mask_size)
     workers = workers or min(8, os.cpu_count() or 1)
-    batch: list[dict[str, object]] = []
+    batch: list[dict[str, Any]] = []
     for item in _decoded_ahead(dataset.__getitem__, len(dataset), workers, batch_size + workers):
         if batch and (len(batch) >= batch_size or item["image"].shape != batch[0]["image"].shape):
             yield default_collate(batch)

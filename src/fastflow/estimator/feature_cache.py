@@ -207,7 +207,8 @@ class FeatureCache:
             raise FastFlowError(
                 f"feature cache dtype {dtype} is not supported; use one of {', '.join(STORAGE_DTYPES)}"
             )
-        self.shapes, self.count, self.dtype = [tuple(s) for s in shapes], count, dtype
+        self.shapes = [(c, h, w) for c, h, w in shapes]
+        self.count, self.dtype = count, dtype
         self.itemsize = torch.empty((), dtype=dtype).element_size()
         self._record_elements = [c * h * w for c, h, w in self.shapes]
         self._record_bytes = [elements * self.itemsize for elements in self._record_elements]
@@ -219,8 +220,8 @@ class FeatureCache:
         self._memory = (
             [torch.zeros((count, h, w, c), dtype=dtype) for c, h, w in self.shapes] if folder is None else []
         )
-        for scale, elements in enumerate(self._record_elements if folder is not None else []):
-            path = Path(folder) / f"{name}.scale{scale}.bin"
+        for scale, _ in enumerate(self._record_elements if folder is not None else []):
+            path = Path(str(folder)) / f"{name}.scale{scale}.bin"
             try:
                 handle = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0), 0o600)
                 if create:
@@ -237,7 +238,8 @@ class FeatureCache:
         cls, features: list[Tensor], dtype: torch.dtype = torch.float32, folder: Path | None = None
     ) -> FeatureCache:
         """A cache holding ``features``, one (N, C, h, w) tensor per scale (tests, studies)."""
-        cache = cls([tuple(f.shape[1:]) for f in features], features[0].shape[0], dtype, folder)
+        shapes = [(f.shape[1], f.shape[2], f.shape[3]) for f in features]
+        cache = cls(shapes, features[0].shape[0], dtype, folder)
         cache.write(list(range(features[0].shape[0])), features)
         return cache
 

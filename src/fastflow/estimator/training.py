@@ -237,7 +237,9 @@ class BatchNll(nn.Module):
         )
         with autocast:
             zs, log_dets = self.model.flow(features, with_norm_log_det=self.exact)
-        return nll_loss([z.float() for z in zs], [d.float() for d in log_dets], reduction="sum")
+        # Unfolded flows always return their log-determinants (only folded ones return None).
+        dets = [d.float() for d in log_dets if d is not None]
+        return nll_loss([z.float() for z in zs], dets, reduction="sum")
 
 
 def _evaluate_nll(model: FastFlowModel, features: FeatureCache, batch_size: int, exact: bool) -> float:
@@ -377,7 +379,7 @@ def fit_flows(
         config.flow_precision,
         micro_batch_size,
     )
-    loss_of = BatchNll(model, exact_nll, precision)
+    loss_of: nn.Module = BatchNll(model, exact_nll, precision)
     if ranks > 1:
         # Ranks hold identical frozen backbones: no buffer broadcast at every step (DDP's one at the start only).
         # Gradients as views of DDP's buckets: no copy, and no stride mismatch with channels-last weights.
@@ -433,6 +435,7 @@ def fit_flows(
         if on_epoch_end is not None:
             on_epoch_end(state)
     bar.close()
-    model.load_state_dict(state.best_weights, strict=False)
+    if state.best_weights is not None:
+        model.load_state_dict(state.best_weights, strict=False)
     model.eval()
     return state
