@@ -57,7 +57,8 @@ TABLE_METRICS = {
 
 # The second benchmark dataset, unlike MVTec bottle in every way the loader cares about:
 # generated periodic textures, grayscale, each image its own size (200..320 px a side),
-# faint defects (20 % opacity; the README says why) of three kinds with exact masks.
+# faint defects (20 % opacity; docs/measurements.md#textures-opacity says why) of three kinds with
+# exact masks.
 BUILTIN_DATASETS: dict[str, Callable[[Path], Path]] = {
     "textures": lambda root: make_textures(
         root,

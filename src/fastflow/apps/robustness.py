@@ -36,8 +36,8 @@ training's noisy copies use (``fastflow.estimator.augment``); noise is drawn per
 - ``bf16_backbone``: clean pixels; the resize and normalisation in float32, the backbone under
   ``torch.autocast("cpu", torch.bfloat16)``, its features cast back to float32 for the flows
   and the scorer. (``FastFlowModel.extract`` under autocast would also run the resize's matrix
-  products in bf16: up to 1.5 grey levels, mean 0.13, on bottle; a pixel change, not the
-  backbone's.)
+  products in bf16, which moves the pixels themselves (measured:
+  docs/measurements.md#bf16-resize); a pixel change, not the backbone's.)
 - ``bf16_graph``: the whole inference graph (resize, backbone, flows, scorer) under CPU bf16
   autocast; map and score cast to float32.
 """

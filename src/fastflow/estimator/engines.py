@@ -81,7 +81,7 @@ class TorchEngine:
 
     ``precision="bf16"`` runs only the flows under CPU autocast (their convolutions in bf16);
     pre-processing, backbone and scorer stay in f32: a trained flow amplifies the backbone's
-    rounding, so a bf16 backbone ruins the scores (see the README).
+    rounding, so a bf16 backbone ruins the scores (measured: docs/measurements.md#bf16-backbone).
     """
 
     name = "torch"
@@ -196,8 +196,9 @@ class OpenVinoEngine:
 
 class _Normalise:
     """The pre-processing of images already at the model's input size, in numpy: the resize is
-    then the identity, and skipping its two matrix products saves about 1.4 ms per 256x256
-    image (of 16 for Lite0 in bf16), as ``resize_antialias`` skips them in eager PyTorch.
+    then the identity, and skipping its two matrix products saves a noticeable share of a small
+    model's time per image (measured: docs/measurements.md#numpy-normalisation), as
+    ``resize_antialias`` skips them in eager PyTorch.
 
     It computes what the cut-off pre-processing model outputs, checked on a probe image when
     the engine loads: ``(pixels / 255 - mean) / std`` in f32, or ``pixels / 255 - mean`` where
@@ -208,8 +209,9 @@ class _Normalise:
     def __init__(self, size: tuple[int, int], mean: list[float], std: list[float] | None) -> None:
         self.size = size
         self.divides_by_std = std is not None
-        # One multiply (casting to f32) and one in-place subtraction: 3.5x faster than the four
-        # passes of the formula as written, equal to it within 1e-6.
+        # One multiply (casting to f32) and one in-place subtraction: faster than the four passes
+        # of the formula as written, equal to it up to f32 rounding (measured:
+        # docs/measurements.md#numpy-normalisation).
         mean64 = np.asarray(mean, dtype=np.float64).reshape(1, -1, 1, 1)
         std64 = (
             np.ones_like(mean64) if std is None else np.asarray(std, dtype=np.float64).reshape(1, -1, 1, 1)
@@ -249,9 +251,9 @@ def split_preprocessing(model: Any, path: str | Path = "model") -> tuple[Any, An
     Why: OpenVINO's bf16 hint rounds every layer, and its CPU plugin ignores the marks that ask
     for one node to stay f32 (``disable_fp16_compression``; tested with OpenVINO 2026.4: marking
     every node changed no score). Rounding the resize's matrix products and the normalisation
-    to bf16 is what cost a trained model its AUROC (bottle 1.000 / 0.988 -> 0.941 / 0.877),
-    while the backbone, flows and scorer in bf16 keep it (1.000 / 0.987). So bf16 engines run
-    the first model in f32 and the second in bf16.
+    to bf16 is what cost a trained model its AUROC, while the backbone, flows and scorer in bf16
+    keep it (measured: docs/measurements.md#bf16-pre-processing). So bf16 engines run the first
+    model in f32 and the second in bf16.
     """
     # The pre-processing: the nodes ONNX named by its module, and the nodes OpenVINO added
     # (unscoped names) that are computed from those alone.
@@ -306,11 +308,12 @@ def check_precision(precision: str) -> None:
 def default_precision(engine: str) -> str:
     """The precision ``engine`` runs at unless asked otherwise: the fastest that keeps the scores.
 
-    OpenVINO in bf16 (pre-processing in f32) kept image and pixel AUROC within 0.005 of f32 on
-    bottle and textures and the robustness benchmark's bounds (``benchmarks/inference.py
-    --auroc``, README), and is the fastest engine measured, so it is OpenVINO's default where
-    the CPU computes bf16 natively. PyTorch and ONNX Runtime default to f32: PyTorch's bf16
-    flows barely pay on a CPU, and ONNX Runtime has no bf16 CPU kernels for these layers.
+    OpenVINO in bf16 (pre-processing in f32) kept image and pixel AUROC within the bound of f32
+    that ``benchmarks/inference.py --auroc`` checks on bottle and textures, and the robustness
+    benchmark's bounds, and was the fastest engine measured (docs/measurements.md#openvino-bf16-default),
+    so it is OpenVINO's default where the CPU computes bf16 natively. PyTorch and ONNX Runtime
+    default to f32: PyTorch's bf16 flows barely pay on a CPU, and ONNX Runtime has no bf16 CPU
+    kernels for these layers.
     """
     check_engine(engine)
     return "bf16" if engine == "openvino" and cpu_has_native_bf16() else "f32"

@@ -1,8 +1,9 @@
 """The training feature cache: every training image's backbone features, in RAM or on disk.
 
 The backbone is frozen, so its features are computed once and the flows read them every epoch.
-In RAM that costs (for 256x256 inputs, float32) about 0.7 MB per image for Lite0, 1.75 MB for
-resnet18 and 7 MB for wide_resnet50_2: fine for a few hundred images, fatal for thousands.
+In RAM that costs each image its feature elements times the storage size (megabytes per image
+at 256x256 in float32; docs/measurements.md#feature-cache-size): fine for a few hundred images,
+fatal for thousands.
 Past a memory budget the cache goes to disk instead: one file per scale, one fixed-size record
 per image, read back batch by batch with ``os.pread``. Plain reads, not a memory map, keep the
 process's resident memory flat: mapped file pages count towards RSS (and the OOM killer's view

@@ -50,8 +50,8 @@ FLOW_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 # Feature elements one forward/backward pass of the flows may take: 8 images of resnet18 at
-# 256x256 (458,752 elements each), the micro-batch that kept its training at 3,000 images under
-# 2.5 GB peak RSS (README, Training at scale).
+# 256x256 (458,752 elements each), the micro-batch that kept its training on thousands of images
+# at a low, flat peak RSS (measured: docs/measurements.md#micro-batch-memory).
 MICRO_BATCH_ELEMENTS = 8 * 458_752
 
 
@@ -78,8 +78,8 @@ def resolve_flow_precision(precision: str, device: torch.device) -> str:
     """``"auto"`` -> bfloat16 where the hardware computes it natively (AMX or AVX-512 bf16 on a CPU,
     bf16 support on a GPU), float32 elsewhere, where bf16 would be emulated and slower; else as given.
 
-    bf16 flows kept the scores where checked (README, Training at scale: bottle AUROC and the
-    robustness benchmark against float32 at equal epochs) and train several times faster.
+    bf16 flows kept the scores where checked (bottle AUROC and the robustness benchmark against
+    float32 at equal epochs; docs/measurements.md#bf16-training) and train several times faster.
     """
     if precision != "auto":
         return precision
@@ -99,9 +99,9 @@ class TrainConfig:
     max_epochs: int = 100
     batch_size: int = 32
     # Images per forward/backward pass: a batch's gradients are summed over its micro-batches, so
-    # this bounds the memory of the flows' activations (about 90 MB per image for resnet18 at
-    # 256x256) without changing what is learnt (up to float rounding). None: as many images as
-    # fit MICRO_BATCH_ELEMENTS (resolve_micro_batch_size).
+    # this bounds the memory of the flows' activations, which grows with every image of a pass
+    # (measured: docs/measurements.md#micro-batch-memory), without changing what is learnt (up to
+    # float rounding). None: as many images as fit MICRO_BATCH_ELEMENTS (resolve_micro_batch_size).
     micro_batch_size: int | None = None
     lr: float = 1e-3
     weight_decay: float = 1e-5

@@ -138,7 +138,8 @@ class Backbone(nn.Module):
             return vit.forward_intermediates(
                 images, indices=list(self.layers), norm=True, stop_early=True, intermediates_only=True
             )
-        # Channels-last input: oneDNN's convolutions run it 1.4-1.5x faster on CPU (Lite0, resnet18).
+        # Channels-last input: oneDNN's convolutions run it faster on CPU (measured:
+        # docs/measurements.md#channels-last).
         return self.model(images.contiguous(memory_format=torch.channels_last))
 
 

@@ -180,9 +180,10 @@ class Recipe:
             puts on top of a backbone's preset when a detector is built from a backbone name;
             options given to the detector win, and a whole ``FastFlowConfig`` is used as given.
             The default, a 16-channel sinusoidal position given to every coupling subnet, lets the
-            flow learn that a part's rim and its centre look different: it lifted pixel AUROC and
-            AUPRO and halved the worst drop under shift and JPEG on validation
-            (``benchmarks/robust_study.py``) for 1.03x the inference time (torch, batch 16).
+            flow learn that a part's rim and its centre look different: on validation
+            (``benchmarks/robust_study.py``) it lifted pixel AUROC and AUPRO and shrank the worst
+            drop under shift and JPEG, for little extra inference time (measured:
+            docs/measurements.md#positional-condition).
             Empty: the preset's architecture, as in the paper.
         description: one line for ``fastflow presets``.
     """

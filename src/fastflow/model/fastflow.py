@@ -24,9 +24,10 @@ __all__ = ["FastFlowModel"]
 
 
 # The in-place form doubles a step's multiply-adds (about channels^2 x positions) to save a
-# fixed cost per node. OpenVINO bf16 on a 2-core Intel Xeon with AMX, one process: Lite0's flows
-# (24 x 64^2, 40 x 32^2, 112 x 16^2 at 256 px: 1.6-3.2 M) went from 11.6 to 8.6 ms at batch 1
-# and 1.17x at batch 16; ResNet-18's (64 x 64^2 and alike: 16.8 M each) all in place: 0.94x at batch 16.
+# fixed cost per node, so it pays where steps are small and an engine has a cost per node:
+# OpenVINO bf16 ran Lite0's flows (24 x 64^2, 40 x 32^2, 112 x 16^2 at 256 px: 1.6-3.2 M) faster
+# in place, and ResNet-18's (64 x 64^2 and alike: 16.8 M each) slower (measured:
+# docs/measurements.md#in-place-flows).
 IN_PLACE_MAX_WORK = 2**23
 
 
@@ -94,12 +95,13 @@ class FastFlowModel(nn.Module):
         ]
 
     def use_channels_last(self) -> FastFlowModel:
-        """Store the flows' convolutions channels-last: oneDNN runs them about twice as fast on CPUs.
+        """Store the flows' convolutions channels-last: oneDNN runs them faster on CPUs.
 
         Called after construction and after loading weights (which replaces the tensors), so a
         trained and a reloaded model run the same kernels and give bit-identical scores. Only
         the convolutions: a (1, C, 1, 1) global affine is both layouts at once, but strided as
         channels-last its gradient's strides differ from its own, which costs DDP a copy.
+        Measured: docs/measurements.md#channels-last.
         """
         for module in self.flows.modules():
             if isinstance(module, nn.Conv2d):

@@ -106,7 +106,8 @@ class CouplingStep(nn.Module):
         """``x`` (N, C, H, W) -> ``z`` (N, C, H, W) and log|det J| per position (N, H, W)."""
         # split and index_select rather than slices and advanced indexing: the same values and
         # gradients, but their backward passes concatenate and gather instead of filling zeros and
-        # scattering (a Lite0 training step in bf16: 1.12x, one-off A/B; README).
+        # scattering, which made a Lite0 training step in bf16 faster (measured:
+        # docs/measurements.md#split-couplings).
         x1, x2 = x.split((self.passive, self.active), dim=1)
         log_scale, shift = self._scale_shift(x1, condition)
         u = torch.cat((x1, x2 * torch.exp(log_scale) + shift), dim=1)
@@ -249,7 +250,8 @@ class _FoldedStep(nn.Module):
         self.register_buffer("next_active", permutation[step.passive :] if gathers else None)
         # The same hand-over as two 1x1 convolutions with 0/1 weights (as anomalib permutes), for
         # engines that run a channel gather slowly: OpenVINO gathers in a plain layout, with a
-        # layout conversion before and after, so there the convolutions were faster (README).
+        # layout conversion before and after, so there the convolutions were faster (measured:
+        # docs/measurements.md#conv-permutation).
         # Exact: each output is one input times 1 plus zeros.
         self.conv_permutation = gathers and conv_permutation
         if self.conv_permutation:
