@@ -6,6 +6,7 @@ import json
 
 from fastflow.apps.benchmark import (
     BUILTIN_DATASETS,
+    KNN_REFERENCE,
     TABLE_METRICS,
     BenchmarkRun,
     markdown_tables,
@@ -56,19 +57,27 @@ def test_tiny_real_run_writes_one_json_per_run(tmp_path, lite0_weights):
         ("reference", 1),
         ("improved", 0),
         ("improved", 1),
+        (KNN_REFERENCE, 0),
     ]
     files = sorted((tmp_path / "out").glob("*.json"))
-    assert [f.name for f in files] == [
-        f"tex__tf_efficientnet_lite0__{recipe}__seed{seed}.json"
-        for recipe in ("improved", "reference")
-        for seed in (0, 1)
-    ]
+    knn_file = "tex__tf_efficientnet_lite0__knn_reference.json"
+    assert [f.name for f in files] == sorted(
+        [
+            f"tex__tf_efficientnet_lite0__{recipe}__seed{seed}.json"
+            for recipe in ("improved", "reference")
+            for seed in (0, 1)
+        ]
+        + [knn_file]
+    )
     record = json.loads(files[0].read_text())
     assert 0.0 <= record["metrics"]["image_auroc"] <= 1.0 and record["epochs"] == 1
     assert [row["perturbation"] for row in record["robustness"]] == ["clean", "noise1"]
     assert record["robustness"][0]["image_auroc"] == record["metrics"]["image_auroc"]
     tables = markdown_tables(runs)
     assert "tf_efficientnet_lite0 (reference)" in tables
+    knn = json.loads((tmp_path / "out" / knn_file).read_text())["metrics"]
+    assert knn["bank_positions"] == 10 * 8 * 8  # every position of the 10 training images
+    assert f"tf_efficientnet_lite0 ({KNN_REFERENCE})" in tables.split("### Image AUROC")[1].split("###")[0]
     robustness = tables.split("### Robustness")[1].splitlines()
     assert (
         sum(line.startswith("| tex | tf_efficientnet_lite0") for line in robustness) == 4
@@ -109,6 +118,7 @@ def test_two_jobs_give_the_runs_one_job_gives(tmp_path, lite0_weights):
         "seeds": (0, 1),
         "training": TrainConfig(max_epochs=1, batch_size=4),
         "input_size": (64, 64),
+        "knn_reference": False,  # computed in the main process, not by the workers
     }
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each of two workers on two cores, so the arithmetic is the same

@@ -29,6 +29,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from fastflow.apps.knn_reference import knn_reference_metrics
 from fastflow.apps.robustness import measure
 from fastflow.apps.synthetic import make_textures
 from fastflow.apps.workers import check_jobs, run_in_workers, worker_device
@@ -37,15 +38,20 @@ from fastflow.estimator.data import load_samples
 from fastflow.estimator.detector import FastFlow
 from fastflow.estimator.evaluation import evaluate_detector
 from fastflow.estimator.training import TrainConfig
+from fastflow.model.config import get_config
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "KNN_REFERENCE",
     "TABLE_METRICS",
     "BenchmarkRun",
     "markdown_tables",
     "resolve_dataset",
     "run_benchmark",
 ]
+
+# The recipe name under which the nearest-neighbour reference's runs appear in the tables.
+KNN_REFERENCE = "kNN reference"
 
 TABLE_METRICS = {
     "image_auroc": "Image AUROC",
@@ -146,9 +152,14 @@ def run_benchmark(
     training: TrainConfig | None = None,
     robustness: Iterable[str] = (),
     jobs: int = 1,
+    knn_reference: bool = True,
     **overrides: Any,
 ) -> list[BenchmarkRun]:
     """Train and test every (dataset, backbone, recipe, seed); write one JSON file per run to ``output``.
+
+    With ``knn_reference`` each (dataset, backbone) also gets the nearest-neighbour reference
+    (``fastflow.apps.knn_reference``) on the same features and input size, with the first
+    recipe's map blur and image score: its own column, ``BACKBONE (kNN reference)``.
 
     With ``jobs`` > 1 the runs are independent trainings in that many worker processes, each with
     its share of the cores; one progress bar counts finished runs. Runs come back in the same
@@ -182,7 +193,32 @@ def run_benchmark(
             finished[task.name] = run
             bar.update(1)
             bar.set_postfix_str(f"{task.name}: image AUROC {run.metrics['image_auroc']:.3f}")
-    return [finished[task.name] for task in tasks]
+    runs = [finished[task.name] for task in tasks]
+    if knn_reference:
+        runs += [
+            _knn_run(root, backbone, weights.get(backbone), next(iter(recipes)), output, overrides)
+            for root in roots
+            for backbone in backbones
+        ]
+    return runs
+
+
+def _knn_run(
+    root: Path,
+    backbone: str,
+    weights: str | Path | None,
+    recipe: str,
+    output: Path,
+    overrides: dict[str, Any],
+) -> BenchmarkRun:
+    """The nearest-neighbour reference of one (dataset, backbone), written beside the runs' JSON."""
+    input_size = overrides.get("input_size") or get_config(backbone).input_size
+    metrics = knn_reference_metrics(root, backbone, weights, tuple(input_size), recipe)
+    run = BenchmarkRun(root.name, backbone, 0, metrics, KNN_REFERENCE)
+    text = json.dumps(vars(run), indent=2)
+    name = f"{root.name}__{backbone}__knn_reference.json"
+    atomic_write(output / name, functools.partial(Path.write_text, data=text))
+    return run
 
 
 def _cell(values: list[float]) -> str:
