@@ -290,7 +290,7 @@ def _with_train_options(command: F) -> F:
     parameters = [p.replace(kind=p.KEYWORD_ONLY) for p in [*own[:split], *table, *own[split:]]]
     command.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
     file_only = [
-        f"{option.name}: {option.help[:-1]} (default: {option.shown_default})."
+        f"{option.name}: {option.help.rstrip('.')} (default: {option.shown_default})."
         for option in train_options()
         if not option.flags
     ]
@@ -301,7 +301,8 @@ def _with_train_options(command: F) -> F:
 
 
 def _typed_on_command_line(context: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
-    """Those of a command's ``values`` given on its command line, not left at their defaults."""
+    """Those of a command's ``values`` given on its command line, not left at their defaults.
+    (The source's name, not click's enum: typer may run its own copy of click.)"""
     source = context.get_parameter_source
     return {name: value for name, value in values.items() if getattr(source(name), "name", None) != "DEFAULT"}
 
