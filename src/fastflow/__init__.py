@@ -7,7 +7,7 @@ only; the likelihood of each feature position becomes a pixel anomaly map and an
 from fastflow.core.errors import FastFlowError
 from fastflow.estimator.detector import FastFlow, Prediction
 from fastflow.estimator.engines import load_exported
-from fastflow.estimator.export import check_parity, to_onnx, to_openvino
+from fastflow.estimator.export import check_parity, to_onnx, to_openvino, verify_export
 from fastflow.estimator.model_file import load_model, save_model
 from fastflow.estimator.training import TrainConfig
 from fastflow.model.config import (
@@ -42,6 +42,7 @@ __all__ = [
     "save_model",
     "to_onnx",
     "to_openvino",
+    "verify_export",
 ]
 
 

@@ -460,6 +460,42 @@ def test_help(capsys) -> None:
         assert option in out, option
 
 
+def test_help_lists_every_train_option_with_the_apis_default(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One table declares the train options: each is a flag (or a --config key) in the help, and
+    its default is the API's."""
+    monkeypatch.setenv("COLUMNS", "200")  # no option name cut short
+    from fastflow.apps.cli import train_options
+    from fastflow.estimator.detector import FastFlow
+    from fastflow.estimator.training import TrainConfig
+
+    code, out, _ = run_cli(capsys, "train", "--help")
+    assert code == 0
+    for option in train_options():
+        assert (option.flags[0].split("/")[0] if option.flags else f"{option.name}:") in out, option.name
+    defaults = {option.name: option.default for option in train_options()}
+    training, detector = TrainConfig(), FastFlow()
+    assert (defaults["epochs"], defaults["lr"], defaults["device"]) == (
+        training.max_epochs,
+        training.lr,
+        training.device,
+    )
+    assert (defaults["holdout"], defaults["recipe"]) == (detector.holdout_fraction, detector.recipe.name)
+
+
+def test_a_flag_at_its_default_still_wins_over_the_config_file(
+    capsys, mvtec: Path, lite0_weights: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text("epochs: 0\nbatch_size: 8\n")
+    run = tmp_path / "run"
+    args = ["train", mvtec, "-o", run, "--weights", lite0_weights, "--config", config]
+    # --epochs 100 (the default) replaces the file's 0, so only --batch-size 0 is wrong.
+    code, _, err = run_cli(capsys, *args, "--epochs", 100, "--batch-size", 0)
+    line = assert_user_error(code, err, "--batch-size")
+    assert "epochs" not in line
+    assert not run.exists()
+
+
 def test_context_options_reach_the_saved_model(mvtec, lite0_weights, tmp_path, capsys):
     config = tmp_path / "train.yaml"
     config.write_text("positional_channels: 8\n")

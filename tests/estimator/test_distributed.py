@@ -14,12 +14,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 from support import make_folder_dataset
 
 from fastflow.apps.cli import main
+from fastflow.core.errors import FastFlowError
 from fastflow.estimator.detector import FastFlow
-from fastflow.estimator.distributed import _failure_line
+from fastflow.estimator.distributed import _failure_line, check_process_count
 
 # Same global batches, same noise: only the order of floating-point sums differs (DDP adds the
 # ranks' gradients), which after 2 epochs moved no weight by more than 5e-6 when this was written.
@@ -169,3 +171,45 @@ def test_the_failure_line_names_the_processes_that_failed_not_those_stopped_afte
     )
     killed = [SimpleNamespace(local_rank=0, exitcode=-9)]  # nothing failed by itself: say what happened
     assert _failure_line(killed, 2).startswith("training process 0 (exit -9) of 2 failed")
+
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize(
+    ("processes", "datasets", "device", "resolved", "world_size", "launch"),
+    [
+        (1, 1, "auto", CPU, None, False),  # one process: nothing to launch
+        (2, 1, "cpu", CPU, None, True),  # this process launches the others
+        (2, 1, "auto", CPU, "2", False),  # torchrun started them: run as one of them
+        (1, 1, "auto", CPU, "2", False),  # under torchrun, --processes left out
+        (3, 5, "auto", CPU, None, None),  # several datasets
+        (1, 2, "auto", CPU, "2", None),  # several datasets under torchrun
+        (0, 1, "auto", CPU, None, None),
+        (3, 1, "auto", CPU, "2", None),  # another count than torchrun's
+        (2, 1, "cuda:1", GPU, None, None),  # every process on one GPU
+        (3, 1, "cuda", GPU, None, None),  # more processes than the 2 GPUs
+        (2, 1, "cuda", GPU, None, True),
+    ],
+)
+def test_check_process_count(
+    monkeypatch: pytest.MonkeyPatch,
+    processes: int,
+    datasets: int,
+    device: str,
+    resolved: torch.device,
+    world_size: str | None,
+    launch: bool | None,
+) -> None:
+    """What ``train --processes`` checks, from Python: whether to launch, or a one-line error."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    if launch is None:
+        with pytest.raises(FastFlowError, match="--processes|--device|one dataset at a time") as error:
+            check_process_count(processes, datasets, device, resolved)
+        assert "\n" not in str(error.value)
+    else:
+        assert check_process_count(processes, datasets, device, resolved) is launch

@@ -35,7 +35,7 @@ from fastflow.estimator.engines import (
     read_metadata,
     split_preprocessing,
 )
-from fastflow.estimator.export import check_parity, to_onnx, to_openvino
+from fastflow.estimator.export import ParityReport, check_parity, to_onnx, to_openvino, verify_export
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -332,6 +332,41 @@ def test_default_engine_and_precision_follow_the_cpu(detectors, tmp_path, monkey
         )
         # A bf16 export runs in f32 where bf16 would be emulated; asked for explicitly, in bf16.
         assert load_exported(path).precision == many[1] and load_exported(path, "bf16").precision == "bf16"
+
+
+def test_verify_export_from_python(detectors, tmp_path):
+    """The check ``fastflow export`` runs, called from Python: random images in f32 without
+    images, the export's own precision on images; recorded in model.json; a failure names the fix."""
+    detector = _get(detectors, "resnet18")
+    path = detector.export(tmp_path / "onnx")
+    report = verify_export(detector, path)
+    assert isinstance(report, ParityReport)
+    assert (report.precision, report.against, report.images) == ("f32", "PyTorch f32", "random images")
+    assert report.max_score_difference <= report.score_tolerance == 1e-4
+    assert report.max_map_difference <= report.map_tolerance == 1e-4
+    assert read_metadata(path)["check"] == report.to_dict()
+    assert report.summary().startswith("checked in f32 against PyTorch f32 on random images")
+
+    images = []
+    for i, pixels in enumerate(_pixels(3, (140, 150), 12)):
+        images.append(tmp_path / f"good{i}.png")
+        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(images[-1])
+    bf16 = detector.export(tmp_path / "openvino", "openvino", precision="bf16")
+    report = verify_export(detector, bf16, images, record=False)
+    assert report.precision == default_precision("openvino") and report.images == "3 images"
+    assert report.max_score_difference <= report.score_tolerance
+    assert "check" not in read_metadata(bf16)
+
+    moved = []  # images whose labels a moved threshold changes
+    for i, pixels in enumerate(_pixels(3, INPUT_SIZE, 5)):
+        moved.append(tmp_path / f"moved{i}.png")
+        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(moved[-1])
+    detector.threshold_ = float(np.median(load_exported(path)(_pixels(3, INPUT_SIZE, 5))[1]))
+    try:  # the model no longer matches its export
+        with pytest.raises(FastFlowError, match="does not keep the model's scores: export it again"):
+            verify_export(detector, path, moved)
+    finally:
+        detector.threshold_ = -0.45
 
 
 def test_cli_export_and_predict_with_each_engine(detectors, tmp_path, capsys):

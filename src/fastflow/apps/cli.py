@@ -9,22 +9,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import click
 import typer
 import yaml
 
 from fastflow.core.errors import FastFlowError, first_line
-
-if TYPE_CHECKING:  # torch loads when a command needs it, not at start-up
-    import torch
 
 app = typer.Typer(
     help="FastFlow anomaly detection: train on normal images, test, predict heat maps.",
@@ -67,45 +65,253 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return (parts[0], parts[1])
 
 
-def _train_defaults() -> dict[str, Any]:
-    """Defaults of every ``train`` option, taken from the API so the two never disagree."""
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One option of ``train``, declared once: its key in a ``--config`` file, its flag, its type,
+    its default (the API's) and its help. ``train_options()`` holds them all."""
+
+    name: str  # the key in a --config file and the name ``train`` receives it by
+    kind: type  # what a value must be: int, float (an int or a number string will do), bool or str
+    expects: str | None  # the kind in words, for errors ("an integer"); None: the API checks it
+    help: str  # what it does; the help adds its default
+    default: Any = None  # the API's default; None: the API decides, as ``unset`` says
+    unset: str | None = None  # what the API does with None, shown as the default
+    flag: str | None = ""  # "": --name with dashes; "--on/--off" for a switch; None: --config file only
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        if self.flag is None:
+            return ()
+        return (self.flag or "--" + self.name.replace("_", "-"),)
+
+    @property
+    def shown_default(self) -> str | None:
+        return self.unset if self.default is None else str(self.default)
+
+    def check(self, value: Any) -> Any:
+        """``value`` (from a flag or a --config file) as ``kind``; a wrong type is a one-line error
+        naming the option and what it must be."""
+        if value is None or self.expects is None:
+            return value
+        if self.kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            with contextlib.suppress(ValueError):
+                return float(value)
+        elif isinstance(value, self.kind) and not (self.kind is int and isinstance(value, bool)):
+            return value
+        flag = f" ({self.flags[0].split('/')[0]})" if self.flags else ""
+        raise FastFlowError(f"option {self.name}{flag} must be {self.expects}, got {value!r}")
+
+    def parameter(self) -> inspect.Parameter:
+        """This option as a keyword parameter of a typer command, defaulting to the API's default
+        (``train`` tells a flag given from one left out by its parameter source)."""
+        shown = True if self.default is not None else self.unset or False
+        info = typer.Option(*self.flags, help=self.help, show_default=shown)
+        kind = Annotated[self.kind | None, info]  # type: ignore[name-defined]
+        return inspect.Parameter(
+            self.name, inspect.Parameter.KEYWORD_ONLY, default=self.default, annotation=kind
+        )
+
+
+@functools.cache
+def train_options() -> tuple[Option, ...]:
+    """Every option of ``train``, in the order of its help, with its defaults read from the API
+    (``FastFlow``'s arguments, ``TrainConfig``, ``CacheConfig``) so the two never disagree."""
     from fastflow.estimator.detector import FastFlow
+    from fastflow.estimator.feature_cache import DEFAULT_BUDGET, CacheConfig
     from fastflow.estimator.training import TrainConfig
 
-    training, detector = TrainConfig(), FastFlow()
-    return {
-        "backbone": detector.backbone,
-        "weights": None,
-        "epochs": training.max_epochs,
-        "batch_size": training.batch_size,
-        "lr": training.lr,
-        "weight_decay": training.weight_decay,
-        "patience": training.patience,
-        "seed": training.seed,
-        "flow_precision": training.flow_precision,
-        "device": training.device,
-        "input_size": None,
-        "layers": None,
-        "flow_steps": None,
-        "hidden_ratio": None,
-        "conv3x3_only": None,
-        "context_pool": None,
-        "fuse_scales": None,
-        "positional_channels": None,
-        "permutation": None,
-        "holdout": detector.holdout_fraction,
-        "threshold_quantile": detector.threshold_quantile,
-        "exact_nll": None,
-        "recipe": detector.recipe.name,
-        "max_memory": None,
-        "cache_dir": None,
-        "cache_dtype": detector.cache.dtype,
-    }
+    training, cache = TrainConfig(), CacheConfig()
+    detector = {name: p.default for name, p in inspect.signature(FastFlow).parameters.items()}
+    preset, recipe = "the preset's", "the recipe's choice"
+    return (
+        Option(
+            "backbone",
+            str,
+            "a name",
+            "Preset or timm CNN name, e.g. resnet18, tf_efficientnet_lite0.",
+            detector["backbone"],
+        ),
+        Option(
+            "weights", str, "a file path", "Local backbone weights (.safetensors/.pth).", unset="timm hub"
+        ),
+        Option(
+            "epochs",
+            int,
+            "an integer",
+            "Maximum epochs (at least 1); stops earlier on a held-out NLL plateau.",
+            training.max_epochs,
+        ),
+        Option("batch_size", int, "an integer", "Batch size.", training.batch_size),
+        Option("lr", float, "a number", "Adam learning rate.", training.lr),
+        Option("weight_decay", float, "a number", "Adam weight decay.", training.weight_decay, flag=None),
+        Option(
+            "patience",
+            int,
+            "an integer",
+            "Epochs without held-out NLL improvement before stopping.",
+            training.patience,
+        ),
+        Option("seed", int, "an integer", "Random seed; same seed, same numbers.", training.seed),
+        Option("input_size", str, None, "Model input HEIGHTxWIDTH or one number.", unset=preset),
+        Option(
+            "layers",
+            list,
+            None,
+            "Backbone stages (timm out_indices) whose features feed the flows, a list of integers.",
+            unset=preset,
+            flag=None,
+        ),
+        Option("flow_steps", int, "an integer", "Coupling steps per flow.", unset=preset, flag=None),
+        Option(
+            "hidden_ratio",
+            float,
+            "a number",
+            "Hidden channels of each coupling subnet, as a multiple of its input channels.",
+            unset=preset,
+            flag=None,
+        ),
+        Option(
+            "conv3x3_only",
+            bool,
+            "true or false",
+            "3x3 kernels in every coupling step instead of alternating 3x3 and 1x1.",
+            unset=preset,
+            flag=None,
+        ),
+        Option(
+            "holdout",
+            float,
+            "a number",
+            "Share of normal images held out for selection and threshold, between 0 and 1.",
+            detector["holdout_fraction"],
+        ),
+        Option(
+            "threshold_quantile",
+            float,
+            "a number",
+            "Deployment threshold: this quantile of the held-out normal scores, in (0, 1].",
+            detector["threshold_quantile"],
+            flag=None,
+        ),
+        Option(
+            "recipe",
+            str,
+            "a name",
+            "'improved' or 'reference' (the paper's loss, unblurred map and max image score).",
+            detector["recipe"],
+        ),
+        Option(
+            "exact_nll",
+            bool,
+            "true or false",
+            "Loss: exact NLL of the normalised features, or the reference loss.",
+            unset=recipe,
+            flag="--exact-nll/--reference-nll",
+        ),
+        Option(
+            "context_pool",
+            int,
+            "an odd integer",
+            "Average each feature position with its KxK neighbours before the flows (odd K; 1: none).",
+            unset=recipe,
+        ),
+        Option(
+            "fuse_scales",
+            bool,
+            "true or false",
+            "One flow on all scales joined on the finest grid, or one flow per scale.",
+            unset=recipe,
+            flag="--fuse-scales/--separate-scales",
+        ),
+        Option(
+            "positional_channels",
+            int,
+            "a multiple of 4",
+            "Channels of a sinusoidal positional encoding conditioning the flows (multiple of 4; 0: none).",
+            unset=recipe,
+        ),
+        Option(
+            "permutation",
+            str,
+            "random or swap",
+            "Channel permutation of each coupling step: random (the paper's) or swap (the halves trade "
+            "places; no channel gather at inference).",
+            unset=recipe,
+        ),
+        Option(
+            "max_memory",
+            str,
+            "a size like 4GB",
+            "RAM budget of the training feature cache, e.g. 4GB; past it the cache goes to disk "
+            "(0: always disk).",
+            unset=f"{DEFAULT_BUDGET / 2**30:g}GB, or a quarter of the available memory where less",
+        ),
+        Option(
+            "cache_dir",
+            str,
+            "a folder path",
+            "Folder for an on-disk feature cache; removed after training.",
+            unset="the system's temporary folder",
+        ),
+        Option(
+            "cache_dtype",
+            str,
+            "float32 or float16",
+            "Feature cache storage: float32 or float16 (half the memory or disk).",
+            cache.dtype,
+        ),
+        Option(
+            "flow_precision",
+            str,
+            "auto, float32 or bfloat16",
+            "Arithmetic of the flows' training passes: auto (bfloat16 where the CPU/GPU has native "
+            "bf16, else float32), float32 or bfloat16 (autocast). The model is float32 either way.",
+            training.flow_precision,
+        ),
+        Option(
+            "device",
+            str,
+            "auto, cpu, cuda or cuda:N",
+            "Where the backbone pass and the flows train: auto (a CUDA GPU where PyTorch sees one, "
+            "else the CPU), cpu, cuda or cuda:N. The saved model is the same kind either way.",
+            training.device,
+        ),
+    )
 
 
-def resolve_train_options(cli: dict[str, Any], config_file: Path | None) -> dict[str, Any]:
-    """Merge defaults < YAML file < command-line flags (flags left at None do not override)."""
-    options = _train_defaults()
+def _with_train_options(command: F) -> F:
+    """Give ``command`` (which takes the train options as ``**given``) one typer option per row of
+    ``train_options()``, after its positional parameters, and end its help with the keys only a
+    --config file sets."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    split = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in own)
+    table = [option.parameter() for option in train_options() if option.flags]
+    parameters = [p.replace(kind=p.KEYWORD_ONLY) for p in [*own[:split], *table, *own[split:]]]
+    command.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    file_only = [
+        f"{option.name}: {option.help.rstrip('.')} (default: {option.shown_default})."
+        for option in train_options()
+        if not option.flags
+    ]
+    command.__doc__ = "\n".join(
+        [inspect.cleandoc(command.__doc__ or ""), "", "Keys a --config file alone sets:", *file_only]
+    )
+    return command
+
+
+def _typed_on_command_line(context: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """Those of a command's ``values`` given on its command line, not left at their defaults.
+    (The source's name, not click's enum: typer may run its own copy of click.)"""
+    source = context.get_parameter_source
+    return {name: value for name, value in values.items() if getattr(source(name), "name", None) != "DEFAULT"}
+
+
+def resolve_train_options(flags: dict[str, Any], config_file: Path | None) -> dict[str, Any]:
+    """Every train option's value: the API's default < the YAML file < the flags given on the
+    command line (``flags``; None values left out), each checked against its type."""
+    table = {option.name: option for option in train_options()}
+    options = {name: option.default for name, option in table.items()}
     if config_file is not None:
         try:
             loaded = yaml.safe_load(config_file.read_text()) or {}
@@ -121,59 +327,13 @@ def resolve_train_options(cli: dict[str, Any], config_file: Path | None) -> dict
                 f"config file {config_file} has unknown keys {unknown}; valid keys: {sorted(options)}"
             )
         options.update(loaded)
-    options.update({k: v for k, v in cli.items() if v is not None})
-    return options
-
-
-_OPTION_TYPES: dict[str, tuple[type, str]] = {
-    "epochs": (int, "an integer"),
-    "batch_size": (int, "an integer"),
-    "patience": (int, "an integer"),
-    "seed": (int, "an integer"),
-    "flow_steps": (int, "an integer"),
-    "lr": (float, "a number"),
-    "weight_decay": (float, "a number"),
-    "holdout": (float, "a number"),
-    "threshold_quantile": (float, "a number"),
-    "hidden_ratio": (float, "a number"),
-    "exact_nll": (bool, "true or false"),
-    "conv3x3_only": (bool, "true or false"),
-    "backbone": (str, "a name"),
-    "recipe": (str, "a name"),
-    "weights": (str, "a file path"),
-    "context_pool": (int, "an odd integer"),
-    "fuse_scales": (bool, "true or false"),
-    "positional_channels": (int, "a multiple of 4"),
-    "permutation": (str, "random or swap"),
-    "max_memory": (str, "a size like 4GB"),
-    "cache_dir": (str, "a folder path"),
-    "cache_dtype": (str, "float32 or float16"),
-    "flow_precision": (str, "auto, float32 or bfloat16"),
-    "device": (str, "auto, cpu, cuda or cuda:N"),
-}
-
-
-def _typed(options: dict[str, Any]) -> dict[str, Any]:
-    """Options converted to their types; a value of the wrong type names the option and the type."""
-    typed = dict(options)
-    for key, (kind, text) in _OPTION_TYPES.items():
-        value = options.get(key)
-        if value is None:
-            continue
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-            try:
-                value, ok = float(value), True
-            except ValueError:
-                ok = False
-        if not ok:
-            raise FastFlowError(f"option {key} (--{key.replace('_', '-')}) must be {text}, got {value!r}")
-        typed[key] = value
-    return typed
+    options.update({k: v for k, v in flags.items() if v is not None})
+    return {name: table[name].check(value) for name, value in options.items()}
 
 
 @app.command()
 @_user_errors
+@_with_train_options
 def train(
     context: typer.Context,
     data: Annotated[
@@ -190,99 +350,7 @@ def train(
             help="Run folder to write (model.safetensors, history.json); with several datasets, the folder of their run folders, one per dataset folder name.",
         ),
     ],
-    backbone: Annotated[
-        str | None, typer.Option(help="Preset or timm CNN name, e.g. resnet18, tf_efficientnet_lite0.")
-    ] = None,
-    weights: Annotated[
-        str | None, typer.Option(help="Local backbone weights (.safetensors/.pth); default: timm hub.")
-    ] = None,
-    epochs: Annotated[
-        int | None,
-        typer.Option(
-            help="Maximum epochs (default 100, at least 1); stops earlier on a held-out NLL plateau."
-        ),
-    ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size (default 32).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-3).")] = None,
-    patience: Annotated[
-        int | None, typer.Option(help="Epochs without held-out NLL improvement before stopping (default 10).")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed; same seed, same numbers.")] = None,
-    input_size: Annotated[
-        str | None, typer.Option(help="Model input HEIGHTxWIDTH or one number (default: preset's).")
-    ] = None,
-    holdout: Annotated[
-        float | None,
-        typer.Option(
-            help="Share of normal images held out for selection and threshold, between 0 and 1 (default 0.1)."
-        ),
-    ] = None,
-    recipe: Annotated[
-        str | None,
-        typer.Option(
-            help="'improved' (default) or 'reference' (the paper's loss, unblurred map and max image score)."
-        ),
-    ] = None,
-    exact_nll: Annotated[
-        bool | None,
-        typer.Option(
-            "--exact-nll/--reference-nll",
-            help="Loss: exact NLL of the normalised features, or the reference loss (default: the recipe's choice).",
-        ),
-    ] = None,
-    context_pool: Annotated[
-        int | None,
-        typer.Option(
-            help="Average each feature position with its KxK neighbours before the flows (odd K; 1: none; default: the recipe's choice)."
-        ),
-    ] = None,
-    fuse_scales: Annotated[
-        bool | None,
-        typer.Option(
-            "--fuse-scales/--separate-scales",
-            help="One flow on all scales joined on the finest grid, or one flow per scale (default: the recipe's choice).",
-        ),
-    ] = None,
-    positional_channels: Annotated[
-        int | None,
-        typer.Option(
-            help="Channels of a sinusoidal positional encoding conditioning the flows (multiple of 4; 0: none; default: the recipe's choice)."
-        ),
-    ] = None,
-    permutation: Annotated[
-        str | None,
-        typer.Option(
-            help="Channel permutation of each coupling step: random (the paper's) or swap (the halves trade places; no channel gather at inference) (default: the recipe's choice)."
-        ),
-    ] = None,
-    max_memory: Annotated[
-        str | None,
-        typer.Option(
-            help="RAM budget of the training feature cache, e.g. 4GB; past it the cache goes to disk (0: always disk; default: 1GB, or a quarter of the available memory where less)."
-        ),
-    ] = None,
-    cache_dir: Annotated[
-        str | None,
-        typer.Option(
-            help="Folder for an on-disk feature cache (default: the system's temporary folder); removed after training."
-        ),
-    ] = None,
-    cache_dtype: Annotated[
-        str | None,
-        typer.Option(help="Feature cache storage: float32 (default) or float16 (half the memory or disk)."),
-    ] = None,
-    flow_precision: Annotated[
-        str | None,
-        typer.Option(
-            help="Arithmetic of the flows' training passes: auto (default: bfloat16 where the CPU/GPU has native bf16, else float32), float32 or bfloat16 (autocast). The model is float32 either way."
-        ),
-    ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option(
-            help="Where the backbone pass and the flows train: auto (default: a CUDA GPU where PyTorch sees one, else the CPU), cpu, cuda or cuda:N. The saved model is the same kind either way."
-        ),
-    ] = None,
+    *,
     jobs: Annotated[
         int,
         typer.Option(
@@ -296,7 +364,10 @@ def train(
         ),
     ] = 1,
     config: Annotated[
-        Path | None, typer.Option(help="YAML file with any of these options (flags win).")
+        Path | None,
+        typer.Option(
+            help="YAML file of option: value, with any of these options (_ for -, e.g. batch_size; flags win) and the keys listed at the top."
+        ),
     ] = None,
     resume: Annotated[
         bool,
@@ -304,6 +375,7 @@ def train(
             help="Continue the run in --output from its last.safetensors (e.g. after an interruption or with more --epochs)."
         ),
     ] = False,
+    **given: Any,
 ) -> None:
     """Train a model on the normal images of DATA and write it to --output.
 
@@ -323,29 +395,7 @@ def train(
     from fastflow.estimator.training import TrainConfig
     from fastflow.model.config import CONTEXT_OPTIONS, get_recipe
 
-    cli = {
-        "backbone": backbone,
-        "weights": weights,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "patience": patience,
-        "seed": seed,
-        "input_size": input_size,
-        "holdout": holdout,
-        "exact_nll": exact_nll,
-        "recipe": recipe,
-        "context_pool": context_pool,
-        "fuse_scales": fuse_scales,
-        "positional_channels": positional_channels,
-        "permutation": permutation,
-        "max_memory": max_memory,
-        "cache_dir": cache_dir,
-        "cache_dtype": cache_dtype,
-        "flow_precision": flow_precision,
-        "device": device,
-    }
-    options = _typed(resolve_train_options(cli, config))
+    options = resolve_train_options(_typed_on_command_line(context, given), config)
     cache = CacheConfig(
         max_memory=None if options["max_memory"] is None else parse_memory(options["max_memory"]),
         directory=None if options["cache_dir"] is None else Path(options["cache_dir"]),
@@ -381,7 +431,7 @@ def train(
         **architecture,
     )
     check_jobs(jobs)
-    launch = _check_processes(processes, len(data), training.device, training_device)
+    launch = distributed.check_process_count(processes, len(data), training.device, training_device)
     runs = [
         TrainRun(detector, dataset, folder)
         for dataset, folder in zip(data, run_folders(data, output), strict=True)
@@ -400,41 +450,6 @@ def train(
                     bar.write(line)
     finally:
         distributed.cleanup()
-
-
-def _check_processes(processes: int, datasets: int, device: str, resolved: torch.device) -> bool:
-    """Check ``train --processes`` against the datasets, the device (``--device`` as given, and
-    what it resolved to) and a torchrun around this process; whether this process must launch
-    the others."""
-    import torch
-
-    from fastflow.estimator import distributed
-
-    launched = distributed.launched_processes()
-    if processes < 1:
-        raise FastFlowError(f"--processes must be at least 1, got {processes}")
-    if launched > 1 and processes not in (1, launched):
-        raise FastFlowError(
-            f"--processes {processes} under torchrun, which started {launched}; "
-            "leave --processes out under torchrun, or run without torchrun"
-        )
-    if datasets > 1 and max(processes, launched) > 1:
-        raise FastFlowError(
-            "data-parallel processes train one dataset at a time; for several datasets at once "
-            "use --jobs, without --processes or torchrun"
-        )
-    if processes > 1 and device.startswith("cuda:"):
-        raise FastFlowError(
-            f"--device {device} puts every process on one GPU; with --processes use --device cuda "
-            "or auto (one GPU a process)"
-        )
-    gpus = torch.cuda.device_count() if resolved.type == "cuda" else 0
-    if gpus and processes > gpus:  # NCCL runs one process a GPU
-        raise FastFlowError(
-            f"--processes {processes} on {gpus} GPU(s): NCCL needs one GPU a process; "
-            f"use --processes {gpus} or fewer, or --device cpu"
-        )
-    return processes > 1 and launched == 1
 
 
 def _command_line(context: typer.Context) -> list[str]:
@@ -703,12 +718,10 @@ def export(
     ] = None,
 ) -> None:
     """Export a trained model with pre- and post-processing: raw uint8 RGB in, map/score/label out."""
-    import numpy as np
-
     from fastflow.apps.prediction_files import expand_inputs
     from fastflow.estimator.detector import FastFlow
-    from fastflow.estimator.engines import check_precision, exported_precision
-    from fastflow.estimator.export import bf16_tolerances, check_parity, random_pixels, record_check
+    from fastflow.estimator.engines import check_precision
+    from fastflow.estimator.export import verify_export
 
     if precision is not None:
         check_precision(precision)
@@ -719,55 +732,8 @@ def export(
         typer.echo(
             f"exported {path} (input 'image': uint8 N x 3 x H x W RGB; outputs anomaly_map, score, label)"
         )
-        if not check:
-            return
-        graph = detector.inference_graph()
-        checked = exported_precision(path) if images else "f32"
-        if images is None:
-            batches, source, tolerance, map_tolerance = (
-                random_pixels(detector.config.input_size),
-                "random images",
-                1e-4,
-                1e-4,
-            )
-        else:
-            batches, source = (
-                [batch["image"] for _, batch in detector.image_batches(images)],
-                f"{len(images)} images",
-            )
-            normal = (
-                float(np.median(detector.holdout_scores_))
-                if len(detector.holdout_scores_)
-                else detector.map_floor_
-            )
-            tolerance, map_tolerance = (
-                (1e-4, 1e-4) if checked == "f32" else bf16_tolerances(detector.threshold_, normal)
-            )
-        try:
-            worst_score, worst_map = check_parity(graph, path, batches, tolerance, checked, map_tolerance)
-        except FastFlowError as error:
-            fix = (
-                "export it with --precision f32"
-                if checked == "bf16"
-                else "export it again with this fastflow version"
-            )
-            raise FastFlowError(f"{error}; this export does not keep the model's scores: {fix}") from None
-        record_check(
-            path,
-            {
-                "precision": checked,
-                "against": "PyTorch f32",
-                "images": source,
-                "max_score_difference": worst_score,
-                "max_map_difference": worst_map,
-                "score_tolerance": tolerance,
-                "map_tolerance": map_tolerance,
-            },
-        )
-        typer.echo(
-            f"checked in {checked} against PyTorch f32 on {source}: largest difference {worst_score:.2g} "
-            f"in scores (tolerance {tolerance:.2g}), {worst_map:.2g} in maps (tolerance {map_tolerance:.2g})"
-        )
+        if check:
+            typer.echo(verify_export(detector, path, images).summary())
 
 
 @app.command()

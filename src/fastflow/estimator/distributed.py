@@ -32,6 +32,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "broadcast",
+    "check_process_count",
     "cleanup",
     "group",
     "is_main",
@@ -57,6 +58,44 @@ def launched_processes() -> int:
 def launched_rank() -> int:
     """This process's rank among those ``torchrun`` (or ``launch``) started, known before ``setup``; 0 alone."""
     return int(os.environ.get("RANK", "0"))
+
+
+def check_process_count(processes: int, datasets: int, device: str, resolved: torch.device) -> bool:
+    """Check a count of data-parallel training processes (``train --processes``) before anything
+    starts: against the datasets to train, the device (``device`` as given, ``resolved`` what it
+    resolved to, ``fastflow.core.hardware.resolve_device``) and a ``torchrun`` around this process.
+
+    Returns whether this process must start the others (``launch``): ``processes`` > 1 and no
+    launcher started this one. Raises ``FastFlowError`` (one line naming the fix) where the
+    processes cannot train: fewer than 1, a count other than torchrun's under torchrun, several
+    datasets (data-parallel processes train one), one GPU named for all of them, or more
+    processes than GPUs (NCCL runs one process a GPU).
+    """
+    launched = launched_processes()
+    if processes < 1:
+        raise FastFlowError(f"--processes must be at least 1, got {processes}")
+    if launched > 1 and processes not in (1, launched):
+        raise FastFlowError(
+            f"--processes {processes} under torchrun, which started {launched}; "
+            "leave --processes out under torchrun, or run without torchrun"
+        )
+    if datasets > 1 and max(processes, launched) > 1:
+        raise FastFlowError(
+            "data-parallel processes train one dataset at a time; for several datasets at once "
+            "use --jobs, without --processes or torchrun"
+        )
+    if processes > 1 and device.startswith("cuda:"):
+        raise FastFlowError(
+            f"--device {device} puts every process on one GPU; with --processes use --device cuda "
+            "or auto (one GPU a process)"
+        )
+    gpus = torch.cuda.device_count() if resolved.type == "cuda" else 0
+    if gpus and processes > gpus:  # NCCL runs one process a GPU
+        raise FastFlowError(
+            f"--processes {processes} on {gpus} GPU(s): NCCL needs one GPU a process; "
+            f"use --processes {gpus} or fewer, or --device cpu"
+        )
+    return processes > 1 and launched == 1
 
 
 def launch(processes: int, arguments: list[str]) -> None:

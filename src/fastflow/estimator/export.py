@@ -3,7 +3,8 @@
 The exported graph is ``InferenceGraph`` itself, traced: raw pixels in, ``anomaly_map``,
 ``score`` and ``label`` out, with the resize, the normalisation, the folded flows, the
 recipe's scorer and the calibrated threshold inside. So the artifact alone reproduces the
-Python scores (``check_parity`` measures it; the tests hold fp32 engines to 1e-4).
+Python scores (``check_parity`` measures it; the tests hold fp32 engines to 1e-4;
+``verify_export`` runs the check ``fastflow export`` runs and records it with the export).
 
 Input ``image``: (N, 3, H, W) uint8 RGB, N, H and W dynamic. Outputs: ``anomaly_map``
 (N, height, width) float32 at the model's input size, ``score`` (N,) float32 (higher = more
@@ -15,13 +16,14 @@ ONNX Runtime, OpenVINO and ONNX are optional (``pip install "fastflow[export]"``
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -36,6 +38,7 @@ from fastflow.estimator.engines import (
     TorchEngine,
     as_uint8,
     check_precision,
+    exported_precision,
     import_optional,
     load_exported,
     metadata_path,
@@ -45,6 +48,8 @@ from fastflow.model.inference import InferenceGraph
 __all__ = [
     "DEFAULT_OPSET",
     "EXPORT_PRECISIONS",
+    "FittedDetector",
+    "ParityReport",
     "bf16_tolerances",
     "check_parity",
     "export_engine",
@@ -52,6 +57,7 @@ __all__ = [
     "record_check",
     "to_onnx",
     "to_openvino",
+    "verify_export",
 ]
 
 DEFAULT_OPSET = 17
@@ -263,3 +269,101 @@ def record_check(exported_path: str | Path, check: Mapping[str, Any]) -> None:
     meta_path = metadata_path(exported_path)
     metadata = {**json.loads(meta_path.read_text()), "check": dict(check)}
     atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(metadata, indent=2)))
+
+
+class FittedDetector(Protocol):
+    """What ``verify_export`` needs of a detector: a fitted ``fastflow.FastFlow`` has it all."""
+
+    @property
+    def threshold_(self) -> float: ...
+
+    @property
+    def map_floor_(self) -> float: ...
+
+    @property
+    def holdout_scores_(self) -> np.ndarray: ...
+
+    def inference_graph(self) -> InferenceGraph: ...
+
+    def image_batches(self, X: Any) -> Iterator[tuple[list[Any], dict[str, Any]]]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityReport:
+    """What ``verify_export`` compared and found; ``to_dict()`` is the ``check`` entry it records
+    in the export's ``model.json``."""
+
+    precision: str  # the precision the export ran at: "f32" or "bf16"
+    against: str  # the reference it was compared with: "PyTorch f32"
+    images: str  # what both ran on: "random images" or "N images"
+    max_score_difference: float
+    max_map_difference: float
+    score_tolerance: float
+    map_tolerance: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """One line: the precision, the images, and the largest differences against their tolerances."""
+        return (
+            f"checked in {self.precision} against {self.against} on {self.images}: largest difference "
+            f"{self.max_score_difference:.2g} in scores (tolerance {self.score_tolerance:.2g}), "
+            f"{self.max_map_difference:.2g} in maps (tolerance {self.map_tolerance:.2g})"
+        )
+
+
+def verify_export(
+    detector: FittedDetector,
+    exported_path: str | Path,
+    images: Any = None,
+    record: bool = True,
+) -> ParityReport:
+    """Check an export of ``detector`` against the detector's PyTorch f32 graph, as ``fastflow
+    export`` does, and (``record``) add the result to the export's ``model.json``.
+
+    Without ``images`` the export runs in f32 on random images (``random_pixels``), to 1e-4: that
+    shows it computes the same graph as PyTorch, but it cannot tell a bf16 export's rounding from a
+    good export. With ``images`` (good images: files, or anything ``FastFlow.score`` takes) it runs
+    at its own precision (``exported_precision``): f32 to 1e-4, bf16 to ``bf16_tolerances`` of
+    the threshold and a typical normal score (the median held-out score, or the map floor of a
+    detector without held-out scores).
+
+    Args:
+        detector: the fitted detector that was exported (``FastFlow.export``).
+        exported_path: the export folder or model file.
+        images: good images to check on; None: random images, in f32.
+        record: write the result into the export's ``model.json`` (``record_check``).
+
+    Raises:
+        FastFlowError: the export does not keep the model's scores (the message says what to do).
+    """
+    graph = detector.inference_graph()
+    batches: list[np.ndarray | Tensor]
+    if images is None:
+        precision, source, tolerance, map_tolerance = "f32", "random images", 1e-4, 1e-4
+        batches = list(random_pixels(graph.model.config.input_size))
+    else:
+        precision = exported_precision(exported_path)
+        loaded = [(len(samples), batch["image"]) for samples, batch in detector.image_batches(images)]
+        batches, source = [pixels for _, pixels in loaded], f"{sum(n for n, _ in loaded)} images"
+        held_out = detector.holdout_scores_
+        normal = float(np.median(held_out)) if len(held_out) else detector.map_floor_
+        tolerance, map_tolerance = (
+            (1e-4, 1e-4) if precision == "f32" else bf16_tolerances(detector.threshold_, normal)
+        )
+    try:
+        worst_score, worst_map = check_parity(
+            graph, exported_path, batches, tolerance, precision, map_tolerance
+        )
+    except FastFlowError as error:
+        fix = (
+            "export it with --precision f32"
+            if precision == "bf16"
+            else "export it again with this fastflow version"
+        )
+        raise FastFlowError(f"{error}; this export does not keep the model's scores: {fix}") from None
+    report = ParityReport(precision, "PyTorch f32", source, worst_score, worst_map, tolerance, map_tolerance)
+    if record:
+        record_check(exported_path, report.to_dict())
+    return report
