@@ -616,3 +616,10 @@ def test_predict_decodes_each_image_once(
     assert code == 0, err
     assert {str(p) for p in images} <= set(opened)
     assert {str(p): opened[str(p)] for p in images} == {str(p): 1 for p in images}, opened
+
+
+def test_a_badly_typed_flag_is_a_usage_error_in_process(capsys, tmp_path: Path) -> None:
+    """``main`` (tests, embedding) reports a flag of the wrong type as the installed command does."""
+    code = main(["train", str(tmp_path), "--epochs", "abc"])
+    assert code == 2
+    assert "epochs" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,7 +146,7 @@ def run_benchmark(
     backbones: Iterable[str],
     output: Path,
     *,
-    weights: dict[str, str | Path | None],
+    weights: Mapping[str, str | Path | None],
     seeds: Iterable[int] = (0,),
     recipes: Iterable[str] = ("improved",),
     training: TrainConfig | None = None,

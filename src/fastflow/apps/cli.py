@@ -860,7 +860,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI in-process (tests, embedding); returns the exit status."""
     try:
         result = app(args=argv, standalone_mode=False, obj={"arguments": argv})
-    except click.ClickException as error:
-        error.show()
-        return error.exit_code
+    # typer 0.29 raises usage errors from its own copy of click, under TyperException.
+    except (click.ClickException, typer.TyperException) as error:
+        error.show()  # type: ignore[union-attr]
+        return int(error.exit_code)
     return result if isinstance(result, int) else 0
