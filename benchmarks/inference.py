@@ -177,7 +177,7 @@ def build_configs(backbone: str, size: int, batch: int, workdir: Path) -> tuple[
     pixels = pixels.numpy()
     configs: dict[str, tuple[Runner, Runner, str]] = {}
 
-    unfolded = InferenceGraph(model, detector.recipe, -0.5)
+    unfolded = InferenceGraph(model, detector.recipe_, -0.5)
     configs["fastflow torch fp32 (unfolded)"] = (torch_runner(unfolded), torch_runner(unfolded), "pixels")
     configs["fastflow torch fp32 (folded)"] = (torch_runner(graph), torch_runner(graph), "pixels")
     mixed = TorchEngine(graph, "bf16")  # bf16 flows, f32 backbone: the bf16 path that keeps the AUROC
@@ -237,7 +237,7 @@ def build_configs(backbone: str, size: int, batch: int, workdir: Path) -> tuple[
                 torch.from_numpy(pixels[:2])
             )[0]
             theirs = gaussian_blur(
-                wrapped(torch.from_numpy(normalised[:2]))[0][:, 0], detector.recipe.map_sigma
+                wrapped(torch.from_numpy(normalised[:2]))[0][:, 0], detector.recipe_.map_sigma
             )
         assert torch.allclose(ours, theirs, atol=1e-4), float((ours - theirs).abs().max())
     check = OpenVinoEngine(xml, "f32")(pixels[:2])[0]

@@ -72,7 +72,7 @@ def child(args: argparse.Namespace) -> None:
     detector = FastFlow(
         args.backbone[0],
         weights="random",
-        input_size=(256, 256),
+        architecture={"input_size": (256, 256)},
         cache=cache,
         training=TrainConfig(
             max_epochs=args.epochs, patience=args.epochs, micro_batch_size=args.micro_batch_size

@@ -167,7 +167,11 @@ def main() -> None:
                     detector = FastFlow.load(saved)
                 else:
                     detector = FastFlow(
-                        args.backbone, recipe=recipe, weights=args.weights, training=training, **overrides
+                        args.backbone,
+                        recipe=recipe,
+                        weights=args.weights,
+                        training=training,
+                        architecture=overrides,
                     )
                     detector.fit(args.data)
                     if saved is not None:

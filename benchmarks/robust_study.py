@@ -154,11 +154,16 @@ def main() -> None:
                 recipe, architecture = candidate(name)
                 if saved is not None and saved.exists():
                     detector = FastFlow.load(saved)
-                    detector.recipe = recipe  # its scoring tokens, if any: the same trained model
+                    # Its scoring tokens, if any: the same trained model, scored with this recipe.
+                    detector.recipe_ = recipe
                 else:
                     training = TrainConfig(max_epochs=args.epochs, seed=seed)
                     detector = FastFlow(
-                        args.backbone, recipe=recipe, weights=args.weights, training=training, **architecture
+                        args.backbone,
+                        recipe=recipe,
+                        weights=args.weights,
+                        training=training,
+                        architecture=architecture,
                     )
                     detector.fit(data)
                     if saved is not None:

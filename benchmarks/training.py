@@ -123,12 +123,14 @@ def time_anomalib_engine(backbone: str, data: Path, size: int, epochs: int) -> f
 def time_fastflow(backbone: str, data: Path, size: int, epochs: int, precision: str) -> tuple[float, int]:
     """Seconds of a whole ``fit`` with the flows trained in ``precision``, and the number of images it trained on."""
     training = TrainConfig(max_epochs=epochs, patience=epochs, batch_size=BATCH, flow_precision=precision)
-    detector = FastFlow(backbone, weights=weights_of(backbone), input_size=(size, size), training=training)
+    detector = FastFlow(
+        backbone, weights=weights_of(backbone), training=training, architecture={"input_size": (size, size)}
+    )
     start = time.perf_counter()
     detector.fit(data)
     seconds = time.perf_counter() - start
     assert len(detector.history_) == epochs, "fit stopped early: the rates would not compare equal epochs"
-    return seconds, len(detector.holdout_scores_)
+    return seconds, len(detector.decision_scores_)
 
 
 def main() -> None:

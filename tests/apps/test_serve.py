@@ -62,7 +62,7 @@ def run(images: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved detector whose threshold is the median score of ``images``."""
     model = FastFlowModel(get_config("resnet18", input_size=(96, 80), flow_steps=2), "random").eval()
     perturb_trainable(model, torch.Generator().manual_seed(1))
-    scores = FastFlow.from_model(model, 0.0).score(images).scores
+    scores = FastFlow.from_model(model, 0.0).decision_function(images)
     assert scores.std() > 1e-4  # scores that tell the images apart
     detector = FastFlow.from_model(model, float(np.median(scores)), map_floor=float(scores.min()) - 0.1)
     folder = tmp_path_factory.mktemp("serve") / "run"
@@ -198,7 +198,7 @@ def test_health_and_model(client: TestClient, run: Path) -> None:
         and model["engine"] == "torch"
         and model["precision"] == "f32"
     )
-    assert model["config"]["input_size"] == [96, 80] and model["recipe"]["name"] == detector.recipe.name
+    assert model["config"]["input_size"] == [96, 80] and model["recipe"]["name"] == detector.recipe_.name
     assert model["fastflow_version"]
     assert client.get("/").text.startswith("<!doctype html>")
 
@@ -292,7 +292,7 @@ def test_page_in_headless_chromium(run: Path, bottle: Path) -> None:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
-    expected = FastFlow.load(run).score([image])
+    expected = FastFlow.load(run).detect([image])
     assert verdict == ("anomalous" if expected.labels[0] else "normal")
     assert abs(score - float(expected.scores[0])) <= 1e-5  # the page shows six decimals
     assert overlay_src.startswith("data:image/png;base64,") and len(overlay_src) > 1000

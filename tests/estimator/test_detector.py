@@ -6,7 +6,9 @@ models (two coupling steps, a few epochs) so the whole module stays well under a
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from sklearn.base import clone
 from sklearn.metrics import roc_auc_score
 
 from fastflow import FastFlow, FastFlowError, TrainConfig
 from fastflow.apps.synthetic import make_textures
 from fastflow.estimator.data import DataError, Sample, load_mask, load_samples, split_holdout
 from fastflow.model import backbones
+from fastflow.model.config import get_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,9 +34,17 @@ INPUT_SIZE = IMAGE_SIZE  # the quality model sees the images unscaled
 TINY = {"flow_steps": 2, "input_size": (64, 96)}
 
 
-def make(weights: Path, epochs: int, seed: int = 0, lr: float = 1e-3, **overrides: Any) -> FastFlow:
+def make(
+    weights: Path, epochs: int, seed: int = 0, lr: float = 1e-3, cache: Any = None, **architecture: Any
+) -> FastFlow:
     training = TrainConfig(max_epochs=epochs, batch_size=8, lr=lr, seed=seed)
-    return FastFlow(BACKBONE, weights=weights, training=training, **{"input_size": INPUT_SIZE, **overrides})
+    return FastFlow(
+        BACKBONE,
+        weights=weights,
+        training=training,
+        cache=cache,
+        architecture={"input_size": INPUT_SIZE, **architecture},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +106,17 @@ def resumed(
 def test_fit_sets_learned_attributes(fitted: FastFlow) -> None:
     assert fitted.model_.config.input_size == INPUT_SIZE
     assert np.isfinite(fitted.threshold_)
+    assert fitted.config_ == fitted.model_.config == fitted.config
+    assert fitted.recipe_ == get_recipe("improved")
     # 16 normal images, 10% held out -> 2 held-out scores, and the threshold is their 0.99 quantile.
-    assert fitted.holdout_scores_.shape == (2,)
-    assert np.all(np.isfinite(fitted.holdout_scores_))
-    assert fitted.holdout_scores_.min() <= fitted.threshold_ <= fitted.holdout_scores_.max()
+    assert fitted.decision_scores_.shape == (2,)
+    assert np.all(np.isfinite(fitted.decision_scores_))
+    assert fitted.decision_scores_.min() <= fitted.threshold_ <= fitted.decision_scores_.max()
+    assert fitted.holdout_scores_ is fitted.decision_scores_  # the former name, kept as an alias
+    # PyOD's labels_: the held-out images' labels under the threshold (1 = anomalous).
+    np.testing.assert_array_equal(
+        fitted.labels_, (fitted.decision_scores_ > fitted.threshold_).astype(np.int64)
+    )
     assert [row["epoch"] for row in fitted.history_] == [1, 2, 3, 4]
     assert all(np.isfinite(row["train_nll"]) and np.isfinite(row["val_nll"]) for row in fitted.history_)
     # Held-out NLL is the selection criterion: best_epoch is its argmin.
@@ -141,7 +160,7 @@ def test_quality_floor_on_textures(fitted: FastFlow, test_samples: list[Sample])
     """
     labels = np.array([s.label for s in test_samples])
     assert 0 < labels.sum() < len(labels)
-    prediction = fitted.score(test_samples)
+    prediction = fitted.detect(test_samples)
     auroc = roc_auc_score(labels, prediction.scores)
     assert auroc >= 0.9, f"image AUROC {auroc:.3f} on generated textures"
     blank = np.zeros(INPUT_SIZE, bool)
@@ -152,7 +171,7 @@ def test_quality_floor_on_textures(fitted: FastFlow, test_samples: list[Sample])
 
 def test_predict_before_fit_raises(lite0_weights: Path, test_samples: list[Sample], tmp_path: Path) -> None:
     detector = make(lite0_weights, epochs=1)
-    for call in (detector.predict, detector.decision_function, detector.anomaly_map, detector.score):
+    for call in (detector.predict, detector.decision_function, detector.anomaly_map, detector.detect):
         with pytest.raises(FastFlowError, match="not fitted"):
             call(test_samples)
     with pytest.raises(FastFlowError, match="not fitted"):
@@ -168,10 +187,10 @@ def test_same_seed_same_numbers(
 ) -> None:
     # tiny_seed0 was trained with a checkpoint; writing one must not change the numbers either.
     torch.manual_seed(1234)  # the global RNG state before fit must not matter
-    again = make(lite0_weights, epochs=2, **TINY).fit(textures)
+    again = clone(tiny_seed0).fit(textures)  # the same parameters, unfitted
     assert again.history_ == tiny_seed0.history_
     assert again.threshold_ == tiny_seed0.threshold_
-    np.testing.assert_array_equal(again.holdout_scores_, tiny_seed0.holdout_scores_)
+    np.testing.assert_array_equal(again.decision_scores_, tiny_seed0.decision_scores_)
     expected = tiny_seed0.decision_function(test_samples)
     np.testing.assert_array_equal(again.decision_function(test_samples), expected)
 
@@ -205,17 +224,18 @@ def test_save_load_round_trip_offline(
     assert loaded.history_ == fitted.history_
     assert loaded.map_floor_ == fitted.map_floor_
     assert loaded.model_.config == fitted.model_.config
-    np.testing.assert_array_equal(loaded.holdout_scores_, fitted.holdout_scores_)
+    np.testing.assert_array_equal(loaded.decision_scores_, fitted.decision_scores_)
+    np.testing.assert_array_equal(loaded.labels_, fitted.labels_)
     saved_state, loaded_state = fitted.model_.state_dict(), loaded.model_.state_dict()
     assert saved_state.keys() == loaded_state.keys()
     assert all(torch.equal(saved_state[k], loaded_state[k]) for k in saved_state)
     # Bit-identical: the loaded flows use the same (channels-last) layout and kernels as trained ones.
-    original, restored = fitted.score(test_samples), loaded.score(test_samples)
+    original, restored = fitted.detect(test_samples), loaded.detect(test_samples)
     np.testing.assert_array_equal(restored.scores, original.scores)
     np.testing.assert_array_equal(restored.maps, original.maps)
     np.testing.assert_array_equal(restored.labels, original.labels)
     # Loading is deterministic: a second load scores bit-identically to the first.
-    np.testing.assert_array_equal(FastFlow.load(path).score(test_samples).maps, restored.maps)
+    np.testing.assert_array_equal(FastFlow.load(path).detect(test_samples).maps, restored.maps)
     # A run folder works as well as the file.
     assert FastFlow.load(tmp_path).threshold_ == fitted.threshold_
 
@@ -260,7 +280,7 @@ def test_resume_restores_the_whole_training_state(
     straight = make(lite0_weights, epochs=2, **TINY).fit(textures)
     assert resumed.history_ == straight.history_
     assert resumed.threshold_ == straight.threshold_
-    np.testing.assert_array_equal(resumed.holdout_scores_, straight.holdout_scores_)
+    np.testing.assert_array_equal(resumed.decision_scores_, straight.decision_scores_)
 
 
 def test_resume_matches_uninterrupted_run(lite0_weights: Path, textures: Path, resumed: FastFlow) -> None:
@@ -289,7 +309,7 @@ def test_load_restores_config_and_recipe_so_a_refit_retrains_the_same_model(
     without weights reuses the backbone it holds and retrains exactly the saved run."""
     loaded = FastFlow.load(tiny_seed0.save(tmp_path / "model.safetensors"))
     assert loaded.config == tiny_seed0.config and loaded.config.flow_steps == 2
-    assert loaded.recipe == tiny_seed0.recipe and loaded.training == tiny_seed0.training
+    assert loaded.recipe_ == tiny_seed0.recipe_ and loaded.training == tiny_seed0.training
     loaded.fit(textures)
     assert loaded.history_ == tiny_seed0.history_
     np.testing.assert_array_equal(
@@ -299,9 +319,9 @@ def test_load_restores_config_and_recipe_so_a_refit_retrains_the_same_model(
 
 def test_from_model_wraps_a_trained_model(tiny_seed0: FastFlow, test_samples: list[Sample]) -> None:
     wrapped = FastFlow.from_model(tiny_seed0.model_, tiny_seed0.threshold_, tiny_seed0.recipe)
-    np.testing.assert_array_equal(wrapped.score(test_samples).maps, tiny_seed0.score(test_samples).maps)
+    np.testing.assert_array_equal(wrapped.detect(test_samples).maps, tiny_seed0.detect(test_samples).maps)
     reference = FastFlow.from_model(tiny_seed0.model_, tiny_seed0.threshold_, "reference")
-    assert reference.recipe.score_top == 0 and reference.config == tiny_seed0.config
+    assert reference.recipe_.score_top == 0 and reference.config == tiny_seed0.config
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -364,3 +384,196 @@ def test_a_corrupt_image_stops_fit_before_the_checkpoint(
     assert str(broken) in str(error.value) and "remove or replace the file" in str(error.value)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------- scikit-learn / PyOD conventions
+#
+# scikit-learn's checks that apply to an estimator of images run as they are: the ones about
+# parameters, cloning, repr and tags. The ones that fit (check_dont_overwrite_parameters,
+# check_fit_idempotent, check_estimators_pickle, check_outliers_train, ...) feed it 2-D numeric
+# arrays, which are no images; ``test_fit_changes_no_parameter_and_adds_only_fitted_attributes``
+# is check_dont_overwrite_parameters on images. check_do_not_raise_errors_in_init_or_set_params
+# passes every signature name, the deprecated ``**overrides`` too, to ``set_params``, which
+# rightly refuses it; ``test_init_and_set_params_check_nothing`` makes the same calls without it.
+# check_parameters_default_constructible wants defaults of plain types (str, numbers, None, ...);
+# ``recipe`` and ``cache`` default to frozen dataclasses, which the CLI reads
+# (``FastFlow().recipe.name``); ``test_defaults_are_stored_as_given`` checks the rest of it.
+
+SKLEARN_CHECKS = [
+    "check_no_attributes_set_in_init",
+    "check_get_params_invariance",
+    "check_set_params",
+    "check_estimator_cloneable",
+    "check_estimator_repr",
+    "check_estimator_tags_renamed",
+    "check_valid_tag_types",
+    "check_mixin_order",
+]
+
+
+def _detectors() -> list[FastFlow]:
+    """Default parameters, and every parameter given a non-default value of each accepted type."""
+    from fastflow.estimator.feature_cache import CacheConfig
+    from fastflow.model.config import FastFlowConfig, Recipe
+
+    return [
+        FastFlow(),
+        FastFlow(
+            "tf_efficientnet_lite0",
+            recipe="reference",
+            weights="random",
+            training=TrainConfig(max_epochs=2, seed=3),
+            holdout_fraction=0.2,
+            threshold_quantile=0.9,
+            inference_batch_size=4,
+            cache=CacheConfig(max_memory=0),
+            architecture={"input_size": (64, 96), "flow_steps": 2, "layers": None},
+        ),
+        FastFlow(FastFlowConfig("resnet18", input_size=(64, 64)), recipe=Recipe("mine", map_sigma=2.0)),
+    ]
+
+
+@pytest.mark.parametrize("check", SKLEARN_CHECKS)
+def test_sklearn_estimator_checks(check: str) -> None:
+    from sklearn.utils import estimator_checks
+
+    for detector in _detectors():
+        getattr(estimator_checks, check)("FastFlow", detector)
+
+
+def test_defaults_are_stored_as_given() -> None:
+    """check_parameters_default_constructible, but for the types of two defaults: each default
+    is stored as is, and every one is a plain immutable value but for two frozen dataclasses."""
+    import inspect
+
+    from fastflow.estimator.feature_cache import CacheConfig
+    from fastflow.model.config import RECIPES
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(FastFlow).parameters.items()
+        if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
+    }
+    params = FastFlow().get_params()
+    assert params.keys() == defaults.keys()
+    assert all(params[name] is default for name, default in defaults.items())
+    plain = {name for name, default in defaults.items() if isinstance(default, (str, int, float, type(None)))}
+    assert plain == defaults.keys() - {"recipe", "cache"}
+    assert defaults["recipe"] is RECIPES["improved"] and defaults["cache"] == CacheConfig()
+    for frozen in (defaults["recipe"], defaults["cache"]):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            frozen.name = "x"  # type: ignore[misc]
+    assert (FastFlow().recipe.name, FastFlow().cache.dtype) == ("improved", "float32")  # the CLI reads these
+
+
+def test_clone_gives_an_equal_unfitted_detector(tiny_seed0: FastFlow) -> None:
+
+    for detector in [*_detectors(), tiny_seed0]:
+        copy = clone(detector)
+        assert type(copy) is FastFlow and copy is not detector
+        assert copy.get_params() == detector.get_params()
+        assert not any(name.endswith("_") for name in vars(copy))
+        with pytest.raises(FastFlowError, match="not fitted"):
+            copy.predict([])
+    assert clone(tiny_seed0).config == tiny_seed0.config
+
+
+def test_init_and_set_params_check_nothing() -> None:
+    """Parameters are stored as given, however wrong: ``fit`` is where they are checked."""
+    names = list(FastFlow().get_params())
+    for value in (-1, 3.0, "helloworld", np.array([1.0, 4.0]), [1], {}, []):
+        detector = FastFlow(**{name: value for name in names})
+        assert all(getattr(detector, name) is value for name in names)
+        assert detector.set_params(**{name: value for name in names}) is detector
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"holdout_fraction": 1.0}, "holdout_fraction"),
+        ({"threshold_quantile": 0.0}, "threshold_quantile"),
+        ({"inference_batch_size": 0}, "inference_batch_size"),
+        ({"training": {"max_epochs": 1}}, "training must be a TrainConfig"),
+        ({"cache": "ram"}, "cache must be a CacheConfig"),
+        ({"recipe": "paper"}, "improved, reference"),
+        ({"backbone": 18}, "backbone"),
+        ({"architecture": {"size": 64}}, "architecture must be None or a dict of FastFlowConfig fields"),
+        ({"architecture": [("input_size", 64)]}, "architecture"),
+        ({"architecture": {"input_size": (16, 64)}}, "map_sigma"),  # the improved recipe's blur does not fit
+        ({"architecture": {"flow_steps": 0}}, "flow_steps"),
+    ],
+)
+def test_a_bad_parameter_stops_fit_before_any_image_is_read(
+    params: dict[str, Any], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fastflow.estimator.detector as detector_module
+
+    def no_images(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("fit read the images before checking its parameters")
+
+    monkeypatch.setattr(detector_module, "as_samples", no_images)
+    detector = FastFlow(weights="random", **params)  # stored without a check
+    with pytest.raises(FastFlowError, match=message) as error:
+        detector.fit("unused")
+    assert "\n" not in str(error.value)
+    assert not hasattr(detector, "model_")
+    with pytest.raises(FastFlowError, match=message):
+        _ = detector.config  # the lazy architecture makes the same checks
+
+
+def test_set_params_changes_what_fit_builds() -> None:
+    detector = FastFlow("resnet18", recipe="reference")
+    assert detector.config.input_size == (256, 256) and detector.config.positional_channels == 0
+    assert detector.set_params(recipe="improved", architecture={"input_size": (96, 128)}) is detector
+    assert detector.config.input_size == (96, 128) and detector.config.positional_channels == 16
+    with pytest.raises(AttributeError):
+        detector.config = detector.config  # type: ignore[misc]  # read-only: set the parameters
+
+
+def test_architecture_keywords_are_deprecated_and_folded_into_architecture() -> None:
+    with pytest.warns(DeprecationWarning, match=r"input_size=\.\.\., flow_steps=\.\.\..*architecture="):
+        old = FastFlow("resnet18", architecture={"layers": (1, 2)}, input_size=(64, 64), flow_steps=2)
+    assert old.architecture == {"layers": (1, 2), "input_size": (64, 64), "flow_steps": 2}
+    new = FastFlow("resnet18", architecture={"layers": (1, 2), "input_size": (64, 64), "flow_steps": 2})
+    assert old.config == new.config
+    assert (old.config.input_size, old.config.flow_steps, old.config.layers) == ((64, 64), 2, (1, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the explicit parameter, and a clone of the old call: no warning
+        FastFlow("resnet18", architecture={"input_size": (64, 64)})
+        assert clone(old).get_params() == old.get_params()
+
+
+def test_score_is_a_deprecated_alias_of_detect(tiny_seed0: FastFlow, test_samples: list[Sample]) -> None:
+    with pytest.warns(DeprecationWarning, match=r"detect\(\)"):
+        old = tiny_seed0.score(test_samples)
+    new = tiny_seed0.detect(test_samples)
+    for name in ("scores", "maps", "labels"):
+        np.testing.assert_array_equal(getattr(old, name), getattr(new, name))
+    np.testing.assert_array_equal(tiny_seed0.decision_function(test_samples), new.scores)
+    np.testing.assert_array_equal(tiny_seed0.predict(test_samples), new.labels)
+    np.testing.assert_array_equal(tiny_seed0.anomaly_map(test_samples), new.maps)
+
+
+def test_fit_changes_no_parameter_and_adds_only_fitted_attributes(
+    lite0_weights: Path, textures: Path
+) -> None:
+    """scikit-learn's check_dont_overwrite_parameters, on images: ``fit`` leaves every parameter
+    as it was given, and every public attribute it adds ends in ``_``."""
+    import joblib
+
+    detector = make(lite0_weights, epochs=1, **TINY)
+    before = {k: joblib.hash(v) for k, v in vars(detector).items()}
+    detector.fit(textures)
+    assert {k: joblib.hash(getattr(detector, k)) for k in before} == before
+    added = {k for k in vars(detector) if k not in before and not k.startswith("_")}
+    assert added == {
+        "model_",
+        "config_",
+        "recipe_",
+        "threshold_",
+        "map_floor_",
+        "decision_scores_",
+        "labels_",
+        "history_",
+        "best_epoch_",
+    }

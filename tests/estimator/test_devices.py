@@ -242,7 +242,9 @@ def test_a_model_trained_on_the_gpu_scores_as_one_trained_on_the_cpu(tmp_path: P
     scores = {}
     for device in ("cpu", "cuda"):
         training = TrainConfig(max_epochs=3, batch_size=8, flow_precision="float32", device=device)
-        detector = FastFlow("resnet18", weights="random", training=training, input_size=(64, 64)).fit(data)
+        detector = FastFlow(
+            "resnet18", weights="random", training=training, architecture={"input_size": (64, 64)}
+        ).fit(data)
         assert next(detector.model_.parameters()).device.type == "cpu"
         scores[device] = detector.decision_function(data)
     assert np.allclose(scores["cuda"], scores["cpu"], rtol=1e-3, atol=1e-3)

@@ -193,7 +193,7 @@ def test_detector_scores_come_from_the_inference_graph(detectors, tmp_path):
             path = tmp_path / f"{i}_{j}.png"
             Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(path)
             images.append(path)
-    prediction = detector.score(images)
+    prediction = detector.detect(images)
     with torch.no_grad():
         graph = detector.inference_graph()
         expected = [graph(_pixels(2, (150, 170), 1)), graph(_pixels(1, (96, 100), 2))]
@@ -256,7 +256,7 @@ def test_metadata_threshold_and_parity_failure(detectors, tmp_path):
     path = detector.export(tmp_path)
     meta = read_metadata(path)
     assert meta["threshold"] == detector.threshold_ and meta["config"] == detector.config.to_dict()
-    assert meta["recipe"] == detector.recipe.to_dict() and meta["map_floor"] == detector.map_floor_
+    assert meta["recipe"] == detector.recipe_.to_dict() and meta["map_floor"] == detector.map_floor_
     assert meta["input"]["dtype"] == "uint8" and meta["precision"] == "f32"
     assert json.loads((tmp_path / "model.json").read_text()) == meta
     # The threshold lives in the graph: labels follow it.

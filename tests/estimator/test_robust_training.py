@@ -20,7 +20,11 @@ def noise_auroc_drop(root: Path, weights: Path, recipe: Recipe) -> tuple[float, 
     """(clean image AUROC, its drop under sigma-1 pixel noise) of a small Lite0 model fitted on ``root``."""
     training = TrainConfig(max_epochs=15, batch_size=8)
     detector = FastFlow(
-        "tf_efficientnet_lite0", recipe=recipe, weights=weights, training=training, input_size=(96, 96)
+        "tf_efficientnet_lite0",
+        recipe=recipe,
+        weights=weights,
+        training=training,
+        architecture={"input_size": (96, 96)},
     )
     detector.fit(root)
     clean, noisy = measure(detector, load_samples(root, "test"), ["clean", "noise1"], seed=0)

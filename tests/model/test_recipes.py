@@ -11,12 +11,12 @@ from fastflow.model.config import RECIPES, FastFlowConfig, Recipe, get_recipe
 
 
 def test_improved_recipe_is_the_default_and_reference_restores_the_paper_scoring():
-    assert FastFlow().recipe == RECIPES["improved"] == get_recipe("improved")
+    assert get_recipe(FastFlow().recipe) == RECIPES["improved"] == get_recipe("improved")
     improved, reference = RECIPES["improved"], RECIPES["reference"]
     # The improved recipe is the Recipe defaults: no second copy of its values anywhere.
     assert dataclasses.replace(improved, description="") == Recipe()
     assert (reference.exact_nll, reference.map_sigma, reference.score_top) == (False, 0.0, 0.0)
-    assert FastFlow(recipe="reference").recipe is reference
+    assert get_recipe(FastFlow(recipe="reference").recipe) is reference
     own = Recipe("mine", exact_nll=False, map_sigma=2.0)
     assert FastFlow(recipe=own).recipe is own and get_recipe(own) is own
     # The architecture config holds no scoring settings.
@@ -32,16 +32,23 @@ def test_recipe_round_trips_through_json():
 
 def test_unknown_recipe_names_the_valid_ones():
     with pytest.raises(FastFlowError, match="improved, reference"):
-        FastFlow(recipe="paper")
+        _ = FastFlow(recipe="paper").config  # checked where the recipe is used: fit, or the lazy config
 
 
 def test_map_blur_must_fit_inside_the_map():
     with pytest.raises(FastFlowError, match="map_sigma"):
         Recipe(map_sigma=-1.0)
     with pytest.raises(FastFlowError, match="map_sigma"):
-        FastFlow("resnet18", input_size=(16, 64))  # radius 16 of sigma 4 reflects past the edge
-    assert FastFlow("resnet18", input_size=(17, 64)).recipe.map_sigma == 4.0
-    assert FastFlow("resnet18", recipe="reference", input_size=(16, 64)).config.input_size == (16, 64)
+        # radius 16 of sigma 4 reflects past the edge
+        _ = FastFlow("resnet18", architecture={"input_size": (16, 64)}).config
+    assert FastFlow("resnet18", architecture={"input_size": (17, 64)}).config.input_size == (17, 64)
+    assert get_recipe(FastFlow().recipe).map_sigma == 4.0
+    assert FastFlow(
+        "resnet18", recipe="reference", architecture={"input_size": (16, 64)}
+    ).config.input_size == (
+        16,
+        64,
+    )
     with pytest.raises(FastFlowError, match="score_top"):
         Recipe(score_top=1.0)
 
@@ -66,8 +73,11 @@ def test_training_noise_must_be_a_non_negative_number_and_the_reference_has_none
 def test_recipe_architecture_sets_context_options_that_detector_options_override():
     pooled = Recipe("pooled", architecture={"context_pool": 3, "positional_channels": 8})
     assert FastFlow("resnet18", recipe=pooled).config.context_pool == 3
-    assert FastFlow("resnet18", recipe=pooled, context_pool=1).config.context_pool == 1
-    assert FastFlow("resnet18", recipe=pooled, context_pool=None).config.positional_channels == 8
+    assert FastFlow("resnet18", recipe=pooled, architecture={"context_pool": 1}).config.context_pool == 1
+    assert (
+        FastFlow("resnet18", recipe=pooled, architecture={"context_pool": None}).config.positional_channels
+        == 8
+    )
     # A whole config is the user's model: the recipe does not edit it.
     assert FastFlow(FastFlowConfig("resnet18"), recipe=pooled).config.context_pool == 1
     assert RECIPES["reference"].architecture == {}

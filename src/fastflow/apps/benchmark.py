@@ -131,7 +131,7 @@ def _train_and_test(task: _Task) -> tuple[BenchmarkRun, dict[str, Any]]:
         **{**vars(task.training), "seed": task.seed, "device": worker_device(task.training.device)}
     )
     detector = FastFlow(
-        task.backbone, recipe=task.recipe, weights=task.weights, training=config, **task.overrides
+        task.backbone, recipe=task.recipe, weights=task.weights, training=config, architecture=task.overrides
     )
     detector.fit(task.root)
     metrics = evaluate_detector(detector, task.root).metrics

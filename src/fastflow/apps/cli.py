@@ -426,9 +426,8 @@ def train(
         training=training,
         holdout_fraction=options["holdout"],
         threshold_quantile=options["threshold_quantile"],
-        input_size=parse_size(options["input_size"]),
         cache=cache,
-        **architecture,
+        architecture={**architecture, "input_size": parse_size(options["input_size"])},
     )
     check_jobs(jobs)
     launch = distributed.check_process_count(processes, len(data), training.device, training_device)

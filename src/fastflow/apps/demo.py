@@ -49,7 +49,7 @@ def run_demo(
         DEMO_BACKBONE,
         weights=weights_file,
         training=TrainConfig(max_epochs=max_epochs, batch_size=16, seed=seed),
-        input_size=(224, 224),
+        architecture={"input_size": (224, 224)},
     ).fit(data)
     detector.save(output / "model.safetensors")
     report = evaluate_detector(detector, data)

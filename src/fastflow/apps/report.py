@@ -262,7 +262,7 @@ def _page(
     threshold = float(detector.threshold_)
     n_normal = sum(row["label"] == 0 for row in evaluation.images)
     n_anomalous = len(evaluation.images) - n_normal
-    held_out = len(detector.holdout_scores_)
+    held_out = len(detector.decision_scores_)
     calibration = (
         f"the {detector.threshold_quantile:g} quantile of {held_out} held-out normal image scores"
         if held_out
@@ -274,7 +274,7 @@ def _page(
         ("run", str(run)),
         ("test data", f"{data} ({n_normal} normal, {n_anomalous} anomalous images)"),
         ("backbone", f"{detector.config.backbone}, input {height}x{width}"),
-        ("recipe", detector.recipe.name),
+        ("recipe", detector.recipe_.name),
         ("threshold", f"{threshold:.6g} ({calibration})"),
         ("training", f"kept epoch {detector.best_epoch_} of {len(detector.history_)}"),
     ]

@@ -19,6 +19,7 @@ from fastflow.core.errors import FastFlowError
 from fastflow.core.files import atomic_write
 from fastflow.estimator import distributed
 from fastflow.estimator.detector import FastFlow
+from fastflow.estimator.training import TrainConfig
 
 __all__ = ["TrainRun", "check_run_folder", "run_folders", "train_run"]
 
@@ -71,7 +72,8 @@ def train_run(run: TrainRun) -> list[str]:
     """Fit a copy of ``run.detector`` on ``run.data`` (on this worker's device, if in one) and
     write the run folder; the lines to print (none on the ranks other than 0 under torchrun)."""
     detector = copy.deepcopy(run.detector)
-    detector.training = dataclasses.replace(detector.training, device=worker_device(detector.training.device))
+    training = detector.training if detector.training is not None else TrainConfig()
+    detector.set_params(training=dataclasses.replace(training, device=worker_device(training.device)))
     detector.fit(run.data, checkpoint=run.output / CHECKPOINT)
     if not distributed.is_main():
         return []

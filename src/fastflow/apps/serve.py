@@ -176,7 +176,7 @@ def load_served(path: str | Path, engine: str | None = None, precision: str | No
     runner = detector.engine(chosen, precision)
     info = {
         "config": detector.config.to_dict(),
-        "recipe": detector.recipe.to_dict(),
+        "recipe": detector.recipe_.to_dict(),
         "fastflow_version": version,
         "best_epoch": detector.best_epoch_,
     }

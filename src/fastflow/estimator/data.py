@@ -502,7 +502,7 @@ def image_loader(
     mask_size: int | tuple[int, int],
     batch_size: int,
     workers: int | None = None,
-) -> Iterator[dict[str, object]]:
+) -> Iterator[dict[str, Any]]:
     """Batches (collated :class:`ImageDataset` items) of ``samples`` in order, each of at most
     ``batch_size`` images of one size.
 

@@ -1,4 +1,6 @@
-"""The ``FastFlow`` estimator: scikit-learn style ``fit`` / ``predict`` / ``save`` / ``load``.
+"""The ``FastFlow`` estimator: a scikit-learn estimator with PyOD's detector methods (``fit``,
+``decision_function``, ``predict``), plus ``anomaly_map``, ``detect`` (all three at once),
+``save`` and ``load``.
 
 Scores mean "higher = more anomalous"; labels use 1 = anomalous. Everything the estimator
 learns is fitted on normal images only: the flows on the training split, the model selection
@@ -8,13 +10,15 @@ and the deployment threshold (a quantile of held-out normal scores) on the held-
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator
 from torch import Tensor
 
 from fastflow.core.errors import FastFlowError, is_integer, is_real, require
@@ -24,6 +28,7 @@ from fastflow.estimator.checkpoint import load_checkpoint, save_checkpoint
 from fastflow.estimator.data import (
     DataError,
     Sample,
+    Split,
     check_holdout_fraction,
     image_loader,
     load_samples,
@@ -36,7 +41,7 @@ from fastflow.estimator.metrics import calibrate_threshold
 from fastflow.estimator.model_file import load_model, save_model
 from fastflow.estimator.training import TrainConfig, extract_features, fit_flows
 from fastflow.model.backbones import RANDOM_WEIGHTS
-from fastflow.model.config import FastFlowConfig, Recipe, get_config, get_recipe
+from fastflow.model.config import RECIPES, FastFlowConfig, Recipe, get_config, get_recipe
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.model.inference import InferenceGraph
 
@@ -52,6 +57,14 @@ _MAP_MINIMUM = -1.0
 # are 80 MB, twice while concatenated), and the maps come from features at a stride of 4 px or
 # more (then blurred), so neighbouring pixels add little to a median.
 _MAP_FLOOR_STRIDE = 8
+# What ``architecture`` may set: every ``FastFlowConfig`` field but the backbone (a parameter of its own).
+_ARCHITECTURE_FIELDS = frozenset(f.name for f in dataclasses.fields(FastFlowConfig)) - {"backbone"}
+# The ``recipe`` and ``cache`` defaults are the frozen objects themselves, not "improved" and
+# None as scikit-learn prefers: the CLI reads ``FastFlow().recipe.name`` and
+# ``FastFlow().cache.dtype`` for its option defaults (``apps.cli._train_defaults``). Both are
+# immutable and shared (the recipe is the registry's own), and stored as given like any value.
+_DEFAULT_RECIPE = RECIPES["improved"]
+_DEFAULT_CACHE = CacheConfig()
 
 
 @dataclass
@@ -63,7 +76,7 @@ class Prediction:
     labels: np.ndarray
 
 
-def as_samples(images: ImagesLike, split: str = "test") -> list[Sample]:
+def as_samples(images: ImagesLike, split: Split = "test") -> list[Sample]:
     """Turn a dataset folder, an image path, or a list of paths/samples into samples."""
     if isinstance(images, (str, Path)):
         path = Path(images)
@@ -73,23 +86,44 @@ def as_samples(images: ImagesLike, split: str = "test") -> list[Sample]:
     return [item if isinstance(item, Sample) else Sample(Path(item), 0) for item in images]
 
 
-class FastFlow:
-    """FastFlow anomaly detector.
+class FastFlow(BaseEstimator):
+    """FastFlow anomaly detector, with scikit-learn's and PyOD's conventions.
+
+    The constructor only stores its parameters (``get_params`` / ``set_params`` / ``clone``
+    work); ``fit`` checks them, before any image is read, and derives what it builds from them.
+    Scores mean "higher = more anomalous" and labels use 1 = anomalous (PyOD).
 
     Args:
         backbone: a preset name (``list_presets()``), any timm CNN, or a whole ``FastFlowConfig``.
-        recipe: ``"improved"`` (default), ``"reference"`` (the paper's loss and scoring) or a
-            ``Recipe``; it decides the loss and how latents become maps and scores, and is
-            saved with the model.
+        recipe: ``"improved"`` (the default, ``RECIPES["improved"]``), ``"reference"`` (the
+            paper's loss and scoring) or a ``Recipe``; it decides the loss and how latents
+            become maps and scores, and is saved with the model.
         weights: backbone weights: ``None`` for timm's hub (or, when refitting, the backbone the
             detector already holds), a local file, or ``"random"`` (tests).
-        training: optimisation settings (epochs, batch size, lr, patience, seed).
+        training: optimisation settings (epochs, batch size, lr, patience, seed); ``None``:
+            ``TrainConfig()``.
         holdout_fraction: share of normal training images held out for model selection and
             threshold calibration, in (0, 1).
         threshold_quantile: deployment threshold = this quantile of held-out normal scores, in (0, 1].
         inference_batch_size: images per engine call when scoring.
-        cache: where training keeps backbone features (RAM up to a budget, else disk; ``CacheConfig``).
-        **overrides: architecture fields of ``FastFlowConfig`` (``input_size``, ``layers``, ...).
+        cache: where training keeps backbone features (RAM up to a budget, else disk;
+            ``CacheConfig``; ``None`` too means ``CacheConfig()``).
+        architecture: fields of ``FastFlowConfig`` that replace the backbone's preset's and
+            the recipe's context options (or, for a given config, its own), e.g.
+            ``{"input_size": (256, 320), "flow_steps": 4}``; a ``None`` value replaces nothing.
+        **overrides: deprecated, the same fields as keywords (``input_size=...``); they are
+            folded into ``architecture`` with a ``DeprecationWarning``.
+
+    Attributes (after ``fit`` or ``load``):
+        model_: the trained ``FastFlowModel``.
+        config_: its architecture (``FastFlowConfig``); ``config`` reads it.
+        recipe_: the ``Recipe`` it was trained with and is scored with.
+        threshold_: deployment threshold on the image score.
+        decision_scores_: ndarray of shape (n_holdout,), the held-out normal images' scores
+            (``holdout_scores_`` is an alias).
+        labels_: ndarray of shape (n_holdout,), their labels (1 = above ``threshold_``).
+        map_floor_: typical normal map value, the dark end of heat maps.
+        best_epoch_, history_: the selected epoch and the per-epoch losses.
 
     Example:
         >>> detector = FastFlow("tf_efficientnet_lite0", weights="lite0.safetensors").fit("bottle")
@@ -100,52 +134,100 @@ class FastFlow:
         self,
         backbone: str | FastFlowConfig = "resnet18",
         *,
-        recipe: str | Recipe = "improved",
+        recipe: str | Recipe = _DEFAULT_RECIPE,
         weights: str | Path | None = None,
         training: TrainConfig | None = None,
         holdout_fraction: float = 0.1,
         threshold_quantile: float = 0.99,
         inference_batch_size: int = 32,
-        cache: CacheConfig | None = None,
+        cache: CacheConfig | None = _DEFAULT_CACHE,
+        architecture: Mapping[str, Any] | None = None,
         **overrides: Any,
     ) -> None:
-        # Checked here, not in fit: a bad option must stop a run before any image is read.
-        check_holdout_fraction(holdout_fraction)
-        require(
-            is_real(threshold_quantile) and 0 < threshold_quantile <= 1,
-            "threshold_quantile",
-            "in (0, 1]",
-            threshold_quantile,
-        )
-        require(
-            is_integer(inference_batch_size) and inference_batch_size >= 1,
-            "inference_batch_size",
-            "an integer >= 1",
-            inference_batch_size,
-        )
+        if overrides:
+            warnings.warn(
+                f"FastFlow({', '.join(f'{k}=...' for k in overrides)}) is deprecated and will be removed "
+                "in the next release; pass architecture={...} instead",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            # A bad ``architecture`` is kept as given, for ``fit`` to reject.
+            if architecture is None or isinstance(architecture, Mapping):
+                architecture = {**(architecture or {}), **overrides}
         self.backbone = backbone
-        self.recipe = get_recipe(recipe)
+        self.recipe = recipe
         self.weights = weights
-        self.training = training or TrainConfig()
+        self.training = training
         self.holdout_fraction = holdout_fraction
         self.threshold_quantile = threshold_quantile
         self.inference_batch_size = inference_batch_size
-        self.cache = cache or CacheConfig()
-        self.overrides = overrides
-        self.config = self._config()
-        self._graphs: dict[tuple[bool, bool], InferenceGraph] = {}
-        self._engines: dict[tuple[str, str], Engine] = {}
+        self.cache = cache
+        self.architecture = architecture
 
-    def _config(self) -> FastFlowConfig:
+    # ------------------------------------------------------------------ parameters
+    def _resolve(self) -> tuple[FastFlowConfig, Recipe, TrainConfig, CacheConfig]:
+        """Check every parameter and derive what ``fit`` builds from: (config, recipe, training,
+        cache). Reads no image; the first bad parameter raises its one-line ``FastFlowError``."""
+        check_holdout_fraction(self.holdout_fraction)
+        require(
+            is_real(self.threshold_quantile) and 0 < self.threshold_quantile <= 1,
+            "threshold_quantile",
+            "in (0, 1]",
+            self.threshold_quantile,
+        )
+        require(
+            is_integer(self.inference_batch_size) and self.inference_batch_size >= 1,
+            "inference_batch_size",
+            "an integer >= 1",
+            self.inference_batch_size,
+        )
+        training = self._training()
+        require(isinstance(training, TrainConfig), "training", "a TrainConfig or None", self.training)
+        cache = CacheConfig() if self.cache is None else self.cache
+        require(isinstance(cache, CacheConfig), "cache", "a CacheConfig or None", self.cache)
+        require(isinstance(self.recipe, (str, Recipe)), "recipe", "a recipe name or a Recipe", self.recipe)
+        recipe = get_recipe(self.recipe)
+        return self._config(recipe), recipe, training, cache
+
+    def _training(self) -> TrainConfig:
+        return TrainConfig() if self.training is None else self.training
+
+    def _config(self, recipe: Recipe) -> FastFlowConfig:
         """The architecture to build: the given config, or the backbone's preset with the recipe's
-        context options (``Recipe.architecture``); the overrides on top of either."""
-        given = {k: v for k, v in self.overrides.items() if v is not None}
+        context options (``Recipe.architecture``); ``architecture`` on top of either."""
+        architecture = {} if self.architecture is None else self.architecture
+        require(
+            isinstance(architecture, Mapping) and set(architecture) <= _ARCHITECTURE_FIELDS,
+            "architecture",
+            f"None or a dict of FastFlowConfig fields ({', '.join(sorted(_ARCHITECTURE_FIELDS))})",
+            self.architecture,
+        )
+        given = {k: v for k, v in architecture.items() if v is not None}
         if isinstance(self.backbone, FastFlowConfig):
             config = dataclasses.replace(self.backbone, **given)
         else:
-            config = get_config(self.backbone, **{**self.recipe.architecture, **given})
-        self.recipe.check_fits(config.input_size)
+            require(
+                isinstance(self.backbone, str),
+                "backbone",
+                "a preset or timm model name, or a FastFlowConfig",
+                self.backbone,
+            )
+            config = get_config(self.backbone, **{**recipe.architecture, **given})
+        recipe.check_fits(config.input_size)
         return config
+
+    @property
+    def config(self) -> FastFlowConfig:
+        """The architecture: the fitted model's (``config_``) once fitted, else the one ``fit``
+        would build from the parameters (which this checks: a bad one raises ``FastFlowError``)."""
+        if hasattr(self, "config_"):
+            return self.config_
+        return self._resolve()[0]
+
+    @property
+    def holdout_scores_(self) -> np.ndarray:
+        """Alias of ``decision_scores_`` (the held-out normal images' scores), its former name."""
+        return self.decision_scores_
 
     @classmethod
     def from_model(
@@ -166,16 +248,27 @@ class FastFlow:
             **params: other constructor arguments (``training``, ``threshold_quantile``, ...).
         """
         detector = cls(model.config, recipe=recipe, **params)
+        _, fitted_recipe, _, _ = detector._resolve()  # the checks fit makes
         detector._set_fitted(
-            model.eval(), float(threshold), _MAP_MINIMUM if map_floor is None else float(map_floor)
+            model.eval(),
+            fitted_recipe,
+            float(threshold),
+            _MAP_MINIMUM if map_floor is None else float(map_floor),
         )
-        detector.holdout_scores_ = np.array([], dtype=np.float64)
+        detector._set_decision_scores(np.array([], dtype=np.float64))
         detector.best_epoch_, detector.history_ = 0, []
         return detector
 
-    def _set_fitted(self, model: FastFlowModel, threshold: float, map_floor: float) -> None:
-        self.model_, self.threshold_, self.map_floor_ = model, threshold, map_floor
-        self._graphs, self._engines = {}, {}
+    def _set_fitted(self, model: FastFlowModel, recipe: Recipe, threshold: float, map_floor: float) -> None:
+        self.model_, self.config_, self.recipe_ = model, model.config, recipe
+        self.threshold_, self.map_floor_ = threshold, map_floor
+        self._graphs: dict[tuple[bool, bool], InferenceGraph] = {}
+        self._engines: dict[tuple[str, str], Engine] = {}
+
+    def _set_decision_scores(self, scores: np.ndarray) -> None:
+        """PyOD's fitted scores and labels, of the held-out normal images here."""
+        self.decision_scores_ = scores
+        self.labels_ = (scores > self.threshold_).astype(np.int64)
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X: ImagesLike, y: Any = None, checkpoint: str | Path | None = None) -> FastFlow:
@@ -187,9 +280,10 @@ class FastFlow:
             checkpoint: optional path of a resumable checkpoint, rewritten after every epoch; if
                 it exists, training resumes from it.
 
-        The backbone pass and the flows' training run on ``training.device`` (a GPU where there is
-        one, by default); the held-out images are scored on the CPU, where the fitted model comes
-        back and where saving, exporting and scoring run.
+        Every parameter is checked first, before any image is read. The backbone pass and the
+        flows' training run on ``training.device`` (a GPU where there is one, by default); the
+        held-out images are scored on the CPU, where the fitted model comes back and where
+        saving, exporting and scoring run.
         Under ``torchrun`` (``fastflow.estimator.distributed``) every process calls ``fit`` alike: each
         extracts the features of its share of the images, the flows train data-parallel, and
         every process ends with the same model and threshold; only rank 0 writes the checkpoint.
@@ -200,105 +294,113 @@ class FastFlow:
         each has been through its share.
         """
         del y
-        device = resolve_device(self.training.device)
+        config, recipe, training, cache = self._resolve()
+        device = resolve_device(training.device)
         distributed.setup(device)
         samples = [s for s in as_samples(X, "train") if s.label == 0]
-        train_samples, holdout_samples = split_holdout(samples, self.holdout_fraction, self.training.seed)
-        torch.manual_seed(self.training.seed)
+        train_samples, holdout_samples = split_holdout(samples, self.holdout_fraction, training.seed)
+        torch.manual_seed(training.seed)
         resume = Path(checkpoint) if checkpoint is not None and Path(checkpoint).exists() else None
         state = None
         if resume is not None:
-            model, state = load_checkpoint(resume, self.config, self.recipe)
+            model, state = load_checkpoint(resume, config, recipe)
         else:
-            model = self._new_model()
+            model = self._new_model(config)
         model.to(device)
         counts = {"train": len(train_samples), "holdout": len(holdout_samples)}
-        if self.recipe.pixel_noise > 0:
+        if recipe.pixel_noise > 0:
             counts["noisy"] = len(train_samples)
-        with open_caches(self.cache, model.feature_shapes, counts) as caches:
+        with open_caches(cache, model.feature_shapes, counts) as caches:
             noisy = caches.get("noisy")
             failure: DataError | None = None
             try:
                 extract_features(
                     model,
-                    self._shard_pixels(train_samples),
+                    self._shard_pixels(train_samples, config.input_size, training.batch_size),
                     caches["train"],
                     noisy,
-                    self.recipe.pixel_noise,
-                    self.training.seed,
+                    recipe.pixel_noise,
+                    training.seed,
                     "train features",
-                    self.recipe.pixel_jpeg,
-                    self.recipe.pixel_jpeg_share,
+                    recipe.pixel_jpeg,
+                    recipe.pixel_jpeg_share,
                 )
                 extract_features(
-                    model, self._shard_pixels(holdout_samples), caches["holdout"], desc="held-out features"
+                    model,
+                    self._shard_pixels(holdout_samples, config.input_size, training.batch_size),
+                    caches["holdout"],
+                    desc="held-out features",
                 )
             except DataError as error:  # a bad file of this process's share
                 failure = error
             _raise_any_failure(failure)
             caches.log_placement()
-            for cache in caches.values():
-                cache.synchronise()
+            for feature_cache in caches.values():
+                feature_cache.synchronise()
             on_epoch_end = None
             if checkpoint is not None and distributed.is_main():
-                on_epoch_end = lambda s: save_checkpoint(
-                    Path(checkpoint), model, s, self.training, self.recipe
-                )
+                on_epoch_end = lambda s: save_checkpoint(Path(checkpoint), model, s, training, recipe)
             state = fit_flows(
                 model,
                 caches["train"],
                 caches["holdout"],
-                self.training,
-                self.recipe.exact_nll,
-                self.recipe.feature_noise,
+                training,
+                recipe.exact_nll,
+                recipe.feature_noise,
                 noisy,
                 state,
                 on_epoch_end,
             )
             # Scored on the CPU, where the fitted model lives and every engine scores it.
-            holdout_scores, map_sample = self._score_features(model.cpu().fold(), caches["holdout"])
+            holdout_scores, map_sample = self._score_features(
+                model.cpu().fold(), caches["holdout"], recipe, training.batch_size
+            )
         # Typical normal pixel value: the dark end of heat-map pictures.
         self._set_fitted(
-            model, calibrate_threshold(holdout_scores, self.threshold_quantile), float(np.median(map_sample))
+            model,
+            recipe,
+            calibrate_threshold(holdout_scores, self.threshold_quantile),
+            float(np.median(map_sample)),
         )
-        self.holdout_scores_ = holdout_scores
+        self._set_decision_scores(holdout_scores)
         self.history_ = state.history
         self.best_epoch_ = state.best_epoch
         return self
 
-    def _new_model(self) -> FastFlowModel:
+    def _new_model(self, config: FastFlowConfig) -> FastFlowModel:
         """A fresh model; a refit without ``weights`` keeps the backbone the detector already holds."""
-        fitted = getattr(self, "model_", None)
+        fitted: FastFlowModel | None = getattr(self, "model_", None)
         same_backbone = fitted is not None and all(
-            getattr(fitted.config, k) == getattr(self.config, k) for k in ("backbone", "layers", "input_size")
+            getattr(fitted.config, k) == getattr(config, k) for k in ("backbone", "layers", "input_size")
         )
-        if self.weights is None and same_backbone:
-            model = FastFlowModel(self.config, RANDOM_WEIGHTS)
+        if self.weights is None and fitted is not None and same_backbone:
+            model = FastFlowModel(config, RANDOM_WEIGHTS)
             model.backbone.load_state_dict(fitted.backbone.state_dict())
             return model
-        return FastFlowModel(self.config, self.weights)
+        return FastFlowModel(config, self.weights)
 
-    def _shard_pixels(self, samples: list[Sample]) -> Iterator[tuple[list[int], Tensor]]:
+    def _shard_pixels(
+        self, samples: list[Sample], input_size: tuple[int, int], batch_size: int
+    ) -> Iterator[tuple[list[int], Tensor]]:
         """(positions in ``samples``, uint8 pixels) batches of this process's share of ``samples``:
         every ``world_size``-th image from its rank on (all of them in a single process)."""
         positions = list(range(distributed.rank(), len(samples), distributed.world_size()))
         done = 0
-        for batch in image_loader(
-            [samples[i] for i in positions], self.config.input_size, self.training.batch_size
-        ):
+        for batch in image_loader([samples[i] for i in positions], input_size, batch_size):
             count = len(batch["image"])
             yield positions[done : done + count], batch["image"]
             done += count
 
-    def _score_features(self, folded: FastFlowModel, features: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
+    def _score_features(
+        self, folded: FastFlowModel, features: FeatureCache, recipe: Recipe, batch_size: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Scores of cached raw backbone features, with the recipe's scorer, and their maps'
         pixels every ``_MAP_FLOOR_STRIDE``-th row and column (a sample for the map floor)."""
         scores, map_samples = [], []
-        step = self.training.batch_size
         with torch.no_grad():
-            for start in range(0, len(features), step):
-                zs, _ = folded.flow(features.slice(start, start + step))
-                amap, score = self.recipe.score_latents(zs, self.config.input_size)
+            for start in range(0, len(features), batch_size):
+                zs, _ = folded.flow(features.slice(start, start + batch_size))
+                amap, score = recipe.score_latents(zs, folded.config.input_size)
                 scores.append(score.numpy())
                 map_samples.append(amap[:, ::_MAP_FLOOR_STRIDE, ::_MAP_FLOOR_STRIDE].flatten().numpy())
         return np.concatenate(scores), np.concatenate(map_samples)
@@ -323,7 +425,7 @@ class FastFlow:
         in_place, conv_permutation = form = _fold_form(engine, precision)
         if form not in self._graphs:
             self._graphs[form] = InferenceGraph(
-                self.model_.fold(in_place, conv_permutation), self.recipe, self.threshold_
+                self.model_.fold(in_place, conv_permutation), self.recipe_, self.threshold_
             )
         return self._graphs[form]
 
@@ -374,7 +476,7 @@ class FastFlow:
         """Score ``X`` batch by batch: (samples, prediction, batch dict with pixels and masks) per batch.
 
         Every engine runs the same ``inference_graph()`` on the decoded pixels (resize and
-        normalisation included). Streaming keeps memory flat on large folders; ``predict`` and
+        normalisation included). Streaming keeps memory flat on large folders; ``detect`` and
         friends collect it.
         """
         run = self.engine(engine, precision)
@@ -382,39 +484,54 @@ class FastFlow:
             amap, scores, labels = run(batch["image"])
             yield samples, Prediction(scores, amap, labels.astype(np.int64)), batch
 
-    def score(self, X: ImagesLike, engine: str = "torch", precision: str = "f32") -> Prediction:
-        """Scores, anomaly maps and labels of every image in ``X`` (see ``engine`` for the options)."""
+    def detect(self, X: ImagesLike, engine: str = "torch", precision: str = "f32") -> Prediction:
+        """Everything the detector finds in ``X``, from one pass: scores (N,), anomaly maps
+        (N, H, W) and labels (N,) (see ``engine`` for the options).
+
+        ``decision_function``, ``anomaly_map`` and ``predict`` each return one of the three.
+        """
         parts = [prediction for _, prediction, _ in self.iter_predictions(X, engine, precision)]
         return Prediction(
             *(np.concatenate([getattr(p, name) for p in parts]) for name in ("scores", "maps", "labels"))
         )
 
+    def score(self, X: ImagesLike, engine: str = "torch", precision: str = "f32") -> Prediction:
+        """Deprecated alias of ``detect`` (scikit-learn's ``score`` returns one number); removed
+        in the next release."""
+        warnings.warn(
+            "FastFlow.score() is deprecated and will be removed in the next release; use "
+            "FastFlow.detect() (scores, maps and labels) or decision_function() (scores)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.detect(X, engine, precision)
+
     def decision_function(self, X: ImagesLike) -> np.ndarray:
-        """Image anomaly scores (N,), higher = more anomalous."""
-        return self.score(X).scores
+        """Raw image anomaly scores: ndarray of shape (N,), higher = more anomalous."""
+        return self.detect(X).scores
 
     def anomaly_map(self, X: ImagesLike) -> np.ndarray:
-        """Pixel anomaly maps (N, H, W) at the model's input size."""
-        return self.score(X).maps
+        """Pixel anomaly maps: ndarray of shape (N, H, W) at the model's input size, higher = more anomalous."""
+        return self.detect(X).maps
 
     def predict(self, X: ImagesLike) -> np.ndarray:
-        """Labels (N,): 1 where the score exceeds the calibrated threshold ``threshold_``."""
-        return self.score(X).labels
+        """Labels: ndarray of shape (N,), 1 where the score exceeds the calibrated threshold ``threshold_``, else 0."""
+        return self.detect(X).labels
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
         """Write the fitted detector to one safetensors file (weights, config, recipe, threshold), atomically."""
         self._check_fitted()
         extra = {
-            "recipe": self.recipe.to_dict(),
+            "recipe": self.recipe_.to_dict(),
             "threshold": self.threshold_,
             "threshold_quantile": self.threshold_quantile,
             "holdout_fraction": self.holdout_fraction,
-            "holdout_scores": [float(s) for s in self.holdout_scores_],
+            "holdout_scores": [float(s) for s in self.decision_scores_],
             "map_floor": self.map_floor_,
             "best_epoch": self.best_epoch_,
             "history": self.history_,
-            "training": asdict(self.training),
+            "training": asdict(self._training()),
         }
         return save_model(path, self.model_, extra)
 
@@ -439,7 +556,7 @@ class FastFlow:
             training=TrainConfig(**extra.get("training", {})),
             **saved,
         )
-        detector.holdout_scores_ = np.asarray(extra.get("holdout_scores", []), dtype=np.float64)
+        detector._set_decision_scores(np.asarray(extra.get("holdout_scores", []), dtype=np.float64))
         detector.best_epoch_ = extra.get("best_epoch", 0)
         detector.history_ = extra.get("history", [])
         return detector
