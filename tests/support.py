@@ -19,6 +19,11 @@ from fastflow.apps.synthetic import DEFECTS, _check_fmt, _prepare_root, _render,
 __all__ = ["bad_requests", "make_folder_dataset", "perturb_trainable", "png_claiming"]
 
 
+# The smallest model ``fastflow train`` builds (random ResNet-18 weights, 64 px), for tests of
+# what happens around training rather than of what it learns.
+TINY_RESNET_ARGS = ["--backbone", "resnet18", "--weights", "random", "--input-size", "64"]
+
+
 def perturb_trainable(module: torch.nn.Module, generator: torch.Generator) -> None:
     """Move every trainable tensor (norms, flows; frozen backbones and permutations stay) away
     from its often symmetric initial value, so that a misplaced tensor, a transposed permutation

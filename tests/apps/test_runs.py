@@ -8,18 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import make_folder_dataset
+from support import TINY_RESNET_ARGS, make_folder_dataset
 
 from fastflow.apps.cli import main
 from fastflow.estimator.detector import FastFlow
 
 TINY = [
-    "--backbone",
-    "resnet18",
-    "--weights",
-    "random",
-    "--input-size",
-    "64",
+    *TINY_RESNET_ARGS,
     "--epochs",
     "1",
     "--batch-size",

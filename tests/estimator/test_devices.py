@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import make_folder_dataset
+from support import TINY_RESNET_ARGS, make_folder_dataset
 
 import fastflow.apps.benchmark
 import fastflow.apps.workers
@@ -88,12 +88,7 @@ def test_train_asking_for_a_missing_gpu_stops_before_any_file(
             str(data),
             "-o",
             str(run),
-            "--backbone",
-            "resnet18",
-            "--weights",
-            "random",
-            "--input-size",
-            "64",
+            *TINY_RESNET_ARGS,
             "--device",
             "cuda",
         ]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import make_folder_dataset
+from support import TINY_RESNET_ARGS, make_folder_dataset
 
 from fastflow.apps.cli import main
 from fastflow.core.errors import FastFlowError
@@ -35,12 +35,7 @@ def _free_port() -> int:
 
 
 ARGS = [
-    "--backbone",
-    "resnet18",
-    "--weights",
-    "random",
-    "--input-size",
-    "64",
+    *TINY_RESNET_ARGS,
     "--epochs",
     "2",
     "--batch-size",
