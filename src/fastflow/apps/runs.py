@@ -39,6 +39,11 @@ class TrainRun:
     data: Path
     output: Path
 
+    def __post_init__(self) -> None:
+        # The detector checks its parameters in fit; its lazy config makes the same checks now, so
+        # a bad option stops the command before any run folder is looked at or process launched.
+        _ = self.detector.config
+
 
 def run_folders(datasets: list[Path], output: Path) -> list[Path]:
     """The run folder of each dataset: ``output`` itself for one, ``output/<dataset folder name>``
