@@ -6,7 +6,6 @@ models (two coupling steps, a few epochs) so the whole module stays well under a
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import warnings
 from collections import Counter
@@ -395,11 +394,9 @@ def test_a_corrupt_image_stops_fit_before_the_checkpoint(
 # is check_dont_overwrite_parameters on images. check_do_not_raise_errors_in_init_or_set_params
 # passes every signature name, the deprecated ``**overrides`` too, to ``set_params``, which
 # rightly refuses it; ``test_init_and_set_params_check_nothing`` makes the same calls without it.
-# check_parameters_default_constructible wants defaults of plain types (str, numbers, None, ...);
-# ``recipe`` and ``cache`` default to frozen dataclasses, which the CLI reads
-# (``FastFlow().recipe.name``); ``test_defaults_are_stored_as_given`` checks the rest of it.
 
 SKLEARN_CHECKS = [
+    "check_parameters_default_constructible",
     "check_no_attributes_set_in_init",
     "check_get_params_invariance",
     "check_set_params",
@@ -439,31 +436,6 @@ def test_sklearn_estimator_checks(check: str) -> None:
 
     for detector in _detectors():
         getattr(estimator_checks, check)("FastFlow", detector)
-
-
-def test_defaults_are_stored_as_given() -> None:
-    """check_parameters_default_constructible, but for the types of two defaults: each default
-    is stored as is, and every one is a plain immutable value but for two frozen dataclasses."""
-    import inspect
-
-    from fastflow.estimator.feature_cache import CacheConfig
-    from fastflow.model.config import RECIPES
-
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(FastFlow).parameters.items()
-        if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
-    }
-    params = FastFlow().get_params()
-    assert params.keys() == defaults.keys()
-    assert all(params[name] is default for name, default in defaults.items())
-    plain = {name for name, default in defaults.items() if isinstance(default, (str, int, float, type(None)))}
-    assert plain == defaults.keys() - {"recipe", "cache"}
-    assert defaults["recipe"] is RECIPES["improved"] and defaults["cache"] == CacheConfig()
-    for frozen in (defaults["recipe"], defaults["cache"]):
-        with pytest.raises(dataclasses.FrozenInstanceError):
-            frozen.name = "x"  # type: ignore[misc]
-    assert (FastFlow().recipe.name, FastFlow().cache.dtype) == ("improved", "float32")  # the CLI reads these
 
 
 def test_clone_gives_an_equal_unfitted_detector(tiny_seed0: FastFlow) -> None:

@@ -41,7 +41,7 @@ from fastflow.estimator.metrics import calibrate_threshold
 from fastflow.estimator.model_file import load_model, save_model
 from fastflow.estimator.training import TrainConfig, extract_features, fit_flows
 from fastflow.model.backbones import RANDOM_WEIGHTS
-from fastflow.model.config import RECIPES, FastFlowConfig, Recipe, get_config, get_recipe
+from fastflow.model.config import FastFlowConfig, Recipe, get_config, get_recipe
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.model.inference import InferenceGraph
 
@@ -59,12 +59,6 @@ _MAP_MINIMUM = -1.0
 _MAP_FLOOR_STRIDE = 8
 # What ``architecture`` may set: every ``FastFlowConfig`` field but the backbone (a parameter of its own).
 _ARCHITECTURE_FIELDS = frozenset(f.name for f in dataclasses.fields(FastFlowConfig)) - {"backbone"}
-# The ``recipe`` and ``cache`` defaults are the frozen objects themselves, not "improved" and
-# None as scikit-learn prefers: the CLI reads ``FastFlow().recipe.name`` and
-# ``FastFlow().cache.dtype`` for its option defaults (``apps.cli._train_defaults``). Both are
-# immutable and shared (the recipe is the registry's own), and stored as given like any value.
-_DEFAULT_RECIPE = RECIPES["improved"]
-_DEFAULT_CACHE = CacheConfig()
 
 
 @dataclass
@@ -95,7 +89,7 @@ class FastFlow(BaseEstimator):
 
     Args:
         backbone: a preset name (``list_presets()``), any timm CNN, or a whole ``FastFlowConfig``.
-        recipe: ``"improved"`` (the default, ``RECIPES["improved"]``), ``"reference"`` (the
+        recipe: ``"improved"`` (the default), ``"reference"`` (the
             paper's loss and scoring) or a ``Recipe``; it decides the loss and how latents
             become maps and scores, and is saved with the model.
         weights: backbone weights: ``None`` for timm's hub (or, when refitting, the backbone the
@@ -134,13 +128,13 @@ class FastFlow(BaseEstimator):
         self,
         backbone: str | FastFlowConfig = "resnet18",
         *,
-        recipe: str | Recipe = _DEFAULT_RECIPE,
+        recipe: str | Recipe = "improved",
         weights: str | Path | None = None,
         training: TrainConfig | None = None,
         holdout_fraction: float = 0.1,
         threshold_quantile: float = 0.99,
         inference_batch_size: int = 32,
-        cache: CacheConfig | None = _DEFAULT_CACHE,
+        cache: CacheConfig | None = None,
         architecture: Mapping[str, Any] | None = None,
         **overrides: Any,
     ) -> None:

@@ -281,7 +281,7 @@ class FittedDetector(Protocol):
     def map_floor_(self) -> float: ...
 
     @property
-    def holdout_scores_(self) -> np.ndarray: ...
+    def decision_scores_(self) -> np.ndarray: ...
 
     def inference_graph(self) -> InferenceGraph: ...
 
@@ -347,7 +347,7 @@ def verify_export(
         precision = exported_precision(exported_path)
         loaded = [(len(samples), batch["image"]) for samples, batch in detector.image_batches(images)]
         batches, source = [pixels for _, pixels in loaded], f"{sum(n for n, _ in loaded)} images"
-        held_out = detector.holdout_scores_
+        held_out = detector.decision_scores_
         normal = float(np.median(held_out)) if len(held_out) else detector.map_floor_
         tolerance, map_tolerance = (
             (1e-4, 1e-4) if precision == "f32" else bf16_tolerances(detector.threshold_, normal)
