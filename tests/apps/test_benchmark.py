@@ -135,3 +135,19 @@ def test_two_jobs_give_the_runs_one_job_gives(tmp_path, lite0_weights):
     )
     with pytest.raises(FastFlowError, match="--jobs"):
         run_benchmark([data], ["tf_efficientnet_lite0"], tmp_path / "bad", jobs=0, **kwargs)
+
+
+def test_cli_benchmark_shows_the_knn_reference_unless_told_not_to(tmp_path, capsys):
+    from fastflow.apps.cli import main
+
+    data = make_textures(tmp_path / "tex", n_train=6, n_test_good=2, n_test_defect=2, size=(64, 64))
+    common = ["--backbone", "resnet18", "--weights", "random", "--epochs", "1", "--input-size", "64"]
+    assert main(["benchmark", str(data), "--output", str(tmp_path / "with"), *common]) == 0
+    assert f"resnet18 ({KNN_REFERENCE})" in (tmp_path / "with" / "results.md").read_text()
+    assert (tmp_path / "with" / "tex__resnet18__knn_reference.json").exists()
+    assert (
+        main(["benchmark", str(data), "--output", str(tmp_path / "without"), *common, "--no-knn-reference"])
+        == 0
+    )
+    assert KNN_REFERENCE not in (tmp_path / "without" / "results.md").read_text()
+    capsys.readouterr()

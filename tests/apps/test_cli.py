@@ -479,7 +479,7 @@ def test_help_lists_every_train_option_with_the_apis_default(capsys, monkeypatch
         training.lr,
         training.device,
     )
-    assert (defaults["holdout"], defaults["recipe"]) == (detector.holdout_fraction, detector.recipe.name)
+    assert (defaults["holdout"], defaults["recipe"]) == (detector.holdout_fraction, detector.recipe)
 
 
 def test_a_flag_at_its_default_still_wins_over_the_config_file(

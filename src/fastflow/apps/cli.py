@@ -808,6 +808,12 @@ def benchmark(
             help="Where runs train: auto (a CUDA GPU where PyTorch sees one, else the CPU), cpu, cuda or cuda:N."
         ),
     ] = "auto",
+    knn_reference: Annotated[
+        bool,
+        typer.Option(
+            help="Also score each dataset with the nearest-neighbour reference on the same backbone features (its own column)."
+        ),
+    ] = True,
 ) -> None:
     """Train and test every dataset x backbone x recipe x seed; print the metric tables in markdown."""
     from fastflow.apps.benchmark import markdown_tables, run_benchmark
@@ -838,6 +844,7 @@ def benchmark(
         input_size=parse_size(input_size),
         robustness=list(PERTURBATIONS) if robustness else (),
         jobs=jobs,
+        knn_reference=knn_reference,
     )
     tables = markdown_tables(runs)
     atomic_write(output / "results.md", lambda tmp: tmp.write_text(tables))
