@@ -571,12 +571,10 @@ def _raise_any_failure(failure: DataError | None) -> None:
 def _fold_form(engine: str, precision: str) -> tuple[bool, bool]:
     """(``in_place``, ``conv_permutation``) of ``FastFlowModel.fold`` for ``engine`` at ``precision``.
 
-    In place (small flows): only OpenVINO bf16 gains (AMX makes the doubled multiply-adds cheap);
-    PyTorch, ONNX Runtime and OpenVINO f32 ran Lite0 5-20 % slower in place (against anomalib's
-    OpenVINO f32 in two runs of ``benchmarks/inference.py``). Permutations by 1x1 convolutions:
-    OpenVINO gains in both precisions (ResNet-18 at 256, batch 16: 1.11x bf16, 1.09x f32; Lite0
-    f32 1.09x), while PyTorch and ONNX Runtime ran ResNet-18 9-12 % slower than with gathers
-    (one-off A/B in one process, 2-core Intel Xeon with AMX; README).
+    In place (small flows): only OpenVINO bf16 gains (bf16 matrix units make the doubled
+    multiply-adds cheap); the other engines ran slower in place. Permutations by 1x1
+    convolutions: OpenVINO gains in both precisions, PyTorch and ONNX Runtime ran slower than
+    with gathers (measured: docs/measurements.md#fold-forms).
     """
     check_engine(engine)
     check_precision(precision)

@@ -62,7 +62,8 @@ __all__ = [
 
 DEFAULT_OPSET = 17
 # The precision an export runs at unless asked otherwise: the fastest that kept the scores
-# (OpenVINO bf16 with f32 pre-processing; README, Fast inference). ONNX Runtime runs f32 only.
+# (OpenVINO bf16 with f32 pre-processing; measured: docs/measurements.md#openvino-bf16-default).
+# ONNX Runtime runs f32 only.
 EXPORT_PRECISIONS = {"onnx": "f32", "openvino": "bf16"}
 _FORMAT = "fastflow-export"
 _FORMAT_VERSION = 2
@@ -165,7 +166,7 @@ def to_openvino(
     The IR holds f32 weights. ``precision`` is the inference precision to compile it with,
     recorded in ``model.json`` and used by ``load_exported``: "bf16" runs the pre-processing
     as its own f32 model and the rest under OpenVINO's bf16 hint (``split_preprocessing``),
-    which keeps the AUROC (README, Fast inference). Note that OpenVINO compiles *every* layer
+    which keeps the AUROC (docs/measurements.md#bf16-pre-processing). Note that OpenVINO compiles *every* layer
     in bf16 by default on CPUs that support it, which does not keep it, so other programs must
     pass ``{"INFERENCE_PRECISION_HINT": "f32"}`` or cut the graph as ``split_preprocessing`` does.
     """
