@@ -38,7 +38,6 @@ from fastflow.estimator.data import load_samples
 from fastflow.estimator.detector import FastFlow
 from fastflow.estimator.evaluation import evaluate_detector
 from fastflow.estimator.training import TrainConfig
-from fastflow.model.config import get_config
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -212,8 +211,9 @@ def _knn_run(
     overrides: dict[str, Any],
 ) -> BenchmarkRun:
     """The nearest-neighbour reference of one (dataset, backbone), written beside the runs' JSON."""
-    input_size = overrides.get("input_size") or get_config(backbone).input_size
-    metrics = knn_reference_metrics(root, backbone, weights, tuple(input_size), recipe)
+    # The input size the fastflow runs of this column use, derived as the detector derives it.
+    input_size = FastFlow(backbone, recipe=recipe, architecture=overrides).config.input_size
+    metrics = knn_reference_metrics(root, backbone, weights, input_size, recipe)
     run = BenchmarkRun(root.name, backbone, 0, metrics, KNN_REFERENCE)
     text = json.dumps(vars(run), indent=2)
     name = f"{root.name}__{backbone}__knn_reference.json"
