@@ -77,23 +77,20 @@ def test_a_saved_gpu_device_does_not_stop_the_model_loading_on_a_cpu(no_gpu: Non
     assert TrainConfig(device="cuda:1").device == "cuda:1"
 
 
+def _train_tiny(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], *flags: str
+) -> tuple[int, list[str], Path]:
+    """``fastflow train`` of a tiny random model with ``flags``: exit code, stderr lines, run folder."""
+    data = make_folder_dataset(tmp_path / "data", n_normal=6, n_anomalous=1)
+    run = tmp_path / "run"
+    code = main(["train", str(data), "-o", str(run), *TINY_RESNET_ARGS, *flags])
+    return code, capsys.readouterr().err.strip().splitlines(), run
+
+
 def test_train_asking_for_a_missing_gpu_stops_before_any_file(
     no_gpu: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data = make_folder_dataset(tmp_path / "data", n_normal=6, n_anomalous=1)
-    run = tmp_path / "run"
-    code = main(
-        [
-            "train",
-            str(data),
-            "-o",
-            str(run),
-            *TINY_RESNET_ARGS,
-            "--device",
-            "cuda",
-        ]
-    )
-    err = capsys.readouterr().err.strip().splitlines()
+    code, err, run = _train_tiny(tmp_path, capsys, "--device", "cuda")
     assert code == 2 and len(err) == 1 and "--device cuda" in err[0] and "--device cpu" in err[0]
     assert not run.exists()
 
@@ -113,25 +110,7 @@ def test_train_processes_that_would_share_a_gpu_stop_before_any_file(
     processes: int,
     message: str,
 ) -> None:
-    data = make_folder_dataset(tmp_path / "data", n_normal=6, n_anomalous=1)
-    run = tmp_path / "run"
-    code = main(
-        [
-            "train",
-            str(data),
-            "-o",
-            str(run),
-            "--backbone",
-            "resnet18",
-            "--weights",
-            "random",
-            "--device",
-            device,
-            "--processes",
-            str(processes),
-        ]
-    )
-    err = capsys.readouterr().err.strip().splitlines()
+    code, err, run = _train_tiny(tmp_path, capsys, "--device", device, "--processes", str(processes))
     assert code == 2 and len(err) == 1 and message in err[0]
     assert not run.exists()
 
