@@ -11,6 +11,7 @@ from fastflow.estimator.training import (
     BatchNll,
     TrainConfig,
     channel_noise_scales,
+    extract_features,
     fit_flows,
 )
 from fastflow.model.config import get_config
@@ -157,3 +158,18 @@ def test_micro_batches_give_the_gradients_and_loss_of_one_pass():
         torch.testing.assert_close(loss, whole_loss, rtol=1e-6, atol=0)
         for grad, reference in zip(grads, whole, strict=True):
             torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6 * reference.abs().max().item())
+
+
+def test_pixel_noise_of_the_noisy_copies_follows_the_seed():
+    model = _model()
+    pixels = torch.full((2, 3, 64, 48), 128, dtype=torch.uint8)
+
+    def noisy_features(seed: int) -> list[torch.Tensor]:
+        clean = FeatureCache(model.feature_shapes, 2)
+        noisy = FeatureCache(model.feature_shapes, 2)
+        extract_features(model, [([0, 1], pixels)], clean, noisy, sigma=3.0, seed=seed)
+        return noisy.slice(0, 2)
+
+    first, again, other = noisy_features(1), noisy_features(1), noisy_features(2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0], other[0])

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from fastflow.core.errors import FastFlowError, is_integer, is_real, require
 from fastflow.core.hardware import DEVICE_CHOICES, cpu_has_native_bf16, is_device_name
 from fastflow.estimator import distributed
-from fastflow.estimator.augment import noisy_copy
+from fastflow.estimator.augment import image_generator, noisy_copy
 from fastflow.estimator.feature_cache import FeatureCache
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.model.scoring import nll_loss
@@ -173,11 +173,9 @@ def extract_features(
     With ``noisy``, the same images with pixel noise of ``sigma`` grey levels go into it from the
     same pass, each image decoded once for both; with ``jpeg_quality``, a ``jpeg_share`` of the
     noisy images then take a JPEG round trip at that quality (``fastflow.estimator.augment.noisy_copy``).
-    Each image's noise (and whether it is compressed) is drawn from its own generator, seeded
-    by the image's position, so it does not depend on how the images are batched or shared
-    between processes. The seed given is ``seed * 2**32 + position``, but torch's CPU generator
-    keeps only the low 32 bits of a seed, so in fact every ``seed`` draws the same noise; kept so,
-    since changing it would change every model trained with a nonzero seed.
+    Each image's noise (and whether it is compressed) is drawn from its own generator
+    (``image_generator(seed, position)``), so it does not depend on how the images are batched
+    or shared between processes, and another ``seed`` draws other noise.
     """
     device = _device_of(model)
     for positions, pixels in tqdm(
@@ -191,7 +189,7 @@ def extract_features(
                     noisy_copy(
                         image,
                         sigma,
-                        torch.Generator().manual_seed(seed * 2**32 + position),
+                        image_generator(seed, position),
                         jpeg_quality,
                         jpeg_share,
                     )
