@@ -45,6 +45,7 @@ ARCHITECTURE_TOKENS: dict[str, dict] = {
     "fuse": {"fuse_scales": True},
     "pos16": {"positional_channels": 16},
     "pos32": {"positional_channels": 32},
+    "pos0": {"positional_channels": 0},
     "swap": {"permutation": "swap"},
     "l23": {"layers": (2, 3)},
 }
@@ -68,10 +69,12 @@ def trained_part(name: str) -> str:
     return "+".join(token for token in name.split("+") if scoring_token(token) is None)
 
 
-def candidate(name: str) -> tuple[Recipe, dict]:
-    """A candidate's recipe and architecture overrides, from its name: ``+``-joined tokens.
+def candidate(name: str) -> tuple[Recipe, dict, dict]:
+    """A candidate's recipe, architecture overrides and ``TrainConfig`` overrides, from its name:
+    ``+``-joined tokens.
 
-    ``reference`` (the paper's loss and scoring instead of the improved recipe's), ``noiseX``
+    ``default`` (the improved recipe as it is now, training noise and context options included;
+    first), ``reference`` (the paper's loss and scoring instead of the improved recipe's), ``noiseX``
     (``Recipe.feature_noise=X``), ``pixelX`` (``Recipe.pixel_noise=X``), ``jpegQ``
     (``Recipe.pixel_jpeg=Q``, after a ``pixelX``; ``jpegQ@S``: a share ``S`` of the noisy copies),
     ``clampX`` (``FastFlowConfig.clamp=X``, the bound of the coupling log-scales), the scoring
@@ -90,8 +93,11 @@ def candidate(name: str) -> tuple[Recipe, dict]:
         architecture={},
     )
     architecture: dict = {}
+    training: dict = {}
     for token in name.split("+"):
-        if token == "reference":
+        if token == "default":
+            recipe, architecture = RECIPES["improved"], dict(RECIPES["improved"].architecture)
+        elif token == "reference":
             recipe = dataclasses.replace(
                 RECIPES["reference"], feature_noise=recipe.feature_noise, pixel_noise=recipe.pixel_noise
             )
@@ -108,9 +114,16 @@ def candidate(name: str) -> tuple[Recipe, dict]:
             recipe = dataclasses.replace(recipe, **{scoring[0]: scoring[1]})
         elif token in ARCHITECTURE_TOKENS:
             architecture.update(ARCHITECTURE_TOKENS[token])
+        elif token.startswith("size"):
+            height, _, width = token.removeprefix("size").partition("x")
+            architecture["input_size"] = (int(height), int(width or height))
+        elif token.startswith("bs"):
+            training["batch_size"] = int(token.removeprefix("bs"))
+        elif token.startswith("lr"):
+            training["lr"] = float(token.removeprefix("lr"))
         else:
             raise SystemExit(f"unknown candidate token {token!r} in {name!r}")
-    return recipe, architecture
+    return recipe, architecture, training
 
 
 def summary(rows: list[dict]) -> dict[str, float]:
@@ -151,13 +164,13 @@ def main() -> None:
                     if args.models
                     else None
                 )
-                recipe, architecture = candidate(name)
+                recipe, architecture, overrides = candidate(name)
                 if saved is not None and saved.exists():
                     detector = FastFlow.load(saved)
                     # Its scoring tokens, if any: the same trained model, scored with this recipe.
                     detector.recipe_ = recipe
                 else:
-                    training = TrainConfig(max_epochs=args.epochs, seed=seed)
+                    training = TrainConfig(max_epochs=args.epochs, seed=seed, **overrides)
                     detector = FastFlow(
                         args.backbone,
                         recipe=recipe,
@@ -169,13 +182,19 @@ def main() -> None:
                     if saved is not None:
                         detector.save(saved)
                 seconds = time.perf_counter() - start
+                start = time.perf_counter()
+                detector.detect(val_samples)
+                per_image_ms = 1000 * (time.perf_counter() - start) / len(val_samples)
                 rows = measure(detector, val_samples, names, seed)
                 result = {
                     "data": data.name,
                     "seed": seed,
                     "candidate": name,
                     "best_epoch": detector.best_epoch_,
+                    "epochs": len(detector.history_),
                     "fit_seconds": round(seconds, 1),
+                    "input_size": list(detector.config_.input_size),
+                    "ms_per_image": round(per_image_ms, 1),
                     **summary(rows),
                     "rows": rows,
                 }
@@ -184,7 +203,8 @@ def main() -> None:
                     f"{data.name} seed {seed} {name:20s} image {result['image_auroc']:.4f} "
                     f"pixel {result['pixel_auroc']:.4f} aupro {result['aupro']:.4f} worst drop {result['worst_image_drop']:+.4f} / "
                     f"{result['worst_pixel_drop']:+.4f} noise1 drift {result['noise1_drift']:+.4f} "
-                    f"best epoch {detector.best_epoch_} {seconds:.0f}s",
+                    f"best epoch {detector.best_epoch_}/{len(detector.history_)} {seconds:.0f}s "
+                    f"{per_image_ms:.0f} ms/image",
                     flush=True,
                 )
     print(f"CPU: {cpu_model()}, torch {torch.__version__}")
