@@ -151,3 +151,33 @@ def test_cli_benchmark_shows_the_knn_reference_unless_told_not_to(tmp_path, caps
     )
     assert KNN_REFERENCE not in (tmp_path / "without" / "results.md").read_text()
     capsys.readouterr()
+
+
+def test_the_knn_reference_sees_the_input_size_the_detector_was_fitted_at(tmp_path, monkeypatch):
+    """On wide images the detector's input follows their aspect (160x416 for 46x113 images);
+    the nearest-neighbour column must see the images at that size too, not the preset's square."""
+    from fastflow.apps import benchmark
+
+    data = make_textures(tmp_path / "wide", n_train=4, n_test_good=1, n_test_defect=1, size=(46, 113))
+    fitted, knn = [], []
+    evaluate = benchmark.evaluate_detector
+
+    def evaluated(detector, root):
+        fitted.append(detector.config_.input_size)
+        return evaluate(detector, root)
+
+    def knn_metrics(root, backbone, weights, input_size, recipe):
+        knn.append(input_size)
+        return {key: 0.5 for key in TABLE_METRICS}
+
+    monkeypatch.setattr(benchmark, "evaluate_detector", evaluated)
+    monkeypatch.setattr(benchmark, "knn_reference_metrics", knn_metrics)
+    run_benchmark(
+        [data],
+        ["resnet18"],
+        tmp_path / "out",
+        weights={"resnet18": "random"},
+        training=TrainConfig(max_epochs=1, batch_size=4),
+        flow_steps=2,
+    )
+    assert fitted == knn == [(160, 416)]

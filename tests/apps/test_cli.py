@@ -234,6 +234,30 @@ def test_train_test_predict_folder_layout(capsys, folder: Path, folder_run: Path
     check_predictions(output, images)
 
 
+def test_train_without_input_size_follows_the_images_aspect(capsys, tmp_path: Path) -> None:
+    """46x113 images (a 460x1130 photograph's aspect) train at 160x416, the preset's 65,536 pixels
+    in their shape; the summary, the log line, the model file and an export's model.json say so,
+    and --input-size still decides where it is given."""
+    data = make_textures(tmp_path / "wide", n_train=4, n_test_good=1, n_test_defect=1, size=(46, 113))
+    config = tmp_path / "tiny.yaml"
+    config.write_text("flow_steps: 2\n")
+    common = ["--backbone", "resnet18", "--weights", "random", "--epochs", 1, "--config", config]
+    code, out, err = run_cli(capsys, "train", data, "-o", tmp_path / "run", *common)
+    assert code == 0, err
+    assert "input 160x416; best epoch 1 of 1" in out
+    assert "input 160x416: the training images' median aspect (height/width) 0.41 at 65,536 pixels" in err
+    assert FastFlow.load(tmp_path / "run").config.input_size == (160, 416)
+    code, _, err = run_cli(capsys, "export", tmp_path / "run", "-o", tmp_path / "onnx", "--no-check")
+    assert code == 0, err
+    exported = json.loads((tmp_path / "onnx" / "model.json").read_text())
+    assert exported["config"]["input_size"] == [160, 416]
+
+    code, out, err = run_cli(capsys, "train", data, "-o", tmp_path / "given", *common, "--input-size", "64")
+    assert code == 0, err
+    assert "input 64x64; best epoch" in out and "median aspect" not in err
+    assert FastFlow.load(tmp_path / "given").config.input_size == (64, 64)
+
+
 # ---------------------------------------------------------------------------- --config
 
 

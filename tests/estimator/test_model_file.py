@@ -97,10 +97,24 @@ def test_missing_file_points_to_train(tmp_path):
         load_model(tmp_path / "nothing.safetensors")
 
 
-def test_files_from_before_feature_noise_read_as_trained_without_it(model, tmp_path):
+def test_files_from_before_feature_noise_and_shaped_inputs_read_as_trained_without_them(model, tmp_path):
     recipe = {"name": "improved", "exact_nll": True, "map_sigma": 4.0, "score_top": 0.001, "description": ""}
     path = save_model(tmp_path / "m.safetensors", model, {"recipe": recipe})
     _, extra = load_model(path)
-    assert extra["recipe"] == {**recipe, "feature_noise": 0.0, "pixel_noise": 0.0, "pixel_jpeg": 0}
-    saved = {"recipe": {**recipe, "feature_noise": 0.3, "pixel_noise": 2.0, "pixel_jpeg": 75}}
+    assert extra["recipe"] == {
+        **recipe,
+        "feature_noise": 0.0,
+        "pixel_noise": 0.0,
+        "pixel_jpeg": 0,
+        "input_size_from_data": False,  # trained at the preset's size (its config holds the size)
+    }
+    saved = {
+        "recipe": {
+            **recipe,
+            "feature_noise": 0.3,
+            "pixel_noise": 2.0,
+            "pixel_jpeg": 75,
+            "input_size_from_data": True,
+        }
+    }
     assert load_model(save_model(tmp_path / "n.safetensors", model, saved))[1] == saved

@@ -211,8 +211,8 @@ def _knn_run(
     overrides: dict[str, Any],
 ) -> BenchmarkRun:
     """The nearest-neighbour reference of one (dataset, backbone), written beside the runs' JSON."""
-    # The input size the fastflow runs of this column use, derived as the detector derives it.
-    input_size = FastFlow(backbone, recipe=recipe, architecture=overrides).config.input_size
+    # The input size the fastflow runs of this column use on these images, derived as fit derives it.
+    input_size = FastFlow(backbone, recipe=recipe, architecture=overrides).config_for(root).input_size
     metrics = knn_reference_metrics(root, backbone, weights, input_size, recipe)
     run = BenchmarkRun(root.name, backbone, 0, metrics, KNN_REFERENCE)
     text = json.dumps(vars(run), indent=2)

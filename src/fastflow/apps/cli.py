@@ -152,7 +152,15 @@ def train_options() -> tuple[Option, ...]:
             training.patience,
         ),
         Option("seed", int, "an integer", "Random seed; same seed, same numbers.", training.seed),
-        Option("input_size", str, None, "Model input HEIGHTxWIDTH or one number.", unset=preset),
+        Option(
+            "input_size",
+            str,
+            None,
+            "Model input HEIGHTxWIDTH or one number. Without it, a CNN under the improved recipe gets "
+            "the training images' median aspect ratio at the preset's pixel count (256x256: 65,536), "
+            "sides rounded to multiples of 32.",
+            unset="from the training images (reference recipe: the preset's)",
+        ),
         Option(
             "layers",
             list,
@@ -787,7 +795,10 @@ def benchmark(
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; cells show mean and min-max.")] = "0",
     epochs: Annotated[int, typer.Option(help="Maximum epochs per run.")] = 100,
     input_size: Annotated[
-        str | None, typer.Option(help="Model input HEIGHTxWIDTH (default: each preset's).")
+        str | None,
+        typer.Option(
+            help="Model input HEIGHTxWIDTH (default: as 'fastflow train' chooses it, for each dataset)."
+        ),
     ] = None,
     robustness: Annotated[
         bool,

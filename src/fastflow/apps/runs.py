@@ -85,7 +85,6 @@ def train_run(run: TrainRun) -> list[str]:
     path = detector.save(run.output / MODEL)
     history = json.dumps(detector.history_, indent=2)
     atomic_write(run.output / "history.json", lambda tmp: tmp.write_text(history))
-    return [
-        f"best epoch {detector.best_epoch_} of {len(detector.history_)}; threshold {detector.threshold_:.6g}",
-        f"saved {path}",
-    ]
+    height, width = detector.config_.input_size
+    epochs = f"best epoch {detector.best_epoch_} of {len(detector.history_)}"
+    return [f"input {height}x{width}; {epochs}; threshold {detector.threshold_:.6g}", f"saved {path}"]

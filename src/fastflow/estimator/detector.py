@@ -10,6 +10,7 @@ and the deployment threshold (a quantile of held-out normal scores) on the held-
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -31,6 +32,7 @@ from fastflow.estimator.data import (
     Split,
     check_holdout_fraction,
     image_loader,
+    image_size,
     load_samples,
     split_holdout,
 )
@@ -40,14 +42,23 @@ from fastflow.estimator.feature_cache import CacheConfig, FeatureCache, open_cac
 from fastflow.estimator.metrics import calibrate_threshold
 from fastflow.estimator.model_file import load_model, save_model
 from fastflow.estimator.training import TrainConfig, extract_features, fit_flows
-from fastflow.model.backbones import RANDOM_WEIGHTS
-from fastflow.model.config import FastFlowConfig, Recipe, get_config, get_recipe
+from fastflow.model.backbones import RANDOM_WEIGHTS, is_transformer
+from fastflow.model.config import (
+    FastFlowConfig,
+    Recipe,
+    get_config,
+    get_recipe,
+    input_size_for,
+    median_aspect,
+)
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.model.inference import InferenceGraph
 
 __all__ = ["FastFlow", "Prediction", "as_samples"]
 
 ImagesLike = str | Path | Sequence[str | Path | Sample]
+
+_log = logging.getLogger(__name__)
 
 # The anomaly map is -p(z) in [-1, 0): with no held-out images to measure a typical normal
 # value (``from_model``), heat maps start from its lowest value.
@@ -105,6 +116,10 @@ class FastFlow(BaseEstimator):
         architecture: fields of ``FastFlowConfig`` that replace the backbone's preset's and
             the recipe's context options (or, for a given config, its own), e.g.
             ``{"input_size": (256, 320), "flow_steps": 4}``; a ``None`` value replaces nothing.
+            Without an ``input_size``, a CNN named by ``backbone`` and a recipe with
+            ``input_size_from_data`` (the improved one), ``fit`` gives the model the training
+            images' median aspect ratio at the preset's pixel count (``input_size_for``; see
+            ``config_for``).
         **overrides: deprecated, the same fields as keywords (``input_size=...``); they are
             folded into ``architecture`` with a ``DeprecationWarning``.
 
@@ -212,11 +227,51 @@ class FastFlow(BaseEstimator):
 
     @property
     def config(self) -> FastFlowConfig:
-        """The architecture: the fitted model's (``config_``) once fitted, else the one ``fit``
-        would build from the parameters (which this checks: a bad one raises ``FastFlowError``)."""
+        """The architecture: the fitted model's (``config_``) once fitted, else the one the
+        parameters give (which this checks: a bad one raises ``FastFlowError``). Before ``fit``
+        its input size is the preset's unless given, as no image has been seen: ``fit`` may shape
+        it to the training images (``config_for`` says how for given images)."""
         if hasattr(self, "config_"):
             return self.config_
         return self._resolve()[0]
+
+    def config_for(self, X: ImagesLike) -> FastFlowConfig:
+        """The architecture ``fit(X)`` would build (e.g. for a reference model that must see the
+        images as the detector does): ``config``, with the input size shaped to ``X``'s normal
+        images where ``fit`` would shape it. Reads the images' headers only."""
+        config, recipe, training, _ = self._resolve()
+        samples = _normal_samples(X)
+        split_holdout(samples, self.holdout_fraction, training.seed)  # fit's checks of the images
+        return self._shaped_to(config, recipe, samples)[0]
+
+    def _shaped_to(
+        self, config: FastFlowConfig, recipe: Recipe, samples: list[Sample]
+    ) -> tuple[FastFlowConfig, str | None]:
+        """``config`` with the input size of ``samples``' median aspect ratio at the preset's pixel
+        count, when the recipe asks for it (``Recipe.input_size_from_data``), the user gave no
+        input size and the backbone is a CNN by name (a given ``FastFlowConfig`` is used as it
+        is; a transformer's size is its patch grid's), with a line saying which size and why;
+        else ``config`` and ``None``. Sizes come from the file headers: the pixels are still
+        decoded once, by the feature pass; a file without a readable header raises its
+        ``DataError`` here."""
+        given = (self.architecture or {}).get("input_size")
+        if not (
+            recipe.input_size_from_data
+            and isinstance(self.backbone, str)
+            and given is None
+            and not is_transformer(config.backbone)
+        ):
+            return config, None
+        sizes = [(height, width) for width, height in (image_size(s.path) for s in samples)]
+        height, width = config.input_size
+        shaped = dataclasses.replace(config, input_size=input_size_for(sizes, height * width))
+        recipe.check_fits(shaped.input_size)
+        note = (
+            f"input {shaped.input_size[0]}x{shaped.input_size[1]}: the training images' median aspect "
+            f"(height/width) {median_aspect(sizes):.2f} at {height * width:,} pixels; "
+            "input_size (--input-size) overrides"
+        )
+        return shaped, note
 
     @property
     def holdout_scores_(self) -> np.ndarray:
@@ -274,7 +329,10 @@ class FastFlow(BaseEstimator):
             checkpoint: optional path of a resumable checkpoint, rewritten after every epoch; if
                 it exists, training resumes from it.
 
-        Every parameter is checked first, before any image is read. The backbone pass and the
+        Every parameter is checked first, before any image is read. Where the input size follows
+        the training images (``config_for``: no ``input_size`` given, a CNN by name, the improved
+        recipe) their headers are read next, and one info line says the size chosen; ``config_``
+        holds it, and the saved model with it. The backbone pass and the
         flows' training run on ``training.device`` (a GPU where there is one, by default); the
         held-out images are scored on the CPU, where the fitted model comes back and where
         saving, exporting and scoring run.
@@ -291,8 +349,11 @@ class FastFlow(BaseEstimator):
         config, recipe, training, cache = self._resolve()
         device = resolve_device(training.device)
         distributed.setup(device)
-        samples = [s for s in as_samples(X, "train") if s.label == 0]
+        samples = _normal_samples(X)
         train_samples, holdout_samples = split_holdout(samples, self.holdout_fraction, training.seed)
+        config, note = self._shaped_to(config, recipe, samples)
+        if note is not None:
+            _log.info("%s", note)
         torch.manual_seed(training.seed)
         resume = Path(checkpoint) if checkpoint is not None and Path(checkpoint).exists() else None
         state = None
@@ -362,10 +423,18 @@ class FastFlow(BaseEstimator):
         return self
 
     def _new_model(self, config: FastFlowConfig) -> FastFlowModel:
-        """A fresh model; a refit without ``weights`` keeps the backbone the detector already holds."""
+        """A fresh model; a refit without ``weights`` keeps the backbone the detector already holds.
+
+        A CNN's weights are the same at any input size (a refit on images of another aspect
+        ratio keeps them); a transformer's position embedding is sized to its input."""
         fitted: FastFlowModel | None = getattr(self, "model_", None)
+        keys = (
+            ("backbone", "layers", "input_size")
+            if is_transformer(config.backbone)
+            else ("backbone", "layers")
+        )
         same_backbone = fitted is not None and all(
-            getattr(fitted.config, k) == getattr(config, k) for k in ("backbone", "layers", "input_size")
+            getattr(fitted.config, k) == getattr(config, k) for k in keys
         )
         if self.weights is None and fitted is not None and same_backbone:
             model = FastFlowModel(config, RANDOM_WEIGHTS)
@@ -554,6 +623,11 @@ class FastFlow(BaseEstimator):
         detector.best_epoch_ = extra.get("best_epoch", 0)
         detector.history_ = extra.get("history", [])
         return detector
+
+
+def _normal_samples(X: ImagesLike) -> list[Sample]:
+    """The normal images of ``X``, which ``fit`` trains on (anomalous ones are ignored)."""
+    return [s for s in as_samples(X, "train") if s.label == 0]
 
 
 def _raise_any_failure(failure: DataError | None) -> None:

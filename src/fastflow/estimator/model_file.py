@@ -28,6 +28,14 @@ FORMAT_VERSION = 4
 _FORMAT_NAME = "fastflow-model"
 # Format 3 kept the scoring settings in the model config and the loss in the training settings.
 _SCORING_IN_CONFIG_VERSION = 3
+# What a recipe written before a field existed did instead: no training noise, and the preset's
+# input size (the file's config holds the size it was trained at either way).
+_RECIPE_BEFORE_FIELDS = {
+    "feature_noise": 0.0,
+    "pixel_noise": 0.0,
+    "pixel_jpeg": 0,
+    "input_size_from_data": False,
+}
 
 
 def save_model(
@@ -87,8 +95,8 @@ def read_model_file(
         extra = json.loads(metadata.get("extra", "{}"))
         if version == str(_SCORING_IN_CONFIG_VERSION):
             extra = _recipe_from_version_3(config_fields, extra)
-        if "recipe" in extra:  # files written before training noise existed were trained without it
-            extra["recipe"] = {"feature_noise": 0.0, "pixel_noise": 0.0, "pixel_jpeg": 0, **extra["recipe"]}
+        if "recipe" in extra:  # files written before training noise (or data-shaped inputs) existed had none
+            extra["recipe"] = {**_RECIPE_BEFORE_FIELDS, **extra["recipe"]}
         config = FastFlowConfig.from_dict(config_fields)
     except (KeyError, ValueError, TypeError) as error:
         raise FastFlowError(f"model file {path} has a broken config ({error}); retrain the model") from None

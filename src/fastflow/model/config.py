@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +21,17 @@ from fastflow.core.errors import FastFlowError, is_integer, is_real, require
 from fastflow.model.flow import PERMUTATIONS
 from fastflow.model.scoring import blur_radius, score_latents
 
-__all__ = ["PRESETS", "RECIPES", "FastFlowConfig", "Recipe", "get_config", "get_recipe", "list_presets"]
+__all__ = [
+    "PRESETS",
+    "RECIPES",
+    "FastFlowConfig",
+    "Recipe",
+    "get_config",
+    "get_recipe",
+    "input_size_for",
+    "list_presets",
+    "median_aspect",
+]
 
 
 @dataclass(frozen=True)
@@ -176,6 +189,12 @@ class Recipe:
             (0: none). Its radius ``blur_radius(map_sigma)`` must stay inside the map.
         score_top: share of the anomaly map's highest pixels averaged into the image score
             (0: the map's maximum).
+        input_size_from_data: when a detector is built from a CNN's name without an input size,
+            give the model the training images' aspect ratio at the preset's pixel count
+            (``input_size_for``) instead of squeezing every image to the preset's square: a
+            1130x460 photograph squeezed to 256x256 loses 4.4x of its width, and small defects
+            with it. False: the preset's size, as in the paper. Only ``fit`` reads it: a saved
+            model holds the size it was trained at.
         architecture: context options of ``FastFlowConfig`` (``CONTEXT_OPTIONS``) this recipe
             puts on top of a backbone's preset when a detector is built from a backbone name;
             options given to the detector win, and a whole ``FastFlowConfig`` is used as given.
@@ -196,6 +215,7 @@ class Recipe:
     pixel_jpeg_share: float = 0.25
     map_sigma: float = 4.0
     score_top: float = 0.001
+    input_size_from_data: bool = True
     architecture: dict[str, Any] = field(default_factory=lambda: {"positional_channels": 16})
     description: str = ""
 
@@ -236,6 +256,12 @@ class Recipe:
         require(is_real(self.map_sigma) and self.map_sigma >= 0, "map_sigma", "a number >= 0", self.map_sigma)
         require(is_real(self.score_top) and 0 <= self.score_top < 1, "score_top", "in [0, 1)", self.score_top)
         require(
+            isinstance(self.input_size_from_data, bool),
+            "input_size_from_data",
+            "true or false",
+            self.input_size_from_data,
+        )
+        require(
             isinstance(self.architecture, dict) and set(self.architecture) <= set(CONTEXT_OPTIONS),
             "architecture",
             f"a mapping of {', '.join(CONTEXT_OPTIONS)}",
@@ -272,7 +298,8 @@ RECIPES: dict[str, Recipe] = {
         description="exact NLL loss, trained on clean and noisy (sigma 3 grey levels; a quarter of them then "
         "JPEG-compressed at quality 75) copies of each image "
         "with feature noise 0.1 std, a 16-channel positional condition in every coupling, "
-        "anomaly map blurred (sigma 4 px), image score = mean of the map's top 0.1%",
+        "anomaly map blurred (sigma 4 px), image score = mean of the map's top 0.1%, "
+        "input at the training images' aspect ratio (the preset's pixel count)",
     ),
     # The paper / anomalib recipe, kept so published numbers can be reproduced.
     "reference": Recipe(
@@ -283,8 +310,10 @@ RECIPES: dict[str, Recipe] = {
         pixel_jpeg=0,
         map_sigma=0.0,
         score_top=0.0,
+        input_size_from_data=False,
         architecture={},
-        description="FastFlow paper and anomalib: loss without the norm's log-det, unblurred map, image score = map maximum",
+        description="FastFlow paper and anomalib: loss without the norm's log-det, unblurred map, image score = map maximum, "
+        "the preset's square input",
     ),
 }
 
@@ -311,3 +340,46 @@ def get_config(backbone: str, **overrides: Any) -> FastFlowConfig:
     """
     base = PRESETS.get(backbone, FastFlowConfig(backbone))
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def median_aspect(image_sizes: Sequence[tuple[int, int]]) -> float:
+    """Median height / width of ``(height, width)`` sizes, taken on the logarithms so that 2:1 and
+    1:2 weigh alike, and a few odd sizes in a folder do not move it (unlike a mean)."""
+    require(
+        len(image_sizes) > 0 and all(len(s) == 2 and min(s) > 0 for s in image_sizes),
+        "image_sizes",
+        "a non-empty list of positive (height, width)",
+        image_sizes,
+    )
+    return math.exp(statistics.median(math.log(h / w) for h, w in image_sizes))
+
+
+def input_size_for(
+    image_sizes: Sequence[tuple[int, int]], pixels: int, multiple: int = 32
+) -> tuple[int, int]:
+    """Model input ``(height, width)`` for images of ``image_sizes`` (each ``(height, width)``):
+    their median aspect ratio (``median_aspect``; a folder of mixed sizes gets one size, that of
+    its typical image) at about ``pixels`` pixels, each side rounded to the nearest multiple of
+    ``multiple`` (at least ``multiple``).
+
+    Keeping the pixel count of the preset's square keeps the cost of an image (backbone pass,
+    flows, cache) where it was, while a wide photograph keeps its proportions instead of being
+    squeezed. Square images give the square back exactly: ``(256, 256)`` at 65,536 pixels.
+
+    Why 32: the CNN presets' stages (1, 2, 3) have strides 4, 8 and 16 (timm's
+    ``feature_info.reduction()`` of resnet18, wide_resnet50_2 and tf_efficientnet_lite0), and
+    stage 4, which ``layers`` may add, 32. A side that is a multiple of a stage's stride is tiled
+    exactly by its feature grid; otherwise the grid's last row or column lies partly on padding
+    (250 px give 63 positions at stride 4, the last one half outside), and the map stretched back
+    to the input no longer lines up. 16 would do for the default stages; 32 does for every stage
+    of these backbones, and costs at most 16 px of exactness on a side.
+    """
+    require(is_integer(pixels) and pixels >= 1, "pixels", "an integer >= 1", pixels)
+    require(is_integer(multiple) and multiple >= 1, "multiple", "an integer >= 1", multiple)
+    aspect = median_aspect(image_sizes)
+    height, width = math.sqrt(pixels * aspect), math.sqrt(pixels / aspect)
+    return _round_to(height, multiple), _round_to(width, multiple)
+
+
+def _round_to(side: float, multiple: int) -> int:
+    return max(multiple, round(side / multiple) * multiple)
