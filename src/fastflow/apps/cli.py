@@ -777,7 +777,7 @@ def benchmark(
     datasets: Annotated[
         list[Path],
         typer.Argument(
-            help="Category folders (MVTec AD layout), e.g. mvtec_ad/bottle, or 'textures' (built-in generated set)."
+            help="Category folders (MVTec AD layout), e.g. mvtec_ad/bottle, or a built-in generated set: 'textures', 'small_defects'."
         ),
     ],
     output: Annotated[

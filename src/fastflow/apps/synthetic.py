@@ -231,7 +231,10 @@ def _render(
 
 
 def _save(img: np.ndarray, path: Path, grayscale: bool, fmt: str) -> None:
-    if grayscale:
+    """Write float ``img`` in [0, 1], (H, W, 3) or already grey (H, W), as 8-bit ``fmt``."""
+    if img.ndim == 2:
+        pil = Image.fromarray(np.round(img * 255).astype(np.uint8), "L")
+    elif grayscale:
         arr = np.round((img @ _LUMA) * 255).astype(np.uint8)
         pil = Image.fromarray(arr, "L")
     else:
