@@ -117,6 +117,8 @@ def candidate(name: str) -> tuple[Recipe, dict, dict]:
         elif token.startswith("size"):
             height, _, width = token.removeprefix("size").partition("x")
             architecture["input_size"] = (int(height), int(width or height))
+        elif token == "cosine":
+            recipe = dataclasses.replace(recipe, lr_schedule="cosine")
         elif token.startswith("bs"):
             training["batch_size"] = int(token.removeprefix("bs"))
         elif token.startswith("lr"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -13,8 +15,9 @@ from fastflow.estimator.training import (
     channel_noise_scales,
     extract_features,
     fit_flows,
+    learning_rate,
 )
-from fastflow.model.config import get_config
+from fastflow.model.config import Recipe, get_config
 from fastflow.model.fastflow import FastFlowModel
 
 
@@ -173,3 +176,34 @@ def test_pixel_noise_of_the_noisy_copies_follows_the_seed():
     first, again, other = noisy_features(1), noisy_features(1), noisy_features(2)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not torch.equal(first[0], other[0])
+
+
+def test_cosine_schedule_falls_from_the_peak_to_zero_over_the_budget():
+    assert learning_rate("constant", 1e-3, 90, 100) == 1e-3
+    rates = [learning_rate("cosine", 1e-3, step, 100) for step in range(101)]
+    assert (
+        rates[0] == pytest.approx(1e-3)
+        and rates[50] == pytest.approx(5e-4)
+        and rates[100] == pytest.approx(0)
+    )
+    assert all(a > b for a, b in itertools.pairwise(rates))
+
+
+def test_the_recipes_schedule_sets_the_optimisers_learning_rate():
+    def trained(schedule: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = _model()
+        fit_flows(
+            model,
+            _cached_features(model, 8, 1),
+            _cached_features(model, 4, 2),
+            TrainConfig(max_epochs=2, batch_size=4, patience=5),
+            progress=False,
+            lr_schedule=schedule,
+        )
+        return model.flow_state_dict()
+
+    constant, cosine = trained("constant"), trained("cosine")
+    assert any(not torch.equal(constant[k], cosine[k]) for k in constant)
+    with pytest.raises(FastFlowError, match="lr_schedule"):
+        Recipe(lr_schedule="step")

@@ -405,6 +405,7 @@ class FastFlow(BaseEstimator):
                 noisy,
                 state,
                 on_epoch_end,
+                lr_schedule=recipe.lr_schedule,
             )
             # Scored on the CPU, where the fitted model lives and every engine scores it.
             holdout_scores, map_sample = self._score_features(

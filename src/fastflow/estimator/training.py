@@ -39,6 +39,7 @@ __all__ = [
     "channel_noise_scales",
     "extract_features",
     "fit_flows",
+    "learning_rate",
     "resolve_flow_precision",
     "resolve_micro_batch_size",
 ]
@@ -155,6 +156,19 @@ class TrainState:
     @property
     def epochs_without_progress(self) -> int:
         return self.epoch - self.progress_epoch
+
+
+def learning_rate(schedule: str, peak: float, step: int, total_steps: int) -> float:
+    """The learning rate of optimiser step ``step`` (from 0) of ``total_steps``.
+
+    ``"constant"``: ``peak`` throughout (the reference). ``"cosine"``: ``peak`` decayed along half a
+    cosine to 0 at the end of the epoch budget, so the flows settle by the budget's last epochs
+    instead of still moving at full speed when the budget ends. A function of the step alone, so
+    a resumed run continues the same schedule.
+    """
+    if schedule == "constant":
+        return peak
+    return peak * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
 def extract_features(
@@ -330,6 +344,7 @@ def fit_flows(
     state: TrainState | None = None,
     on_epoch_end: Callable[[TrainState], None] | None = None,
     progress: bool = True,
+    lr_schedule: str = "constant",
 ) -> TrainState:
     """Train ``model``'s norms and flows on cached features; load the best weights at the end.
 
@@ -352,6 +367,8 @@ def fit_flows(
         state: a previous ``TrainState`` to resume from (weights already loaded in ``model``).
         on_epoch_end: called after each epoch (e.g. to write a resumable checkpoint).
         progress: show a progress bar with the loss.
+        lr_schedule: how the learning rate moves over the epoch budget (``learning_rate``;
+            ``Recipe.lr_schedule``).
 
     Raises:
         FastFlowError: when the loss becomes NaN or infinite, or a global batch is smaller
@@ -391,6 +408,7 @@ def fit_flows(
     generator = torch.Generator()
     noise_scales = channel_noise_scales(train_features, feature_noise) if feature_noise > 0 else []
     count = len(train_features)
+    steps_per_epoch = math.ceil(count / config.batch_size)
     show = progress and distributed.is_main()
     bar = tqdm(total=config.max_epochs, initial=state.epoch, desc="train", unit="epoch", disable=not show)
     while state.epoch < config.max_epochs and state.epochs_without_progress < config.patience:
@@ -398,8 +416,11 @@ def fit_flows(
         # Reseeded every epoch, so a resumed run draws the same batches as an uninterrupted one.
         order = torch.randperm(count, generator=generator.manual_seed(config.seed + state.epoch))
         losses = []
-        for start in range(0, count, config.batch_size):
+        for index, start in enumerate(range(0, count, config.batch_size)):
             positions = order[start : start + config.batch_size]
+            step = state.epoch * steps_per_epoch + index
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(lr_schedule, config.lr, step, config.max_epochs * steps_per_epoch)
             batch = _training_batch(
                 positions, train_features, noisy_features, noise_scales, generator, device
             )

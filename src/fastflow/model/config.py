@@ -143,6 +143,8 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
 # The architecture fields a recipe may set (``Recipe.architecture``): context for the flows,
 # never the backbone, its layers or the input size, which belong to the user's model.
 CONTEXT_OPTIONS = ("context_pool", "fuse_scales", "positional_channels", "permutation")
+# How the learning rate moves over the epoch budget (``fastflow.estimator.training.learning_rate``).
+LR_SCHEDULES = ("constant", "cosine")
 
 PRESETS: dict[str, FastFlowConfig] = {
     # The paper's official ResNet-18 configuration (3x3 kernels only).
@@ -189,6 +191,8 @@ class Recipe:
             (0: none). Its radius ``blur_radius(map_sigma)`` must stay inside the map.
         score_top: share of the anomaly map's highest pixels averaged into the image score
             (0: the map's maximum).
+        lr_schedule: ``"constant"`` learning rate (the reference) or ``"cosine"`` decay to 0 at
+            the end of the epoch budget (``fastflow.estimator.training.learning_rate``).
         input_size_from_data: when a detector is built from a CNN's name without an input size,
             give the model the training images' aspect ratio at the preset's pixel count
             (``input_size_for``) instead of squeezing every image to the preset's square: a
@@ -215,6 +219,7 @@ class Recipe:
     pixel_jpeg_share: float = 0.25
     map_sigma: float = 4.0
     score_top: float = 0.001
+    lr_schedule: str = "constant"
     input_size_from_data: bool = True
     architecture: dict[str, Any] = field(default_factory=lambda: {"positional_channels": 16})
     description: str = ""
@@ -255,6 +260,7 @@ class Recipe:
         )
         require(is_real(self.map_sigma) and self.map_sigma >= 0, "map_sigma", "a number >= 0", self.map_sigma)
         require(is_real(self.score_top) and 0 <= self.score_top < 1, "score_top", "in [0, 1)", self.score_top)
+        require(self.lr_schedule in LR_SCHEDULES, "lr_schedule", " or ".join(LR_SCHEDULES), self.lr_schedule)
         require(
             isinstance(self.input_size_from_data, bool),
             "input_size_from_data",
