@@ -15,8 +15,10 @@ import torch
 from PIL import Image
 
 from fastflow.apps.synthetic import DEFECTS, _check_fmt, _prepare_root, _render, _save, _save_mask, _style
+from fastflow.model.fastflow import FastFlowModel
+from fastflow.model.scoring import anomaly_map
 
-__all__ = ["bad_requests", "make_folder_dataset", "perturb_trainable", "png_claiming"]
+__all__ = ["bad_requests", "make_folder_dataset", "perturb_trainable", "png_claiming", "tile_seam_ratio"]
 
 
 # The smallest model ``fastflow train`` builds (random ResNet-18 weights, 64 px), for tests of
@@ -43,6 +45,35 @@ def perturb_trainable(module: torch.nn.Module, generator: torch.Generator) -> No
                 param.add_(0.3 * noise)
             else:
                 param.add_(noise * param.std())
+
+
+def tile_seam_ratio(
+    untiled: FastFlowModel, tiled: FastFlowModel, image: torch.Tensor, texture: torch.Tensor, band: int = 4
+) -> float:
+    """How far ``tiled``'s anomaly map of ``image`` strays, within ``band`` px of a tile border
+    inside the image, from ``untiled``'s (the same weights, the whole image at once: no tile
+    borders); as a share of the spread (1st to 99th percentile) of ``untiled``'s map of
+    ``texture``, a normal image, whose map variation is the scale a seam must stay well below.
+
+    The maps are unblurred (the reference scorer), as a blur would hide seams. ``image`` and
+    ``texture``: (1, 3, H, W) uint8 at the models' input size.
+    """
+    size = untiled.config.input_size
+    assert tiled.tiles is not None and tiled.config.input_size == size
+    with torch.no_grad():
+        normal = anomaly_map(untiled(texture)[0], size)[0]
+        whole = anomaly_map(untiled(image)[0], size)[0]
+        stitched = anomaly_map(tiled(image)[0], size)[0]
+    spread = float(normal.quantile(0.99) - normal.quantile(0.01))
+    tile = tiled.tiles.tile
+    rows = {edge for top in tiled.tiles.rows for edge in (top, top + tile)} - {0, size[0]}
+    columns = {edge for left in tiled.tiles.columns for edge in (left, left + tile)} - {0, size[1]}
+    near = torch.zeros(size, dtype=torch.bool)
+    for row in rows:
+        near[row - band : row + band] = True
+    for column in columns:
+        near[:, column - band : column + band] = True
+    return float((stitched - whole)[near].abs().max()) / spread
 
 
 def make_folder_dataset(

@@ -551,6 +551,22 @@ def test_context_options_reach_the_saved_model(mvtec, lite0_weights, tmp_path, c
     assert len(saved.model_.flows) == 1
 
 
+def test_tiling_flags_reach_the_saved_model(mvtec, lite0_weights, tmp_path, capsys):
+    args = train_args(mvtec, tmp_path / "run", lite0_weights, "--epochs", 1, "--tile", 64, "--overlap", 32)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    saved = FastFlow.load(tmp_path / "run")
+    assert (saved.config.input_size, saved.config.tile, saved.config.tile_overlap) == ((64, 96), 64, 32)
+    assert saved.model_.tiles is not None and saved.model_.tiles.columns == (0, 32)
+
+
+def test_tiling_without_an_input_size_asks_for_one(capsys, mvtec, lite0_weights, tmp_path):
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", mvtec, "-o", run, "--weights", lite0_weights, "--tile", 256)
+    assert_user_error(code, err, "--tile 256", "--input-size HEIGHTxWIDTH")
+    assert not run.exists()
+
+
 def test_unknown_recipe_is_a_user_error(mvtec, lite0_weights, tmp_path, capsys):
     code, _, err = run_cli(capsys, *train_args(mvtec, tmp_path / "run", lite0_weights, "--recipe", "paper"))
     assert_user_error(code, err, "paper", "improved", "reference")
@@ -576,6 +592,13 @@ def test_unknown_recipe_is_a_user_error(mvtec, lite0_weights, tmp_path, capsys):
         (["--context-pool", "2"], ["context_pool", "odd"]),
         (["--positional-channels", "6"], ["positional_channels", "multiple of 4"]),
         (["--device", "gpu"], ["--device", "auto, cpu, cuda or cuda:N", "gpu"]),
+        (["--tile", "100"], ["tile", "multiple of 32", "100"]),
+        (["--tile", "128"], ["tile", "at most each side of input_size (64, 96)"]),
+        (["--tile", "64", "--overlap", "64"], ["tile_overlap", "below tile"]),
+        (["--tile", "64", "--overlap", "16"], ["tile_overlap", "multiple of 32"]),
+        (["--overlap", "32"], ["tile_overlap", "without tiling"]),
+        (["--tile", "64", "--input-size", "64x100"], ["input_size", "multiples of 32", "(64, 128)"]),
+        (["--tile", "64", "--backbone", "deit_base_distilled_patch16_384"], ["CNN backbone", "tile 0"]),
     ],
 )
 def test_bad_option_values_are_one_line_errors(

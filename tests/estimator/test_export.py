@@ -251,6 +251,38 @@ def test_context_options_export_with_parity(tmp_path):
         assert max(check_parity(graph, path, [pixels])) <= 1e-4
 
 
+def test_tiled_model_exports_with_parity(tmp_path):
+    """Cutting tiles and stitching their features are fixed slices, constant weights and sums:
+    ONNX Runtime and OpenVINO reproduce the PyTorch graph's maps and scores at any input size, and
+    a bf16 engine's cut still finds the one pre-processing output (the tiles are cut after it)."""
+    config = get_config(
+        "resnet18", input_size=INPUT_SIZE, flow_steps=2, tile=64, tile_overlap=32, positional_channels=8
+    )
+    model = FastFlowModel(config, "random").eval()
+    _perturb(model)
+    detector = FastFlow.from_model(model, -0.45, map_floor=-0.6)
+    graph = detector.inference_graph()
+    batches = [_pixels(1, INPUT_SIZE, 3), _pixels(3, (300, 257), 4)]
+    with torch.no_grad():
+        assert graph(batches[1])[0].std() > 1e-3  # the maps have structure
+    onnx_path = to_onnx(graph, tmp_path / "onnx")
+    openvino_path = to_openvino(graph, tmp_path / "openvino")
+    for path in (onnx_path, openvino_path):
+        assert max(check_parity(graph, path, batches)) <= 1e-4
+    assert read_metadata(onnx_path)["config"]["tile"] == 64
+    # The two halves of the bf16 engines' cut, both in f32, are the exported graph.
+    import openvino as ov
+
+    preprocess, rest = split_preprocessing(ov.Core().read_model(str(openvino_path)))
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    pixels = batches[1]
+    halves = ov.compile_model(rest, "CPU", f32)(ov.compile_model(preprocess, "CPU", f32)(pixels.numpy())[0])
+    with torch.no_grad():
+        reference_map, reference_score, _ = graph(pixels)
+    np.testing.assert_allclose(halves[0], reference_map.numpy(), atol=1e-4)
+    np.testing.assert_allclose(halves[1], reference_score.numpy(), atol=1e-4)
+
+
 def test_metadata_threshold_and_parity_failure(detectors, tmp_path):
     detector = _get(detectors, "resnet18")
     path = detector.export(tmp_path)

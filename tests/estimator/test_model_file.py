@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from fastflow.core.errors import FastFlowError
 from fastflow.estimator.model_file import FORMAT_VERSION, atomic_write, load_model, save_model
@@ -118,3 +118,23 @@ def test_files_from_before_feature_noise_and_shaped_inputs_read_as_trained_witho
         }
     }
     assert load_model(save_model(tmp_path / "n.safetensors", model, saved))[1] == saved
+
+
+def test_tiling_survives_the_round_trip_and_files_from_before_it_load_untiled(model, tmp_path):
+    config = get_config("resnet18", input_size=(96, 160), flow_steps=2, tile=64, tile_overlap=32)
+    tiled = FastFlowModel(config, weights="random").eval()
+    loaded, _ = load_model(save_model(tmp_path / "tiled.safetensors", tiled))  # built on the meta device
+    assert loaded.config == config and loaded.tiles == tiled.tiles
+    x = torch.randint(0, 256, (2, 3, 100, 150), dtype=torch.uint8)
+    with torch.no_grad():
+        for a, b in zip(tiled(x)[0], loaded(x)[0], strict=True):
+            assert torch.equal(a, b)
+    # A file written before tiling existed: no tile fields in its config.
+    path = save_model(tmp_path / "old.safetensors", model)
+    header = json.loads(path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")])
+    metadata = header["__metadata__"]
+    fields = json.loads(metadata["config"])
+    assert fields.pop("tile") == 0 and fields.pop("tile_overlap") == 0
+    save_file(load_file(str(path)), str(path), metadata={**metadata, "config": json.dumps(fields)})
+    old, _ = load_model(path)
+    assert old.config == model.config and old.tiles is None

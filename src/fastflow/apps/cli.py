@@ -162,6 +162,22 @@ def train_options() -> tuple[Option, ...]:
             unset="from the training images (reference recipe: the preset's)",
         ),
         Option(
+            "tile",
+            int,
+            "an integer",
+            "Side of the square tiles the backbone sees, in input pixels (a multiple of 32); the flows "
+            "see the whole image. Needs --input-size, the whole working size (multiples of 32).",
+            unset="0: no tiles, the whole input at once",
+        ),
+        Option(
+            "tile_overlap",
+            int,
+            "an integer",
+            "Pixels neighbouring tiles share, their features blended there (a multiple of 32 below --tile).",
+            unset="0",
+            flag="--overlap",
+        ),
+        Option(
             "layers",
             list,
             None,
@@ -424,8 +440,22 @@ def train(
     chosen = get_recipe(options["recipe"])
     if options["exact_nll"] is not None:
         chosen = dataclasses.replace(chosen, exact_nll=options["exact_nll"])
+    if options["tile"] and options["input_size"] is None:
+        raise FastFlowError(
+            f"--tile {options['tile']} needs --input-size HEIGHTxWIDTH, the whole working size the tiles "
+            "are cut from (multiples of 32, e.g. --input-size 480x1184)"
+        )
     architecture = {
-        k: options[k] for k in ("layers", "flow_steps", "hidden_ratio", "conv3x3_only", *CONTEXT_OPTIONS)
+        k: options[k]
+        for k in (
+            "layers",
+            "flow_steps",
+            "hidden_ratio",
+            "conv3x3_only",
+            "tile",
+            "tile_overlap",
+            *CONTEXT_OPTIONS,
+        )
     }
     detector = FastFlow(
         options["backbone"],

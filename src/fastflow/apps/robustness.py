@@ -124,7 +124,7 @@ def run_bf16_backbone(graph: InferenceGraph, pixels: Tensor) -> tuple[Tensor, Te
     model = graph.model
     normalised = model.preprocess(pixels)
     with torch.autocast("cpu", torch.bfloat16):
-        features = model.backbone(normalised)
+        features = model.features(normalised)
     zs, _ = model.flow(model.with_context([f.float() for f in features]))
     return graph.score_latents(zs)
 

@@ -272,10 +272,12 @@ def split_preprocessing(model: Any, path: str | Path = "model") -> tuple[Any, An
             )
         ):
             inside.add(name)
+    # Constants are no boundary: OpenVINO merges equal constants, so one of the pre-processing's
+    # may feed later nodes too (a tiled model's tile indices), and both models can hold it.
     boundary = [
         output
         for node in model.get_ordered_ops()
-        if node.get_friendly_name() in inside
+        if node.get_friendly_name() in inside and node.get_type_name() != "Constant"
         for output in node.outputs()
         if any(
             t.get_node().get_friendly_name() not in inside and t.get_node().get_type_name() != "ShapeOf"

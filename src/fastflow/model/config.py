@@ -20,6 +20,7 @@ from torch import Tensor
 from fastflow.core.errors import FastFlowError, is_integer, is_real, require
 from fastflow.model.flow import PERMUTATIONS
 from fastflow.model.scoring import blur_radius, score_latents
+from fastflow.model.tiling import ALIGN
 
 __all__ = [
     "PRESETS",
@@ -56,6 +57,14 @@ class FastFlowConfig:
         permutation: each coupling step's channel permutation: ``"random"`` (the paper's) or
             ``"swap"`` (the two halves trade places), which folded inference runs without a
             channel gather (``fastflow.model.flow.CouplingStep``).
+        tile: side, in input pixels, of the square tiles the backbone sees (0: the whole input
+            at once). With tiles, ``input_size`` is the whole working image's size: the
+            backbone's features of the tiles are stitched into one grid of the whole image,
+            which the flows and the scorer see as they would an untiled one
+            (``fastflow.model.tiling``). A multiple of 32, at most each side of ``input_size``
+            (itself then multiples of 32); CNN backbones only.
+        tile_overlap: pixels shared by neighbouring tiles, whose features are blended across
+            them (a multiple of 32 below ``tile``; 0 without tiles).
     """
 
     backbone: str
@@ -69,6 +78,8 @@ class FastFlowConfig:
     fuse_scales: bool = False
     positional_channels: int = 0
     permutation: str = "random"
+    tile: int = 0
+    tile_overlap: int = 0
 
     def __post_init__(self) -> None:
         # Normalise lists from JSON/YAML into tuples so configs compare and hash equal.
@@ -110,6 +121,43 @@ class FastFlowConfig:
             self.positional_channels,
         )
         require(self.permutation in PERMUTATIONS, "permutation", " or ".join(PERMUTATIONS), self.permutation)
+        self._check_tiling()
+
+    def _check_tiling(self) -> None:
+        """Tiles and their overlaps in whole multiples of 32 px (``tiling.ALIGN``): the CNN
+        presets' feature strides are 4, 8, 16 and 32 (timm's ``feature_info.reduction()`` of
+        resnet18, wide_resnet50_2 and tf_efficientnet_lite0), so then every scale's cells of a
+        tile fall exactly on cells of the whole image's grid. (CNN backbones only: checked where
+        the backbone is known, ``FastFlowModel``.)"""
+        require(
+            is_integer(self.tile) and (self.tile == 0 or (self.tile >= ALIGN and self.tile % ALIGN == 0)),
+            "tile",
+            f"0 (no tiling) or a multiple of {ALIGN}",
+            self.tile,
+        )
+        require(
+            is_integer(self.tile_overlap) and self.tile_overlap >= 0 and self.tile_overlap % ALIGN == 0,
+            "tile_overlap",
+            f"a multiple of {ALIGN} >= 0",
+            self.tile_overlap,
+        )
+        if self.tile == 0:
+            require(self.tile_overlap == 0, "tile_overlap", "0 without tiling (tile 0)", self.tile_overlap)
+            return
+        require(self.tile_overlap < self.tile, "tile_overlap", f"below tile ({self.tile})", self.tile_overlap)
+        require(
+            all(side % ALIGN == 0 for side in self.input_size),
+            "input_size",
+            f"multiples of {ALIGN} with tiling (tile {self.tile}), the whole working size, e.g. "
+            f"{tuple(-(-side // ALIGN) * ALIGN for side in self.input_size)}",
+            self.input_size,
+        )
+        require(
+            self.tile <= min(self.input_size),
+            "tile",
+            f"at most each side of input_size {self.input_size}",
+            self.tile,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""

@@ -14,11 +14,13 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from fastflow.model.backbones import Backbone
+from fastflow.core.errors import FastFlowError
+from fastflow.model.backbones import Backbone, is_transformer
 from fastflow.model.config import FastFlowConfig
 from fastflow.model.context import fuse_to_finest, local_average, positional_encoding
 from fastflow.model.flow import FlowStack
 from fastflow.model.preprocess import Preprocess
+from fastflow.model.tiling import TileGrid
 
 __all__ = ["FastFlowModel"]
 
@@ -43,6 +45,8 @@ class FastFlowModel(nn.Module):
     final norm. ``config.context_pool`` averages neighbourhoods inside ``extract`` (so training
     caches and perturbs what the flows see); ``config.fuse_scales`` joins the normalised scales
     into one flow; ``config.positional_channels`` conditions every flow on its grid position.
+    ``config.tile`` runs the backbone on tiles of the image and stitches their features into
+    the whole image's grid (``features``), so everything after the backbone is unchanged.
 
     Args:
         config: architecture (backbone, layers, input size, flow settings).
@@ -52,11 +56,18 @@ class FastFlowModel(nn.Module):
     def __init__(self, config: FastFlowConfig, weights: str | Path | None = None) -> None:
         super().__init__()
         self.config = config
+        if config.tile and is_transformer(config.backbone):
+            raise FastFlowError(
+                f"tile {config.tile} needs a CNN backbone; '{config.backbone}' is a vision transformer, "
+                "whose token grid is fixed: set tile 0 or pick a CNN backbone"
+            )
+        # Plain data, not a module: nothing to save, and old model files (no tile) load as before.
+        self.tiles = TileGrid(config.input_size, config.tile, config.tile_overlap) if config.tile else None
         self.backbone = Backbone(config.backbone, config.layers, config.input_size, weights)
         self.preprocess = Preprocess(config.input_size, self.backbone.mean, self.backbone.std)
         with torch.no_grad():
-            probe = self.backbone(torch.zeros(1, 3, *config.input_size))
-        self.feature_shapes = [tuple(f.shape[1:]) for f in probe]
+            probe = self.features(torch.zeros(1, 3, *config.input_size))
+        self.feature_shapes = [(f.shape[1], f.shape[2], f.shape[3]) for f in probe]
         self.norms = nn.ModuleList(
             nn.Identity() if self.backbone.transformer else nn.LayerNorm(list(shape))
             for shape in self.feature_shapes
@@ -113,12 +124,24 @@ class FastFlowModel(nn.Module):
         one (N, C, h, w) map per scale (neighbourhood-averaged with ``config.context_pool``),
         channels-last (what the flows run fastest on)."""
         with torch.no_grad():
-            return self.with_context(self.backbone(self.preprocess(pixels)))
+            return self.with_context(self.features(self.preprocess(pixels)))
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        """Normalised (N, 3, height, width) images at ``config.input_size`` -> the backbone's
+        features of the whole image, one (N, C, h, w) map per scale.
+
+        Without tiles, the backbone's own outputs. With ``config.tile``, the backbone sees the
+        images' tiles, all in one batch (N x tiles images: its memory grows with both), and each
+        scale's tile features are stitched into the whole image's grid (``TileGrid.stitch``).
+        """
+        if self.tiles is None:
+            return self.backbone(images)
+        return [self.tiles.stitch(feature) for feature in self.backbone(self.tiles.cut(images))]
 
     def with_context(self, features: list[Tensor]) -> list[Tensor]:
-        """The backbone's own outputs -> ``extract``'s: neighbourhood-averaged, channels-last.
+        """``features``' outputs -> ``extract``'s: neighbourhood-averaged, channels-last.
 
-        Apart from ``extract`` so that callers running the backbone their own way (in bf16, say)
+        Apart from ``extract`` so that callers running ``features`` their own way (in bf16, say)
         hand the flows the same kind of features.
         """
         pooled = [local_average(f, self.config.context_pool) for f in features]
