@@ -245,7 +245,10 @@ def test_train_without_input_size_follows_the_images_aspect(capsys, tmp_path: Pa
     code, out, err = run_cli(capsys, "train", data, "-o", tmp_path / "run", *common)
     assert code == 0, err
     assert "input 160x416; best epoch 1 of 1" in out
-    assert "input 160x416: the training images' median aspect (height/width) 0.41 at 65,536 pixels" in err
+    assert (
+        "input 160x416: the training images' median aspect (height/width) 0.41 at the preset's 65,536 pixels"
+        in err
+    )
     assert FastFlow.load(tmp_path / "run").config.input_size == (160, 416)
     code, _, err = run_cli(capsys, "export", tmp_path / "run", "-o", tmp_path / "onnx", "--no-check")
     assert code == 0, err
@@ -560,11 +563,14 @@ def test_tiling_flags_reach_the_saved_model(mvtec, lite0_weights, tmp_path, caps
     assert saved.model_.tiles is not None and saved.model_.tiles.columns == (0, 32)
 
 
-def test_tiling_without_an_input_size_asks_for_one(capsys, mvtec, lite0_weights, tmp_path):
+def test_tiling_without_an_input_size_works_at_the_images_own_size(capsys, mvtec, lite0_weights, tmp_path):
+    """The fixture's images are 128x128: tiles of 64 see them at that resolution, not squeezed."""
     run = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", mvtec, "-o", run, "--weights", lite0_weights, "--tile", 256)
-    assert_user_error(code, err, "--tile 256", "--input-size HEIGHTxWIDTH")
-    assert not run.exists()
+    args = ["train", mvtec, "-o", run, "--backbone", "tf_efficientnet_lite0", "--weights", lite0_weights]
+    code, _, err = run_cli(capsys, *args, "--tile", 64, "--overlap", 32, "--epochs", 1, "--batch-size", 8)
+    assert code == 0, err
+    saved = FastFlow.load(run)
+    assert (saved.config.input_size, saved.config.tile, saved.config.tile_overlap) == ((128, 128), 64, 32)
 
 
 def test_unknown_recipe_is_a_user_error(mvtec, lite0_weights, tmp_path, capsys):

@@ -58,7 +58,7 @@ def test_fit_on_wide_images_picks_a_wide_input_at_the_preset_pixel_count(
     notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("input ")]
     assert notes == [
         (
-            "input 160x416: the training images' median aspect (height/width) 0.41 at 65,536 pixels; "
+            "input 160x416: the training images' median aspect (height/width) 0.41 at the preset's 65,536 pixels; "
             "input_size (--input-size) overrides"
         )
     ]
@@ -122,3 +122,16 @@ def test_an_unreadable_image_is_named_before_any_training(wide: Path, tmp_path: 
     for call in (_detector().config_for, _detector().fit):
         with pytest.raises(DataError, match=r"corrupt image .*zz_bad\.png"):
             call(root)
+
+
+def test_tiles_without_an_input_size_see_the_images_at_their_own_size(tmp_path: Path) -> None:
+    """100x250 images: their own size rounded to 32 is 96x256, not the 160x416 pixel budget; the
+    reference recipe, which keeps the preset's size untiled, tiles them at their size too."""
+    root = make_textures(tmp_path / "big", n_train=5, n_test_good=1, n_test_defect=1, size=(100, 250))
+    tiled = {"flow_steps": 2, "tile": 64, "tile_overlap": 32}
+    for recipe in ("improved", "reference"):
+        detector = _detector(architecture=tiled, recipe=recipe)
+        assert detector.config.input_size == (64, 64)  # before fit: one tile
+        assert detector.config_for(root).input_size == (96, 256)
+    small = make_textures(tmp_path / "small", n_train=5, n_test_good=1, n_test_defect=1, size=(40, 200))
+    assert _detector(architecture=tiled).config_for(small).input_size == (64, 192)  # at least a tile high

@@ -166,7 +166,8 @@ def train_options() -> tuple[Option, ...]:
             int,
             "an integer",
             "Side of the square tiles the backbone sees, in input pixels (a multiple of 32); the flows "
-            "see the whole image. Needs --input-size, the whole working size (multiples of 32).",
+            "see the whole image, by default at the training images' own size (their median aspect and "
+            "pixel count, sides rounded to 32); --input-size sets another.",
             unset="0: no tiles, the whole input at once",
         ),
         Option(
@@ -440,11 +441,6 @@ def train(
     chosen = get_recipe(options["recipe"])
     if options["exact_nll"] is not None:
         chosen = dataclasses.replace(chosen, exact_nll=options["exact_nll"])
-    if options["tile"] and options["input_size"] is None:
-        raise FastFlowError(
-            f"--tile {options['tile']} needs --input-size HEIGHTxWIDTH, the whole working size the tiles "
-            "are cut from (multiples of 32, e.g. --input-size 480x1184)"
-        )
     architecture = {
         k: options[k]
         for k in (

@@ -221,7 +221,11 @@ class FastFlow(BaseEstimator):
                 "a preset or timm model name, or a FastFlowConfig",
                 self.backbone,
             )
-            config = get_config(self.backbone, **{**recipe.architecture, **given})
+            tiled_at_image_size = given.get("tile") and "input_size" not in given
+            # Tiles without an input size: fit works at the images' own size (``_shaped_to``);
+            # until then the input is one tile, which every tile check accepts.
+            provisional = {"input_size": (given["tile"], given["tile"])} if tiled_at_image_size else {}
+            config = get_config(self.backbone, **{**recipe.architecture, **given, **provisional})
         recipe.check_fits(config.input_size)
         return config
 
@@ -247,28 +251,35 @@ class FastFlow(BaseEstimator):
     def _shaped_to(
         self, config: FastFlowConfig, recipe: Recipe, samples: list[Sample]
     ) -> tuple[FastFlowConfig, str | None]:
-        """``config`` with the input size of ``samples``' median aspect ratio at the preset's pixel
-        count, when the recipe asks for it (``Recipe.input_size_from_data``), the user gave no
-        input size and the backbone is a CNN by name (a given ``FastFlowConfig`` is used as it
-        is; a transformer's size is its patch grid's), with a line saying which size and why;
-        else ``config`` and ``None``. Sizes come from the file headers: the pixels are still
-        decoded once, by the feature pass; a file without a readable header raises its
-        ``DataError`` here."""
+        """``config`` with the input size of ``samples``' median aspect ratio, when the user gave no
+        input size, the backbone is a CNN by name (a given ``FastFlowConfig`` is used as it is; a
+        transformer's size is its patch grid's) and either the model is tiled (then at the images'
+        own median pixel count, so the tiles see the images at their resolution, each side at
+        least one tile) or the recipe asks for it (``Recipe.input_size_from_data``; then at the
+        preset's pixel count), with a line saying which size and why; else ``config`` and
+        ``None``. Sizes come from the file headers: the pixels are still decoded once, by the
+        feature pass; a file without a readable header raises its ``DataError`` here."""
         given = (self.architecture or {}).get("input_size")
         if not (
-            recipe.input_size_from_data
+            (recipe.input_size_from_data or config.tile)
             and isinstance(self.backbone, str)
             and given is None
             and not is_transformer(config.backbone)
         ):
             return config, None
         sizes = [(height, width) for width, height in (image_size(s.path) for s in samples)]
-        height, width = config.input_size
-        shaped = dataclasses.replace(config, input_size=input_size_for(sizes, height * width))
+        if config.tile:
+            pixels, budget = int(np.median([h * w for h, w in sizes])), "the images' own median"
+            height, width = input_size_for(sizes, pixels)
+            input_size = (max(height, config.tile), max(width, config.tile))
+        else:
+            pixels, budget = config.input_size[0] * config.input_size[1], "the preset's"
+            input_size = input_size_for(sizes, pixels)
+        shaped = dataclasses.replace(config, input_size=input_size)
         recipe.check_fits(shaped.input_size)
         note = (
-            f"input {shaped.input_size[0]}x{shaped.input_size[1]}: the training images' median aspect "
-            f"(height/width) {median_aspect(sizes):.2f} at {height * width:,} pixels; "
+            f"input {input_size[0]}x{input_size[1]}: the training images' median aspect "
+            f"(height/width) {median_aspect(sizes):.2f} at {budget} {pixels:,} pixels; "
             "input_size (--input-size) overrides"
         )
         return shaped, note
