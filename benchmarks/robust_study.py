@@ -117,6 +117,9 @@ def candidate(name: str) -> tuple[Recipe, dict, dict]:
         elif token.startswith("size"):
             height, _, width = token.removeprefix("size").partition("x")
             architecture["input_size"] = (int(height), int(width or height))
+        elif token.startswith("tile"):
+            tile, _, overlap = token.removeprefix("tile").partition("@")
+            architecture.update(tile=int(tile), tile_overlap=int(overlap or 0))
         elif token == "cosine":
             recipe = dataclasses.replace(recipe, lr_schedule="cosine")
         elif token.startswith("bs"):
