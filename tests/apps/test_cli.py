@@ -726,6 +726,22 @@ def test_calibrate_names_the_exports_it_leaves_behind(
     assert f"fastflow export {run / 'model.safetensors'} --output {run / 'onnx'}" in out
 
 
+def test_calibrate_with_the_engine_production_runs(
+    capsys, mvtec_run: Path, normals: Path, tmp_path: Path
+) -> None:
+    """--engine onnx scores the images with ONNX Runtime: the calibration says so, and its scores
+    are PyTorch's to the export parity."""
+    pytest.importorskip("onnxruntime")
+    run = _own_run(mvtec_run, tmp_path / "run")
+    code, out, err = run_cli(capsys, "calibrate", run, normals, "--false-alarm-rate", 0.1, "--engine", "onnx")
+    assert code == 0, err
+    assert "on 20 normal images (onnx, f32)" in out
+    detector = FastFlow.load(run)
+    assert detector.calibration_.source == "20 normal images scored by calibrate (onnx, f32)"
+    torch_scores = np.sort(detector.decision_function(sorted(normals.glob("*.png"))))
+    np.testing.assert_allclose(detector.calibration_.scores, torch_scores, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("kind", "names"),
     [

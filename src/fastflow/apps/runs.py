@@ -85,7 +85,12 @@ def train_run(run: TrainRun) -> list[str]:
     path = detector.save(run.output / MODEL)
     history = json.dumps(detector.history_, indent=2)
     atomic_write(run.output / "history.json", lambda tmp: tmp.write_text(history))
+    calibration = detector.calibration_
     return [
-        f"best epoch {detector.best_epoch_} of {len(detector.history_)}; threshold {detector.threshold_:.6g}",
+        (
+            f"best epoch {detector.best_epoch_} of {len(detector.history_)}; threshold {detector.threshold_:.6g} "
+            f"for a false-alarm rate of {calibration.false_alarm_rate:g}, guaranteed at most "
+            f"{calibration.guaranteed_rate():.3g} by {calibration.n} held-out normal images"
+        ),
         f"saved {path}",
     ]

@@ -191,10 +191,16 @@ def to_openvino(
 
 
 def exports_under(folder: str | Path) -> list[Path]:
-    """The folders under ``folder`` (itself included) that hold an export: a ``model.json`` of
-    this format. ``fastflow calibrate`` names them, as they keep the threshold they were made with."""
+    """The folders in ``folder``, itself and two levels down (``RUN/onnx/``), that hold an export:
+    a ``model.json`` of this format. ``fastflow calibrate`` names them, as they keep the threshold
+    they were made with."""
     found = []
-    for meta in sorted(Path(folder).rglob("model.json")):
+    metas = [
+        meta
+        for pattern in ("model.json", "*/model.json", "*/*/model.json")
+        for meta in Path(folder).glob(pattern)
+    ]
+    for meta in sorted(metas):
         with contextlib.suppress(OSError, ValueError):
             content = json.loads(meta.read_text())
             if isinstance(content, dict) and content.get("format") == _FORMAT:
