@@ -685,6 +685,7 @@ def test_an_older_model_file_keeps_its_threshold_and_gets_p_values(
     np.testing.assert_array_equal(found.p_values, loaded.calibration_.p_values(found.scores))
     loaded.calibrate()
     assert loaded.threshold_ == max(held_out) and loaded.calibration_.false_alarm_rate == 0.01
+    assert loaded.calibration_.source == "2 held-out normal images"  # no longer the quantile
 
 
 def test_threshold_quantile_is_deprecated_and_becomes_a_false_alarm_rate() -> None:

@@ -385,7 +385,7 @@ class FastFlow(BaseEstimator):
             )
         # Typical normal pixel value: the dark end of heat-map pictures.
         self._set_fitted(model, recipe, float(np.median(map_sample)))
-        source = f"{len(holdout_scores)} held-out normal images"
+        source = _held_out_source(len(holdout_scores))
         self._set_calibration(Calibration.of(holdout_scores, self.false_alarm_rate, source))
         self._set_decision_scores(holdout_scores)
         self.history_ = state.history
@@ -547,7 +547,10 @@ class FastFlow(BaseEstimator):
         self._check_fitted()
         rate = check_false_alarm_rate(self.false_alarm_rate, "false_alarm_rate (--false-alarm-rate)")
         if X is None:
-            calibration = Calibration.of(self.calibration_.scores, rate, self.calibration_.source)
+            stored = self.calibration_
+            # Without a rate, the source also says how the threshold was set (older files).
+            source = stored.source if stored.false_alarm_rate is not None else _held_out_source(stored.n)
+            calibration = Calibration.of(stored.scores, rate, source)
         else:
             samples = _normal_samples(X)
             predictions = [p.scores for _, p, _ in self.iter_predictions(samples, engine, precision)]
@@ -641,9 +644,13 @@ def _saved_calibration(extra: dict[str, Any], held_out: np.ndarray) -> Calibrati
     return Calibration.of(
         held_out,
         None,
-        f"{len(held_out)} held-out normal images; the threshold is their {quantile:g} quantile, as an "
+        f"{_held_out_source(len(held_out))}; the threshold is their {quantile:g} quantile, as an "
         "older fastflow saved it, which guarantees no false-alarm rate (calibrate the model for one)",
     )
+
+
+def _held_out_source(count: int) -> str:
+    return f"{count} held-out normal images"
 
 
 def _normal_samples(X: ImagesLike) -> list[Sample]:
