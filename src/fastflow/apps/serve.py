@@ -125,7 +125,7 @@ class ServedModel:
     map_floor: float
     info: dict[str, Any] = field(default_factory=dict)
     calibration: Calibration = field(
-        default_factory=lambda: Calibration.of([], None, "none: a model served without calibration scores")
+        default_factory=lambda: Calibration.of([], None, "a model served without calibration scores")
     )
 
 

@@ -195,4 +195,8 @@ class Calibration:
         """An export's calibration from its ``model.json``; none (no p-values) in exports of older versions."""
         if "calibration" in metadata:
             return cls.from_dict(metadata["calibration"])
-        return cls.of([], None, "none: exported by an older fastflow; export the model again for p-values")
+        return cls.of(
+            [],
+            None,
+            "an export of an older fastflow, without calibration scores: export the model again for p-values",
+        )

@@ -269,7 +269,8 @@ class FastFlow(BaseEstimator):
             model.eval(), fitted_recipe, _MAP_MINIMUM if map_floor is None else float(map_floor)
         )
         detector._set_calibration(
-            Calibration.of([], None, "none: a threshold given to from_model"), threshold
+            Calibration.of([], None, "a threshold given to FastFlow.from_model, without calibration scores"),
+            threshold,
         )
         detector._set_decision_scores(np.array([], dtype=np.float64))
         detector.best_epoch_, detector.history_ = 0, []
