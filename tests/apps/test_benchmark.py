@@ -186,8 +186,13 @@ def test_every_run_counts_false_calls_and_escapes_at_each_target_rate(tmp_path, 
     assert record["false_calls"] == runs[0].false_calls
     table = markdown_tables(runs).split("### False calls and escapes at a target false-alarm rate")[1]
     calls = strict["false_calls"]
-    assert f"| tex | resnet18 | 0 | 0.05 | 4 | 20 % (too few) | {calls['count']} of 4 (" in table
-    assert "| tex | resnet18 | 0 | 0.5 | 4 | 40 % | " in table
+    # Beta(1, 4) and Beta(2, 3): where one calibration set's own rate lies with 95 % probability.
+    assert strict["realised_low"] == pytest.approx(0.00631, abs=1e-5)
+    assert strict["realised_high"] == pytest.approx(0.60236, abs=1e-5)
+    assert (
+        f"| tex | resnet18 | 0 | 0.05 | 4 | 20 % (too few) | 0.631-60.2 % | {calls['count']} of 4 (" in table
+    )
+    assert "| tex | resnet18 | 0 | 0.5 | 4 | 40 % | 6.76-80.6 % | " in table
 
     for bad in ("0,0.5", "often"):
         capsys.readouterr()

@@ -258,6 +258,11 @@ def test_page_gives_the_calibration_model_hash_version_and_date(run: Path, repor
         "flagged with probability at most 33.3 %"
     )
     assert "2 images are too few for 0.01, which needs 99 normal images" in about["calibration"]
+    # Beta(1, 2): one set of 2 images may realise anything from 1.26 % to 84.2 %.
+    assert (
+        "this calibration's own rate lies between 1.26 and 84.2 % with 95 % probability"
+        in about["calibration"]
+    )
 
 
 def test_page_counts_false_calls_and_escapes_with_intervals(report: tuple[Path, dict]) -> None:
@@ -301,21 +306,27 @@ def test_page_lists_every_image_worst_first_with_its_p_value(report: tuple[Path,
 
 
 @pytest.mark.parametrize("all_flagged", [True, False])
-def test_a_warning_block_where_false_calls_exceed_the_guarantee(
+def test_a_warning_block_where_false_calls_exceed_the_targets_range(
     run: Path, data: Path, evaluation: EvaluationReport, tmp_path: Path, all_flagged: bool
 ) -> None:
-    """Every good image flagged: 4 of 4, whose interval (47-100 %) lies above the 33 % the two
-    calibration images guarantee: a warning. None flagged: no warning."""
+    """Calibrated on its 16 training images at 0.1, one calibration set's own rate lies below
+    20.6 % with 95 % probability (Beta(1, 16)). Every good image flagged: 4 of 4, whose interval
+    (47-100 %) lies above that: a warning. None flagged: no warning. (With the run's own 2
+    held-out images the range reaches 84 %, which 4 test images cannot exceed.)"""
+    detector = FastFlow.load(run).set_params(false_alarm_rate=0.1)
+    detector.calibrate(data / "train" / "good")
+    assert detector.calibration_.realised_range()[1] == pytest.approx(0.2059, abs=1e-4)
     images = [
         {**row, "predicted": int(all_flagged) if row["label"] == 0 else row["predicted"]}
         for row in evaluation.images
     ]
     folder = tmp_path / "html"
-    write_report(folder, FastFlow.load(run), dataclasses.replace(evaluation, images=images), run, data)
+    write_report(folder, detector, dataclasses.replace(evaluation, images=images), run, data)
     text = (folder / "index.html").read_text()
     assert ('class="warning"' in text) == all_flagged
     if all_flagged:
         assert "more false calls than guaranteed" in text and "fastflow calibrate RUN NORMALS" in text
+        assert "lies below 20.6 % with 95 % probability (at most 5.88 % on average)" in text
 
 
 def test_cli_test_prints_the_false_calls_and_the_guarantee(

@@ -5,7 +5,9 @@ With n calibration scores, a new normal image's score is as likely to take any o
 ranks among them (exchangeability: the images come from the same process). So the threshold
 ``t`` = the ceil((n + 1)(1 - a))-th smallest calibration score flags a new normal image
 (score > t) with probability at most floor(a (n + 1)) / (n + 1) <= a, on average over
-calibration sets (exactly that for scores without ties). The p-value of a score s is
+calibration sets (exactly that for scores without ties). One calibration set's own rate
+varies around that: for continuous scores it follows Beta(m, n + 1 - m), m = floor(a (n + 1)),
+whose 95 % range ``realised_range`` gives (wide for few images: 0.4-46 % for 6 images). The p-value of a score s is
 (1 + #{calibration scores >= s}) / (n + 1): near 1 for a typical normal image, 1 / (n + 1) for
 one above every calibration score; for a new normal image it is uniform on {1, ..., n + 1} / (n + 1).
 
@@ -35,6 +37,7 @@ __all__ = [
     "normals_needed",
     "p_value_json",
     "p_values",
+    "realised_range",
     "too_few",
 ]
 
@@ -74,6 +77,17 @@ def guaranteed_rate(n: int, rate: float) -> float:
     """The false-alarm probability the threshold of n calibration scores guarantees for ``rate``:
     floor(rate (n + 1)) / (n + 1) <= rate, or 1 / (n + 1) where n is too small for ``rate``."""
     return max(allowed_exceedances(n, rate), 1) / (n + 1)
+
+
+def realised_range(n: int, rate: float, confidence: float = 0.95) -> tuple[float, float]:
+    """Where one calibration set's own false-alarm rate lies with probability ``confidence``: the
+    central interval of Beta(m, n + 1 - m), m = max(floor(rate (n + 1)), 1), the law of the
+    share of new normal scores above the threshold for continuous scores."""
+    from scipy.stats import beta
+
+    m = max(allowed_exceedances(n, rate), 1)
+    tail = (1 - confidence) / 2
+    return float(beta.ppf(tail, m, n + 1 - m)), float(beta.ppf(1 - tail, m, n + 1 - m))
 
 
 def normals_needed(rate: float) -> int:
@@ -157,6 +171,10 @@ class Calibration:
     def guaranteed_rate(self, rate: float | None = None) -> float:
         """What ``threshold(rate)`` guarantees: a new normal image is flagged with at most this probability."""
         return guaranteed_rate(self.n, self._rate(rate))
+
+    def realised_range(self, rate: float | None = None) -> tuple[float, float]:
+        """Where this calibration's own false-alarm rate at ``rate`` lies with 95 % probability."""
+        return realised_range(self.n, self._rate(rate))
 
     def too_few(self, rate: float | None = None) -> str | None:
         """The one-line warning where these scores are too few for ``rate``, else None."""

@@ -79,11 +79,14 @@ def rates_at(images: list[dict[str, Any]], calibration: Calibration, rate: float
     """The test set's false calls and escapes at the threshold ``calibration`` gives for ``rate``,
     beside what it guarantees: one row of the benchmark's table of target rates."""
     threshold = calibration.threshold(rate)
+    low, high = calibration.realised_range(rate)
     return {
         "target": rate,
         "calibration_images": calibration.n,
         "threshold": threshold,
         "guaranteed": calibration.guaranteed_rate(rate),
+        "realised_low": low,
+        "realised_high": high,
         "too_few": calibration.too_few(rate) is not None,
         "false_calls": false_calls(images, threshold).to_dict(),
         "escapes": escapes(images, threshold).to_dict(),
