@@ -152,4 +152,12 @@ def bad_requests(good: bytes, max_body_bytes: int) -> dict[str, tuple[bytes, str
             "no file",
         ),
         "bad heatmap flag": (good, "image/png", "?heatmap=maybe", 422, "heatmap"),
+        "false_alarm_rate out of range": (good, "image/png", "?false_alarm_rate=2", 422, "false_alarm_rate"),
+        "false_alarm_rate not a number": (
+            good,
+            "image/png",
+            "?false_alarm_rate=often",
+            422,
+            "false_alarm_rate",
+        ),
     }

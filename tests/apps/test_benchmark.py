@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fastflow.apps.benchmark import (
     BUILTIN_DATASETS,
     KNN_REFERENCE,
@@ -151,6 +153,52 @@ def test_cli_benchmark_shows_the_knn_reference_unless_told_not_to(tmp_path, caps
     )
     assert KNN_REFERENCE not in (tmp_path / "without" / "results.md").read_text()
     capsys.readouterr()
+
+
+def test_every_run_counts_false_calls_and_escapes_at_each_target_rate(tmp_path, capsys):
+    """40 training images hold out 4: enough for 0.5 (guaranteed 2/5), too few for 0.05 (the
+    threshold is then their largest score, guaranteeing 1/5). A lower threshold flags more."""
+    from fastflow.apps.cli import main
+
+    data = make_textures(tmp_path / "tex", n_train=40, n_test_good=4, n_test_defect=2, size=(64, 64))
+    runs = run_benchmark(
+        [data],
+        ["resnet18"],
+        tmp_path / "out",
+        weights={"resnet18": "random"},
+        training=TrainConfig(max_epochs=1, batch_size=8),
+        input_size=(64, 64),
+        knn_reference=False,
+        false_alarm_rates=(0.05, 0.5),
+    )
+    strict, loose = runs[0].false_calls
+    assert (strict["target"], strict["calibration_images"], strict["too_few"]) == (0.05, 4, True)
+    assert (loose["target"], loose["calibration_images"], loose["too_few"]) == (0.5, 4, False)
+    assert strict["guaranteed"] == pytest.approx(1 / 5) and loose["guaranteed"] == pytest.approx(2 / 5)
+    assert loose["threshold"] < strict["threshold"]
+    assert strict["false_calls"]["total"] == 4 and strict["escapes"]["total"] == 6
+    assert loose["false_calls"]["count"] >= strict["false_calls"]["count"]
+    assert loose["escapes"]["count"] <= strict["escapes"]["count"]
+    for row in (strict, loose):
+        rate = row["false_calls"]
+        assert rate["low"] <= rate["count"] / rate["total"] <= rate["high"]
+    record = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert record["false_calls"] == runs[0].false_calls
+    table = markdown_tables(runs).split("### False calls and escapes at a target false-alarm rate")[1]
+    calls = strict["false_calls"]
+    # Beta(1, 4) and Beta(2, 3): where one calibration set's own rate lies with 95 % probability.
+    assert strict["realised_low"] == pytest.approx(0.00631, abs=1e-5)
+    assert strict["realised_high"] == pytest.approx(0.60236, abs=1e-5)
+    assert (
+        f"| tex | resnet18 | 0 | 0.05 | 4 | 20 % (too few) | 0.631-60.2 % | {calls['count']} of 4 (" in table
+    )
+    assert "| tex | resnet18 | 0 | 0.5 | 4 | 40 % | 6.76-80.6 % | " in table
+
+    for bad in ("0,0.5", "often"):
+        capsys.readouterr()
+        code = main(["benchmark", str(data), "--output", str(tmp_path / "bad"), "--false-alarm-rates", bad])
+        assert code == 2 and "--false-alarm-rates" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_the_knn_reference_sees_the_input_size_the_detector_was_fitted_at(tmp_path, monkeypatch):

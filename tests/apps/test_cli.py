@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -157,10 +158,13 @@ def check_predictions(output: Path, inputs: list[Path]) -> list[dict[str, str]]:
     assert [row["path"] for row in summary["predictions"]] == [row["path"] for row in rows]
     assert len(list((output / "overlays").iterdir())) == len(inputs)
     assert len(list((output / "masks").iterdir())) == len(inputs)
-    threshold = summary["threshold"]
+    threshold, guaranteed = summary["threshold"], summary["guaranteed_false_alarm_rate"]
+    assert summary["calibration_images"] >= 1 and 0 < guaranteed < 1
     for row in summary["predictions"]:
         assert row["label"] in ("normal", "anomalous")
         assert (row["label"] == "anomalous") == (row["score"] > threshold)
+        assert (row["label"] == "anomalous") == (row["p_value"] <= guaranteed)
+        assert 0 < row["p_value"] <= 1
         with Image.open(row["path"]) as image:
             size = image.size
         with Image.open(output / row["overlay"]) as overlay, Image.open(output / row["mask"]) as mask:
@@ -176,6 +180,8 @@ def test_train_test_predict_mvtec_layout(capsys, mvtec: Path, mvtec_run: Path, t
     code, out, err = run_cli(capsys, "test", mvtec_run, mvtec, "--json", report)
     assert code == 0, err
     assert "image_auroc" in out and "aupro" in out
+    assert "false calls: " in out and "escapes: " in out and "95 % interval" in out
+    assert "guarantee: target false-alarm rate 0.01, calibrated on 2 held-out normal images" in out
     check_test_json(report, n_images=3 + 3)
 
     # A glob over every test folder (MVTec test folders reuse file names).
@@ -277,7 +283,7 @@ def test_config_file_with_flag_overrides(capsys, mvtec: Path, lite0_weights: Pat
                 "lr": 0.002,
                 "seed": 3,
                 "flow_steps": 2,
-                "threshold_quantile": 0.9,
+                "false_alarm_rate": 0.4,
             }
         )
     )
@@ -290,7 +296,7 @@ def test_config_file_with_flag_overrides(capsys, mvtec: Path, lite0_weights: Pat
     assert detector.model_.config.input_size == (64, 96)
     assert detector.training.lr == 0.002
     assert detector.training.batch_size == 8
-    assert detector.threshold_quantile == 0.9
+    assert detector.false_alarm_rate == detector.calibration_.false_alarm_rate == 0.4
     # Flags win:
     assert detector.training.max_epochs == 1
     assert detector.training.seed == 5
@@ -478,7 +484,7 @@ def test_predict_bad_inputs_leave_output_unchanged(
 def test_help(capsys) -> None:
     code, out, _ = run_cli(capsys, "--help")
     assert code == 0
-    for verb in ("train", "test", "predict", "demo", "presets"):
+    for verb in ("train", "test", "predict", "calibrate", "demo", "presets"):
         assert verb in out
 
     code, out, _ = run_cli(capsys, "train", "--help")
@@ -589,6 +595,8 @@ def test_unknown_recipe_is_a_user_error(mvtec, lite0_weights, tmp_path, capsys):
     [
         (["--holdout", "1"], ["--holdout", "between 0 and 1"]),
         (["--holdout", "0"], ["--holdout", "between 0 and 1"]),
+        (["--false-alarm-rate", "0"], ["--false-alarm-rate", "between 0 and 1"]),
+        (["--false-alarm-rate", "1"], ["--false-alarm-rate", "between 0 and 1"]),
         (["--epochs", "0"], ["--epochs", ">= 1"]),
         (["--batch-size", "0"], ["--batch-size", ">= 1"]),
         (["--lr", "-0.1"], ["--lr", "> 0"]),
@@ -631,7 +639,8 @@ def test_bad_option_values_are_one_line_errors(
         ("hidden_ratio: -1\n", ["hidden_ratio", "> 0"]),
         ("epochs: many\n", ["epochs", "integer", "many"]),
         ("lr: fast\n", ["lr", "number", "fast"]),
-        ("threshold_quantile: 1.5\n", ["threshold_quantile", "(0, 1]"]),
+        ("threshold_quantile: 0.99\n", ["threshold_quantile", "replaced by false_alarm_rate", "0.01"]),
+        ("false_alarm_rate: 1.5\n", ["false_alarm_rate", "between 0 and 1"]),
         ("exact_nll: maybe\n", ["exact_nll", "true or false"]),
         ("layers: [one]\n", ["layers", "integers"]),
         ("recipe: paper\n", ["paper", "improved, reference"]),
@@ -676,3 +685,175 @@ def test_a_badly_typed_flag_is_a_usage_error_in_process(capsys, tmp_path: Path) 
     code = main(["train", str(tmp_path), "--epochs", "abc"])
     assert code == 2
     assert "epochs" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- calibrate
+
+
+@pytest.fixture(scope="module")
+def normals(mvtec: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of 20 normal images of the mvtec fixture's textures that neither its training nor
+    its test set holds (the generator draws test/good image i alike whatever the count: 3..22)."""
+    root = make_textures(
+        tmp_path_factory.mktemp("normals") / "textures",
+        n_train=0,
+        n_test_good=23,
+        n_test_defect=0,
+        size=(128, 128),
+    )
+    folder = tmp_path_factory.mktemp("normals") / "good"
+    folder.mkdir()
+    for image in sorted((root / "test" / "good").glob("*.png"))[3:]:
+        shutil.copy(image, folder / image.name)
+    return folder
+
+
+def _own_run(run: Path, folder: Path) -> Path:
+    """A copy of a shared run folder, to calibrate without changing the module's run."""
+    shutil.copytree(run, folder)
+    return folder
+
+
+def test_calibrate_then_predict_gives_p_values_against_the_new_scores(
+    capsys, mvtec: Path, mvtec_run: Path, normals: Path, tmp_path: Path
+) -> None:
+    """calibrate -> model file -> predict: the model file holds the normals' sorted scores and
+    their conformal threshold, and predict's p-values and labels come from them."""
+    run = _own_run(mvtec_run, tmp_path / "run")
+    code, out, err = run_cli(capsys, "calibrate", run, normals, "--false-alarm-rate", 0.1)
+    assert code == 0, err
+    assert err == ""  # 20 images suffice for 0.1: no warning
+    detector = FastFlow.load(run)
+    images = sorted(normals.glob("*.png"))
+    scores = np.sort(detector.decision_function(images).astype(np.float64))
+    np.testing.assert_array_equal(detector.calibration_.scores, scores)
+    assert detector.false_alarm_rate == detector.calibration_.false_alarm_rate == 0.1
+    assert detector.threshold_ == scores[18]  # ceil(21 * 0.9) = 19th smallest
+    lines = out.strip().splitlines()
+    assert lines[0] == f"calibrated {run / 'model.safetensors'} on 20 normal images (torch, f32)"
+    assert lines[1].startswith(f"threshold {detector.threshold_:.6g}; target false-alarm rate 0.1")
+    assert "at most 9.52 %" in lines[1]  # 2/21
+
+    output = tmp_path / "predictions"
+    test_images = sorted((mvtec / "test").glob("*/*.png"))
+    code, out, err = run_cli(capsys, "predict", run, *test_images, "-o", output)
+    assert code == 0, err
+    summary = json.loads((output / "predictions.json").read_text())
+    assert summary["false_alarm_rate"] == 0.1 and summary["calibration_images"] == 20
+    assert summary["calibration_source"] == "20 normal images scored by calibrate (torch, f32)"
+    for row in summary["predictions"]:
+        assert row["p_value"] == (1 + int((scores >= row["score"]).sum())) / 21
+        assert (row["label"] == "anomalous") == (row["p_value"] <= 0.1)
+    assert {row["label"] for row in summary["predictions"]} == {"normal", "anomalous"}
+    check_predictions(output, test_images)
+    assert f"p {summary['predictions'][0]['p_value']:.4f}" in out
+
+
+def test_calibrate_with_too_few_images_warns_in_one_line(
+    capsys, mvtec_run: Path, normals: Path, tmp_path: Path
+) -> None:
+    run = _own_run(mvtec_run, tmp_path / "run")
+    code, out, err = run_cli(capsys, "calibrate", run, *sorted(normals.glob("*.png"))[:5])
+    assert code == 0, err
+    assert err.strip().splitlines() == [
+        (
+            "5 normal calibration images cannot guarantee a false-alarm rate of 0.01: the threshold is their "
+            "largest score, which guarantees 0.167 (1/6), the smallest rate 5 images can; 0.01 needs at least "
+            "99 normal images (fastflow calibrate RUN NORMALS)"
+        )
+    ]
+    assert FastFlow.load(run).threshold_ == FastFlow.load(run).calibration_.scores.max()
+    assert "too few for 0.01, which needs 99 normal images" in out
+
+
+def test_calibrate_names_the_exports_it_leaves_behind(
+    capsys, mvtec_run: Path, normals: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("onnxruntime")
+    run = _own_run(mvtec_run, tmp_path / "run")
+    code, _, err = run_cli(capsys, "export", run, "--output", run / "onnx", "--no-check")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "calibrate", run, normals, "--false-alarm-rate", 0.1)
+    assert code == 0, err
+    assert f"note: the export in {run / 'onnx'} keeps the previous threshold and calibration" in out
+    assert f"fastflow export {run / 'model.safetensors'} --output {run / 'onnx'}" in out
+
+
+def test_calibrate_with_the_engine_production_runs(
+    capsys, mvtec_run: Path, normals: Path, tmp_path: Path
+) -> None:
+    """--engine onnx scores the images with ONNX Runtime: the calibration says so, and its scores
+    are PyTorch's to the export parity."""
+    pytest.importorskip("onnxruntime")
+    run = _own_run(mvtec_run, tmp_path / "run")
+    code, out, err = run_cli(capsys, "calibrate", run, normals, "--false-alarm-rate", 0.1, "--engine", "onnx")
+    assert code == 0, err
+    assert "on 20 normal images (onnx, f32)" in out
+    detector = FastFlow.load(run)
+    assert detector.calibration_.source == "20 normal images scored by calibrate (onnx, f32)"
+    torch_scores = np.sort(detector.decision_function(sorted(normals.glob("*.png"))))
+    np.testing.assert_allclose(detector.calibration_.scores, torch_scores, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kind", "names"),
+    [
+        ("rate 0", ["--false-alarm-rate", "between 0 and 1"]),
+        ("rate 1", ["--false-alarm-rate", "between 0 and 1"]),
+        ("rate 1.5", ["--false-alarm-rate", "1.5"]),
+        ("empty folder", ["empty", "no images found"]),
+        ("undecodable image", ["broken.png", "cannot be decoded"]),
+        ("unknown engine", ["tensorrt"]),
+        ("missing run", ["nowhere", "does not exist"]),
+    ],
+)
+def test_calibrate_refuses_bad_input_in_one_line_and_keeps_the_model(
+    capsys, kind: str, names: list[str], mvtec_run: Path, normals: Path, tmp_path: Path
+) -> None:
+    run = _own_run(mvtec_run, tmp_path / "run")
+    before = snapshot(run)
+    (tmp_path / "empty").mkdir()
+    broken = tmp_path / "bad" / "broken.png"
+    broken.parent.mkdir()
+    broken.write_bytes((normals / "003.png").read_bytes()[:300])
+    args: list[Any] = {
+        "rate 0": [run, normals, "--false-alarm-rate", 0],
+        "rate 1": [run, normals, "--false-alarm-rate", 1],
+        "rate 1.5": [run, normals, "--false-alarm-rate", 1.5],
+        "empty folder": [run, tmp_path / "empty"],
+        "undecodable image": [run, normals, broken.parent],
+        "unknown engine": [run, normals, "--engine", "tensorrt"],
+        "missing run": [tmp_path / "nowhere", normals],
+    }[kind]
+    code, _, err = run_cli(capsys, "calibrate", *args)
+    assert_user_error(code, err, *names)
+    assert snapshot(run) == before
+    assert not [p for p in run.iterdir() if p.name.startswith(".")], "temporary file left behind"
+
+
+def test_an_older_model_file_is_tested_without_a_guarantee_and_can_be_calibrated(
+    capsys, mvtec: Path, mvtec_run: Path, normals: Path, tmp_path: Path
+) -> None:
+    """A model file of an older fastflow (a 0.99-quantile threshold, no calibration entry) still
+    tests and predicts with its own threshold; calibrate gives it a conformal one."""
+    from fastflow.estimator.model_file import load_model, save_model
+
+    model, extra = load_model(mvtec_run / "model.safetensors")
+    old = {k: v for k, v in extra.items() if k not in ("calibration", "false_alarm_rate")}
+    old.update(threshold=float(np.quantile(extra["holdout_scores"], 0.99)), threshold_quantile=0.99)
+    run = tmp_path / "old"
+    save_model(run / "model.safetensors", model, old)
+    code, out, err = run_cli(capsys, "test", run, mvtec)
+    assert code == 0, err
+    assert (
+        "guarantee: no false-alarm guarantee: 2 held-out normal images; the threshold is their 0.99 quantile"
+        in out
+    )
+    code, _, err = run_cli(capsys, "predict", run, mvtec / "test" / "good", "-o", tmp_path / "out")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "out" / "predictions.json").read_text())["predictions"]
+    assert all(0 < row["p_value"] <= 1 for row in rows)
+    assert all((row["label"] == "anomalous") == (row["score"] > old["threshold"]) for row in rows)
+    code, _, err = run_cli(capsys, "calibrate", run, normals, "--false-alarm-rate", 0.1)
+    assert code == 0, err
+    assert FastFlow.load(run).calibration_.false_alarm_rate == 0.1

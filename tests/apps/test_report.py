@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -171,6 +172,8 @@ def test_defect_rows_auroc_is_against_the_good_images() -> None:
         ("dent", 2, 0),
         ("good (normal)", 3, 1),
     ]
+    # What a line counts: escapes of each defect type, false calls of the good images.
+    assert [(r["rate"].count, r["rate"].total) for r in rows] == [(0, 2), (2, 2), (1, 3)]
     assert rows[0]["auroc"] == 1.0 and rows[1]["auroc"] == pytest.approx(3 / 6)
 
 
@@ -229,3 +232,111 @@ def test_cli_refuses_a_folder_that_is_no_report_and_a_missing_matplotlib(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'pip install "fastflow[report]"' in err
     assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------------------- the line's numbers
+
+
+def _table(parsed: Page, first_header: str) -> list[list[str]]:
+    return next(t for t in parsed.tables if t and t[0] and t[0][0] == first_header)
+
+
+def test_page_gives_the_calibration_model_hash_version_and_date(run: Path, report: tuple[Path, dict]) -> None:
+    import hashlib
+    import importlib.metadata
+
+    folder, _ = report
+    parsed = page(folder)
+    about = {row[0]: row[1] for row in parsed.tables[0]}
+    digest = hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()
+    assert about["model file"] == f"{run / 'model.safetensors'}, sha256 {digest}"
+    assert about["fastflow"] == importlib.metadata.version("fastflow")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", about["date"])
+    # 16 training images, 10 % held out: 2 calibration images, too few for the default 0.01.
+    assert about["calibration"].startswith(
+        "target false-alarm rate 0.01, calibrated on 2 held-out normal images: a new normal image is "
+        "flagged with probability at most 33.3 %"
+    )
+    assert "2 images are too few for 0.01, which needs 99 normal images" in about["calibration"]
+    # Beta(1, 2): one set of 2 images may realise anything from 1.26 % to 84.2 %.
+    assert (
+        "this calibration's own rate lies between 1.26 and 84.2 % with 95 % probability"
+        in about["calibration"]
+    )
+
+
+def test_page_counts_false_calls_and_escapes_with_intervals(report: tuple[Path, dict]) -> None:
+    from fastflow.estimator.metrics import clopper_pearson
+
+    folder, result = report
+    parsed = page(folder)
+    text = " ".join(parsed.text)
+    normal = [row for row in result["images"] if row["label"] == 0]
+    anomalous = [row for row in result["images"] if row["label"] == 1]
+    calls, missed = sum(r["predicted"] for r in normal), sum(1 - r["predicted"] for r in anomalous)
+    low, high = clopper_pearson(calls, len(normal))
+    assert (
+        f"{calls} of {len(normal)} ({100 * calls / len(normal):.3g} %, 95 % interval "
+        f"{100 * low:.3g}-{100 * high:.3g} %)" in text
+    )
+    assert f"{missed} of {len(anomalous)} (" in text
+    matrix = _table(parsed, "test images")
+    assert matrix[1] == ["normal", str(len(normal) - calls), f"{calls} (false calls)"]
+    assert matrix[2] == ["anomalous", f"{missed} (escapes)", str(len(anomalous) - missed)]
+    defects = {row[0]: row for row in _table(parsed, "defect type")[1:]}
+    for name in DEFECTS:
+        passed = sum(1 - r["predicted"] for r in anomalous if r["defect"] == name)
+        assert defects[name][3].startswith(f"escapes {passed} of {N_PER_DEFECT} (")
+    assert defects["good (normal)"][3].startswith(f"false calls {calls} of {N_GOOD} (")
+
+
+def test_page_lists_every_image_worst_first_with_its_p_value(report: tuple[Path, dict]) -> None:
+    folder, result = report
+    table = _table(page(folder), "image")
+    assert table[0] == ["image", "truth", "score", "p-value", "label"]
+    expected = sorted(result["images"], key=lambda row: -row["score"])
+    assert [row[0] for row in table[1:]] == [row["path"] for row in expected]
+    for cells, row in zip(table[1:], expected, strict=True):
+        assert cells[1] == ("good" if row["label"] == 0 else row["defect"])
+        assert cells[3] == f"{row['p_value']:.4g}" and 0 < row["p_value"] <= 1
+        assert cells[4] == ("anomalous" if row["predicted"] else "normal")
+    # 2 calibration scores: every p-value is 1/3, 2/3 or 1, and anomalous exactly at 1/3.
+    assert {round(3 * row["p_value"]) for row in result["images"]} <= {1, 2, 3}
+    assert all(row["predicted"] == (row["p_value"] <= 1 / 3 + 1e-12) for row in result["images"])
+
+
+@pytest.mark.parametrize("all_flagged", [True, False])
+def test_a_warning_block_where_false_calls_exceed_the_targets_range(
+    run: Path, data: Path, evaluation: EvaluationReport, tmp_path: Path, all_flagged: bool
+) -> None:
+    """Calibrated on its 16 training images at 0.1, one calibration set's own rate lies below
+    20.6 % with 95 % probability (Beta(1, 16)). Every good image flagged: 4 of 4, whose interval
+    (47-100 %) lies above that: a warning. None flagged: no warning. (With the run's own 2
+    held-out images the range reaches 84 %, which 4 test images cannot exceed.)"""
+    detector = FastFlow.load(run).set_params(false_alarm_rate=0.1)
+    detector.calibrate(data / "train" / "good")
+    assert detector.calibration_.realised_range()[1] == pytest.approx(0.2059, abs=1e-4)
+    images = [
+        {**row, "predicted": int(all_flagged) if row["label"] == 0 else row["predicted"]}
+        for row in evaluation.images
+    ]
+    folder = tmp_path / "html"
+    write_report(folder, detector, dataclasses.replace(evaluation, images=images), run, data)
+    text = (folder / "index.html").read_text()
+    assert ('class="warning"' in text) == all_flagged
+    if all_flagged:
+        assert "more false calls than guaranteed" in text and "fastflow calibrate RUN NORMALS" in text
+        assert "lies below 20.6 % with 95 % probability (at most 5.88 % on average)" in text
+
+
+def test_cli_test_prints_the_false_calls_and_the_guarantee(
+    capsys: pytest.CaptureFixture[str], run: Path, data: Path
+) -> None:
+    capsys.readouterr()
+    assert main(["test", str(run), str(data)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(
+        r"^false calls: \d+ of 4 \(.*95 % interval .*\) normal test images flagged$", out, re.MULTILINE
+    )
+    assert re.search(r"^escapes: \d+ of 6 \(", out, re.MULTILINE)
+    assert "guarantee: target false-alarm rate 0.01, calibrated on 2 held-out normal images" in out

@@ -2,8 +2,9 @@
 the next request is served, the API key, the CLI's checks, and the web page in a real headless
 Chromium.
 
-The model is a small random-backbone detector with perturbed flows (no training) whose
-threshold splits the test images, so both verdicts occur. Requests go through FastAPI's
+The model is a small random-backbone detector with perturbed flows (no training), calibrated
+on the test images at a false-alarm rate of 0.5 so that its threshold splits them and both
+verdicts occur. Requests go through FastAPI's
 in-process client, except the browser test, which runs uvicorn on a loopback port.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import os
 import shutil
 import socket
@@ -57,14 +59,20 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
+RATE = 0.5
+
+
 @pytest.fixture(scope="module")
 def run(images: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved detector whose threshold is the median score of ``images``."""
+    """A saved detector calibrated on ``images`` at a false-alarm rate of 0.5: its threshold is
+    their 6th smallest score (ceil(11 * 0.5)), so 4 of the 10 score above it."""
     model = FastFlowModel(get_config("resnet18", input_size=(96, 80), flow_steps=2), "random").eval()
     perturb_trainable(model, torch.Generator().manual_seed(1))
     scores = FastFlow.from_model(model, 0.0).decision_function(images)
     assert scores.std() > 1e-4  # scores that tell the images apart
-    detector = FastFlow.from_model(model, float(np.median(scores)), map_floor=float(scores.min()) - 0.1)
+    detector = FastFlow.from_model(model, 0.0, map_floor=float(scores.min()) - 0.1, false_alarm_rate=RATE)
+    detector.calibrate(images)
+    assert detector.threshold_ == np.sort(scores)[5]
     folder = tmp_path_factory.mktemp("serve") / "run"
     detector.save(folder / "model.safetensors")
     return folder
@@ -95,6 +103,8 @@ def test_served_scores_equal_predicts(engine: str, run: Path, images: list[Path]
     worst = max(abs(b["score"] - expected[str(p)]["score"]) for p, b in zip(images * 2, bodies))
     assert worst <= 1e-5
     assert [b["label"] for b in bodies] == [expected[str(p)]["label"] for p in images * 2]
+    assert [b["p_value"] for b in bodies] == [expected[str(p)]["p_value"] for p in images * 2]
+    assert all(b["false_alarm_rate"] == RATE and b["calibration_images"] == len(images) for b in bodies)
     assert {b["label"] for b in bodies} == {"normal", "anomalous"}
     assert [(b["width"], b["height"]) for b in bodies] == [Image.open(p).size for p in images * 2]
     assert all(b["engine"] == engine and b["model"] == "run" for b in bodies)
@@ -199,8 +209,73 @@ def test_health_and_model(client: TestClient, run: Path) -> None:
         and model["precision"] == "f32"
     )
     assert model["config"]["input_size"] == [96, 80] and model["recipe"]["name"] == detector.recipe_.name
+    assert (model["false_alarm_rate"], model["calibration_images"]) == (RATE, 10)
+    assert model["guaranteed_false_alarm_rate"] == pytest.approx(5 / 11)
     assert model["fastflow_version"]
     assert client.get("/").text.startswith("<!doctype html>")
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.25, 0.5, 0.75, 0.95])
+def test_a_request_labels_at_its_own_false_alarm_rate(
+    client: TestClient, run: Path, images: list[Path], rate: float
+) -> None:
+    """?false_alarm_rate=a: the threshold the stored calibration gives for a, the label at it,
+    and what it guarantees; the score and its p-value do not change."""
+    calibration = FastFlow.load(run).calibration_
+    threshold = calibration.threshold(rate)
+    labels = []
+    for path in images:
+        own = _post(client, path.read_bytes()).json()
+        body = _post(client, path.read_bytes(), query=f"?false_alarm_rate={rate}").json()
+        assert (body["score"], body["p_value"]) == (own["score"], own["p_value"])
+        assert (body["threshold"], body["false_alarm_rate"]) == (threshold, rate)
+        assert body["guaranteed_false_alarm_rate"] == calibration.guaranteed_rate(rate)
+        assert body["label"] == ("anomalous" if body["score"] > threshold else "normal")
+        assert (body["label"] == "anomalous") == (body["p_value"] <= calibration.guaranteed_rate(rate))
+        labels.append(body["label"])
+    # The images are the calibration images: floor(11 a) - 1 of them lie above the threshold.
+    assert labels.count("anomalous") == max(math.floor(rate * 11), 1) - 1
+
+
+@pytest.mark.parametrize("value", ["0", "1", "-0.01", "1.5", "nan", "inf", "often", ""])
+def test_a_false_alarm_rate_out_of_range_is_a_422_naming_it(
+    client: TestClient, images: list[Path], value: str
+) -> None:
+    response = _post(client, images[0].read_bytes(), query=f"?false_alarm_rate={value}")
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert "false_alarm_rate" in error and "\n" not in error
+
+
+def test_a_model_without_calibration_scores_refuses_a_rate(images: list[Path], tmp_path: Path) -> None:
+    model = FastFlowModel(get_config("resnet18", input_size=(96, 80), flow_steps=2), "random").eval()
+    FastFlow.from_model(model, 0.0).save(tmp_path / "model.safetensors")
+    with TestClient(create_app(load_served(tmp_path, "torch"), ServeConfig(batch_wait_ms=0))) as plain:
+        own = _post(plain, images[0].read_bytes()).json()
+        refused = _post(plain, images[0].read_bytes(), query="?false_alarm_rate=0.1")
+    assert own["p_value"] is None and own["false_alarm_rate"] is None
+    assert refused.status_code == 422
+    assert "false_alarm_rate needs calibration scores" in refused.json()["error"]
+
+
+def test_a_served_export_gives_the_runs_p_values_and_rates(
+    run: Path, images: list[Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("onnxruntime")
+    export = FastFlow.load(run).export(tmp_path / "onnx").parent
+    answers = {}
+    for name, path in (("run", run), ("export", export)):
+        with TestClient(create_app(load_served(path, "onnx"), ServeConfig(batch_wait_ms=0))) as served:
+            answers[name] = [
+                _post(served, p.read_bytes(), query="?false_alarm_rate=0.25").json() for p in images
+            ]
+    for ours, theirs in zip(answers["run"], answers["export"], strict=True):
+        assert abs(ours["score"] - theirs["score"]) <= 1e-6
+        assert (ours["p_value"], ours["label"], ours["threshold"]) == (
+            theirs["p_value"],
+            theirs["label"],
+            theirs["threshold"],
+        )
 
 
 def test_api_key(run: Path, images: list[Path]) -> None:
@@ -285,6 +360,12 @@ def test_page_in_headless_chromium(run: Path, bottle: Path) -> None:
             page.set_input_files("#file", str(image))
             page.wait_for_selector("#result:not([hidden])", timeout=30_000)
             verdict, score = page.inner_text("#verdict"), float(page.inner_text("#score"))
+            p_value, rate = page.inner_text("#p-value"), page.inner_text("#rate-used")
+            page.fill("#rate", "0.95")  # the next upload is labelled at this rate
+            page.set_input_files("#file", [])
+            page.set_input_files("#file", str(image))
+            page.wait_for_function("document.getElementById('rate-used').textContent.startsWith('0.95')")
+            at_rate = page.inner_text("#threshold")
             overlay_src = page.get_attribute("#overlay", "src")
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "serve_page.png"), full_page=True)
@@ -292,8 +373,11 @@ def test_page_in_headless_chromium(run: Path, bottle: Path) -> None:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
-    expected = FastFlow.load(run).detect([image])
+    detector = FastFlow.load(run)
+    expected = detector.detect([image])
     assert verdict == ("anomalous" if expected.labels[0] else "normal")
     assert abs(score - float(expected.scores[0])) <= 1e-5  # the page shows six decimals
+    assert p_value == f"{expected.p_values[0]:.4f}" and rate.startswith(f"{RATE} (guaranteed at most")
+    assert abs(float(at_rate) - detector.calibration_.threshold(0.95)) <= 1e-6
     assert overlay_src.startswith("data:image/png;base64,") and len(overlay_src) > 1000
     assert (ARTIFACTS / "serve_page.png").stat().st_size > 10_000

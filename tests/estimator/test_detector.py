@@ -107,10 +107,15 @@ def test_fit_sets_learned_attributes(fitted: FastFlow) -> None:
     assert np.isfinite(fitted.threshold_)
     assert fitted.config_ == fitted.model_.config == fitted.config
     assert fitted.recipe_ == get_recipe("improved")
-    # 16 normal images, 10% held out -> 2 held-out scores, and the threshold is their 0.99 quantile.
+    # 16 normal images, 10% held out -> 2 held-out scores: too few for a 0.01 false-alarm rate
+    # (it needs 99), so the threshold is their largest, which guarantees 1/3.
     assert fitted.decision_scores_.shape == (2,)
     assert np.all(np.isfinite(fitted.decision_scores_))
-    assert fitted.decision_scores_.min() <= fitted.threshold_ <= fitted.decision_scores_.max()
+    assert fitted.threshold_ == fitted.decision_scores_.max()
+    np.testing.assert_array_equal(fitted.calibration_.scores, np.sort(fitted.decision_scores_))
+    assert fitted.calibration_.false_alarm_rate == fitted.false_alarm_rate == 0.01
+    assert fitted.calibration_.source == "2 held-out normal images"
+    assert fitted.calibration_.guaranteed_rate() == pytest.approx(1 / 3)
     assert fitted.holdout_scores_ is fitted.decision_scores_  # the former name, kept as an alias
     # PyOD's labels_: the held-out images' labels under the threshold (1 = anomalous).
     np.testing.assert_array_equal(
@@ -444,7 +449,7 @@ def _detectors() -> list[FastFlow]:
             weights="random",
             training=TrainConfig(max_epochs=2, seed=3),
             holdout_fraction=0.2,
-            threshold_quantile=0.9,
+            false_alarm_rate=0.1,
             inference_batch_size=4,
             cache=CacheConfig(max_memory=0),
             architecture={"input_size": (64, 96), "flow_steps": 2, "layers": None},
@@ -486,7 +491,11 @@ def test_init_and_set_params_check_nothing() -> None:
     ("params", "message"),
     [
         ({"holdout_fraction": 1.0}, "holdout_fraction"),
-        ({"threshold_quantile": 0.0}, "threshold_quantile"),
+        (
+            {"false_alarm_rate": 0.0},
+            r"false_alarm_rate \(--false-alarm-rate\) must be a number between 0 and 1",
+        ),
+        ({"false_alarm_rate": 1.0}, "false_alarm_rate"),
         ({"inference_batch_size": 0}, "inference_batch_size"),
         ({"training": {"max_epochs": 1}}, "training must be a TrainConfig"),
         ({"cache": "ram"}, "cache must be a CacheConfig"),
@@ -566,9 +575,157 @@ def test_fit_changes_no_parameter_and_adds_only_fitted_attributes(
         "config_",
         "recipe_",
         "threshold_",
+        "calibration_",
         "map_floor_",
         "decision_scores_",
         "labels_",
         "history_",
         "best_epoch_",
     }
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+@pytest.fixture(scope="module")
+def other_normals(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """20 normal images of the same textures that neither training nor the test set holds (the
+    generator draws image i of a folder alike whatever the count: test/good 6..25)."""
+    root = tmp_path_factory.mktemp("normals") / "textures"
+    make_textures(root, n_train=0, n_test_good=26, n_test_defect=0, size=IMAGE_SIZE)
+    return sorted((root / "test" / "good").glob("*.png"))[6:]
+
+
+def _copy(detector: FastFlow, folder: Path) -> FastFlow:
+    """A detector of its own (the module's models are shared), through its model file."""
+    return FastFlow.load(detector.save(folder / "model.safetensors"))
+
+
+def test_predictions_carry_p_values_that_agree_with_the_labels(
+    fitted: FastFlow, test_samples: list[Sample]
+) -> None:
+    found = fitted.detect(test_samples)
+    n = fitted.calibration_.n
+    at_least = (fitted.calibration_.scores[None, :] >= found.scores[:, None].astype(np.float64)).sum(axis=1)
+    np.testing.assert_array_equal(found.p_values, (1 + at_least) / (n + 1))
+    np.testing.assert_array_equal(found.labels, found.p_values <= fitted.calibration_.guaranteed_rate())
+    parts = [p for _, p, _ in fitted.iter_predictions(test_samples)]
+    np.testing.assert_array_equal(np.concatenate([p.p_values for p in parts]), found.p_values)
+
+
+def test_fit_warns_once_where_the_held_out_images_are_too_few(
+    lite0_weights: Path, textures: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="fastflow"):
+        make(lite0_weights, epochs=1, **TINY).fit(textures)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1, warned
+    assert "2 normal calibration images cannot guarantee a false-alarm rate of 0.01" in warned[0]
+    assert "1/3" in warned[0] and "needs at least 99 normal images" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fastflow"):
+        make(lite0_weights, epochs=1, **TINY).set_params(false_alarm_rate=0.4).fit(textures)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # 2 images can guarantee 1/3
+
+
+def test_calibrate_on_other_normal_images(
+    fitted: FastFlow,
+    other_normals: list[Path],
+    test_samples: list[Sample],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other images' scores become the calibration scores, the threshold their conformal
+    order statistic for the rate; another rate re-thresholds them without scoring anything."""
+    detector = _copy(fitted, tmp_path).set_params(false_alarm_rate=0.1)
+    assert detector.calibrate(other_normals) is detector
+    scores = np.sort(fitted.decision_function(other_normals).astype(np.float64))
+    np.testing.assert_array_equal(detector.calibration_.scores, scores)
+    assert detector.calibration_.source == "20 normal images scored by calibrate (torch, f32)"
+    # 20 scores, rate 0.1: floor(0.1 * 21) = 2 may exceed it: the 19th smallest, guaranteeing 2/21.
+    assert detector.threshold_ == scores[18]
+    assert detector.calibration_.guaranteed_rate() == pytest.approx(2 / 21)
+    found = detector.detect(test_samples)
+    np.testing.assert_array_equal(found.labels, found.scores > detector.threshold_)  # the graph was rebuilt
+    np.testing.assert_array_equal(found.labels, found.p_values <= 0.1)
+    np.testing.assert_array_equal(detector.labels_, detector.decision_scores_ > detector.threshold_)
+
+    def no_scoring(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("calibrate() without images scored images")
+
+    monkeypatch.setattr(detector, "iter_predictions", no_scoring)
+    detector.set_params(false_alarm_rate=0.3).calibrate()
+    assert detector.threshold_ == scores[14]  # floor(0.3 * 21) = 6 above: the 15th smallest
+    assert detector.calibration_.source.startswith("20 normal images")
+
+    loaded = FastFlow.load(detector.save(tmp_path / "again.safetensors"))
+    assert (loaded.threshold_, loaded.false_alarm_rate) == (detector.threshold_, 0.3)
+    np.testing.assert_array_equal(loaded.calibration_.scores, scores)
+    assert loaded.calibration_.source == detector.calibration_.source
+    np.testing.assert_array_equal(loaded.detect(test_samples).p_values, found.p_values)
+
+
+def test_calibrate_refuses_bad_images_and_changes_nothing(
+    fitted: FastFlow, other_normals: list[Path], tmp_path: Path
+) -> None:
+    detector = _copy(fitted, tmp_path)
+    before = (detector.threshold_, detector.calibration_)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(other_normals[0].read_bytes()[:200])
+    with pytest.raises(DataError, match="broken.png") as error:
+        detector.calibrate([*other_normals[:3], broken])
+    assert "\n" not in str(error.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no images in"):
+        detector.calibrate(empty)
+    with pytest.raises(FastFlowError, match="no normal images"):
+        detector.calibrate([])
+    with pytest.raises(FastFlowError, match="false_alarm_rate"):
+        detector.set_params(false_alarm_rate=1.5).calibrate(other_normals)
+    assert (detector.threshold_, detector.calibration_) == before
+
+
+def test_an_older_model_file_keeps_its_threshold_and_gets_p_values(
+    fitted: FastFlow, test_samples: list[Sample], tmp_path: Path
+) -> None:
+    """A file written before calibration existed (threshold: the 0.99 quantile of the held-out
+    scores) loads with its threshold, so its labels do not change; its held-out scores give the
+    p-values, with no rate guaranteed until ``calibrate()``."""
+    from fastflow.estimator.model_file import load_model, save_model
+
+    model, extra = load_model(fitted.save(tmp_path / "new.safetensors"))
+    held_out = extra["holdout_scores"]
+    old = {k: v for k, v in extra.items() if k not in ("calibration", "false_alarm_rate")}
+    old.update(threshold=float(np.quantile(held_out, 0.99)), threshold_quantile=0.99)
+    loaded = FastFlow.load(save_model(tmp_path / "old.safetensors", model, old))
+    assert loaded.threshold_ == old["threshold"] and loaded.false_alarm_rate == 0.01
+    assert loaded.calibration_.false_alarm_rate is None
+    assert "0.99 quantile" in loaded.calibration_.source and "older fastflow" in loaded.calibration_.source
+    np.testing.assert_array_equal(loaded.calibration_.scores, np.sort(held_out))
+    found = loaded.detect(test_samples)
+    np.testing.assert_array_equal(found.labels, found.scores > old["threshold"])
+    np.testing.assert_array_equal(found.p_values, loaded.calibration_.p_values(found.scores))
+    loaded.calibrate()
+    assert loaded.threshold_ == max(held_out) and loaded.calibration_.false_alarm_rate == 0.01
+    assert loaded.calibration_.source == "2 held-out normal images"  # no longer the quantile
+
+
+def test_threshold_quantile_is_deprecated_and_becomes_a_false_alarm_rate() -> None:
+    with pytest.warns(DeprecationWarning, match=r"threshold_quantile.*false_alarm_rate=1 - q"):
+        old = FastFlow("resnet18", threshold_quantile=0.95)
+    assert old.false_alarm_rate == 0.05 and "threshold_quantile" not in old.get_params()
+    assert old.architecture is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert clone(old).false_alarm_rate == 0.05
+
+
+def test_from_model_has_no_calibration_until_calibrated(
+    tiny_seed0: FastFlow, other_normals: list[Path], test_samples: list[Sample]
+) -> None:
+    wrapped = FastFlow.from_model(tiny_seed0.model_, tiny_seed0.threshold_, tiny_seed0.recipe)
+    assert wrapped.calibration_.n == 0 and wrapped.calibration_.false_alarm_rate is None
+    assert np.isnan(wrapped.detect(test_samples[:2]).p_values).all()
+    wrapped.set_params(false_alarm_rate=0.2).calibrate(other_normals[:9])
+    assert wrapped.calibration_.n == 9 and not np.isnan(wrapped.detect(test_samples[:2]).p_values).any()

@@ -464,3 +464,53 @@ def test_cli_export_and_predict_with_each_engine(detectors, tmp_path, capsys):
     assert f"checked in {check['precision']}" in capsys.readouterr().out
     assert main(["export", str(run), "--format", "tflite", "--output", str(tmp_path / "x")]) == 2
     assert "unknown export format" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ calibration
+
+
+def test_exports_carry_the_calibration_and_give_the_detectors_p_values(tmp_path):
+    """model.json holds the sorted calibration scores and rate; ``load_exported(...).calibration``
+    turns the export's scores into the detector's p-values. Export scores differ from PyTorch's
+    by up to the parity tolerance (1e-4), so a score that close to a calibration score may take
+    the neighbouring rank: those are left out, and every other p-value and label must be equal."""
+    tolerance = 1e-4
+    detector = _detector("resnet18")
+    paths = []
+    for i, pixels in enumerate(_pixels(40, (140, 150), 20)):
+        paths.append(tmp_path / f"{i:02d}.png")
+        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(paths[-1])
+    detector.set_params(false_alarm_rate=0.2).calibrate(paths[:24])
+    calibration = detector.calibration_
+    expected = detector.detect(paths[24:])
+    pixels = np.concatenate([batch["image"].numpy() for _, batch in detector.image_batches(paths[24:])])
+    for form in ("onnx", "openvino"):
+        path = detector.export(tmp_path / form, form, precision="f32")
+        meta = read_metadata(path)
+        assert meta["calibration"]["scores"] == [float(s) for s in calibration.scores]
+        assert meta["false_alarm_rate"] == meta["calibration"]["false_alarm_rate"] == 0.2
+        assert meta["threshold"] == detector.threshold_ == calibration.threshold()
+        engine = load_exported(path)
+        _, scores, labels = engine(pixels)
+        p_values = engine.calibration.p_values(scores)
+        assert np.abs(scores - expected.scores).max() <= tolerance
+        nearest = np.abs(expected.scores[:, None].astype(np.float64) - calibration.scores[None, :]).min(
+            axis=1
+        )
+        decided = nearest >= tolerance
+        assert decided.sum() >= 12, nearest  # the comparison is not emptied by the exclusion
+        np.testing.assert_array_equal(p_values[decided], expected.p_values[decided])
+        np.testing.assert_array_equal(labels[decided], expected.labels[decided])
+        np.testing.assert_array_equal(labels, p_values <= calibration.guaranteed_rate())
+    assert len(set(expected.p_values)) >= 4  # p-values spread over the calibration's ranks
+
+
+def test_an_export_without_calibration_gives_no_p_values(detectors, tmp_path):
+    """Exports of older versions hold no calibration: their p-values are NaN, not invented."""
+    path = _get(detectors, "resnet18").export(tmp_path)
+    meta = read_metadata(path)
+    del meta["calibration"]
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    engine = load_exported(path)
+    assert engine.calibration.n == 0
+    assert np.isnan(engine.calibration.p_values(engine(_pixels(2, INPUT_SIZE, 3))[1])).all()

@@ -10,7 +10,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from fastflow.estimator.metrics import (
     aupro,
-    calibrate_threshold,
+    clopper_pearson,
     evaluate,
     f1_max,
     image_auroc,
@@ -227,15 +227,16 @@ def test_aupro_validates_shapes_and_limit():
 # --------------------------------------------------------------------------- threshold / evaluate
 
 
-def test_calibrate_threshold():
-    scores = np.arange(101, dtype=float)  # 0..100
-    assert calibrate_threshold(scores, 0.99) == pytest.approx(99.0)
-    assert calibrate_threshold(scores, 1.0) == pytest.approx(100.0)
-    assert calibrate_threshold(torch.tensor(scores), 0.5) == pytest.approx(50.0)
-    assert isinstance(calibrate_threshold(scores), float)
-    for q in (0.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match="quantile"):
-            calibrate_threshold(scores, q)
+def test_clopper_pearson_interval():
+    """Known exact intervals (2 of 10: 0.0252-0.5561; 0 of 10: 0-0.3085, the rule of three's
+    neighbour), and the interval narrows around the rate as the images grow."""
+    assert clopper_pearson(2, 10) == pytest.approx((0.0252107, 0.5560955), abs=1e-6)
+    assert clopper_pearson(0, 10) == pytest.approx((0.0, 0.3084971), abs=1e-6)
+    low, high = clopper_pearson(200, 1000)
+    assert low < 0.2 < high and high - low < 0.06
+    assert clopper_pearson(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="between 0 and total"):
+        clopper_pearson(3, 2)
 
 
 def test_evaluate_image_only():

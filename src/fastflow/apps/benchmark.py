@@ -5,6 +5,12 @@ Each run trains on a category's normal images and tests on its test split exactl
 pixel AUROC, image F1, pixel F1, AUPRO) get one row per category, one column per backbone and
 recipe, and an Average row. With several seeds a cell shows the mean and the spread (min-max).
 
+Every run also counts, at each target false-alarm rate (``--false-alarm-rates``, default 0.01 and
+0.05), the false calls on the test set's normal images and the escapes among its anomalous
+ones at the threshold its held-out normals give for that rate, with exact 95 % intervals,
+beside the rate the calibration guarantees (and whether its held-out images are too few for
+the target): the table of what a line can expect from a model.
+
 With ``robustness`` (``--robustness``) every run is also scored under the invisible changes of
 ``fastflow.apps.robustness`` and a last table gives, per change, image and pixel AUROC with their
 change against clean and the median drift of normal scores.
@@ -35,13 +41,15 @@ from fastflow.apps.small_defects import make_small_defects
 from fastflow.apps.synthetic import make_textures
 from fastflow.apps.workers import check_jobs, run_in_workers, worker_device
 from fastflow.core.files import atomic_write
+from fastflow.estimator.calibration import check_false_alarm_rate
 from fastflow.estimator.data import load_samples
 from fastflow.estimator.detector import FastFlow
-from fastflow.estimator.evaluation import evaluate_detector
+from fastflow.estimator.evaluation import evaluate_detector, rates_at
 from fastflow.estimator.training import TrainConfig
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "FALSE_ALARM_RATES",
     "KNN_REFERENCE",
     "TABLE_METRICS",
     "BenchmarkRun",
@@ -50,6 +58,8 @@ __all__ = [
     "run_benchmark",
 ]
 
+# The target false-alarm rates whose false calls and escapes every run counts.
+FALSE_ALARM_RATES = (0.01, 0.05)
 # The recipe name under which the nearest-neighbour reference's runs appear in the tables.
 KNN_REFERENCE = "kNN reference"
 
@@ -109,6 +119,9 @@ class BenchmarkRun:
     metrics: dict[str, float]
     recipe: str = "improved"
     robustness: list[dict[str, Any]] = field(default_factory=list)  # fastflow.apps.robustness.measure rows
+    false_calls: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # fastflow.estimator.evaluation.rates_at rows
 
     @property
     def column(self) -> str:
@@ -128,6 +141,7 @@ class _Task:
     training: TrainConfig
     robustness: tuple[str, ...]
     overrides: dict[str, Any]
+    rates: tuple[float, ...] = FALSE_ALARM_RATES
 
     @property
     def name(self) -> str:
@@ -143,10 +157,13 @@ def _train_and_test(task: _Task) -> tuple[BenchmarkRun, dict[str, Any]]:
         task.backbone, recipe=task.recipe, weights=task.weights, training=config, architecture=task.overrides
     )
     detector.fit(task.root)
-    metrics = evaluate_detector(detector, task.root).metrics
+    evaluation = evaluate_detector(detector, task.root)
+    false_calls = [rates_at(evaluation.images, detector.calibration_, rate) for rate in task.rates]
     changes = list(task.robustness)
     rows = measure(detector, load_samples(task.root, "test"), changes, seed=0) if changes else []
-    run = BenchmarkRun(task.root.name, task.backbone, task.seed, metrics, task.recipe, rows)
+    run = BenchmarkRun(
+        task.root.name, task.backbone, task.seed, evaluation.metrics, task.recipe, rows, false_calls
+    )
     return run, {**vars(run), "epochs": len(detector.history_), "best_epoch": detector.best_epoch_}
 
 
@@ -162,6 +179,7 @@ def run_benchmark(
     robustness: Iterable[str] = (),
     jobs: int = 1,
     knn_reference: bool = True,
+    false_alarm_rates: Iterable[float] = FALSE_ALARM_RATES,
     **overrides: Any,
 ) -> list[BenchmarkRun]:
     """Train and test every (dataset, backbone, recipe, seed); write one JSON file per run to ``output``.
@@ -175,6 +193,9 @@ def run_benchmark(
     order, with the same numbers, as with one job (each run is seeded on its own).
     """
     check_jobs(jobs)
+    rates = tuple(
+        check_false_alarm_rate(rate, "false_alarm_rates (--false-alarm-rates)") for rate in false_alarm_rates
+    )
     roots = [resolve_dataset(dataset, output) for dataset in datasets]
     tasks = [
         _Task(
@@ -186,6 +207,7 @@ def run_benchmark(
             training or TrainConfig(),
             tuple(robustness),
             overrides,
+            rates,
         )
         for root in roots
         for backbone in backbones
@@ -265,9 +287,52 @@ def markdown_tables(runs: list[BenchmarkRun]) -> str:
         averages = [f"{statistics.mean(v):.3f}" if v else "-" for v in per_column_means.values()]
         lines.append("| **Average** | " + " | ".join(averages) + " |")
         blocks.append("\n".join(lines))
+    if any(r.false_calls for r in runs):
+        blocks.append(_false_call_table(runs))
     if any(r.robustness for r in runs):
         blocks.append(_robustness_table(runs, categories, columns))
     return "\n\n".join(blocks) + "\n"
+
+
+def _interval(rate: dict[str, Any]) -> tuple[str, str]:
+    """('k of n (x %)', 'low-high %') of a ``Rate.to_dict``."""
+    return (
+        f"{rate['count']} of {rate['total']} ({100 * rate['rate']:.3g} %)",
+        f"{100 * rate['low']:.3g}-{100 * rate['high']:.3g} %",
+    )
+
+
+def _false_call_table(runs: list[BenchmarkRun]) -> str:
+    """One row per run and target rate: the calibration's guarantee, then the false calls on the
+    test set's normal images and the escapes among its anomalous ones, with 95 % intervals."""
+    lines = [
+        "### False calls and escapes at a target false-alarm rate",
+        "",
+        (
+            "Threshold: the split-conformal one of each run's held-out normal images for the target. "
+            "Guaranteed: the probability at most that it flags a new normal image, on average over "
+            "calibration sets (too few: the held-out images cannot guarantee the target; the threshold "
+            "is then their largest score). Range: where one calibration set's own rate lies with 95 % "
+            "probability. Intervals: exact (Clopper-Pearson) 95 %."
+        ),
+        "",
+        (
+            "| category | model | seed | target | held-out images | guaranteed | range | false calls "
+            "| 95 % interval | escapes | 95 % interval |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        for row in run.false_calls:
+            guaranteed = f"{100 * row['guaranteed']:.3g} %" + (" (too few)" if row["too_few"] else "")
+            spread = f"{100 * row['realised_low']:.3g}-{100 * row['realised_high']:.3g} %"
+            calls, escapes = _interval(row["false_calls"]), _interval(row["escapes"])
+            lines.append(
+                f"| {run.category} | {run.column} | {run.seed} | {row['target']:g} | "
+                f"{row['calibration_images']} | {guaranteed} | {spread} | {' | '.join(calls)} | "
+                f"{' | '.join(escapes)} |"
+            )
+    return "\n".join(lines)
 
 
 def _robustness_table(runs: list[BenchmarkRun], categories: list[str], columns: list[str]) -> str:

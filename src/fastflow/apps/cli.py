@@ -211,12 +211,12 @@ def train_options() -> tuple[Option, ...]:
             detector["holdout_fraction"],
         ),
         Option(
-            "threshold_quantile",
+            "false_alarm_rate",
             float,
             "a number",
-            "Deployment threshold: this quantile of the held-out normal scores, in (0, 1].",
-            detector["threshold_quantile"],
-            flag=None,
+            "Target share of normal images flagged, in (0, 1): the threshold is the split-conformal one "
+            "for it on the held-out normal scores (needs 1/rate - 1 of them; 'fastflow calibrate' adds more).",
+            detector["false_alarm_rate"],
         ),
         Option(
             "recipe",
@@ -346,6 +346,11 @@ def resolve_train_options(flags: dict[str, Any], config_file: Path | None) -> di
             ) from None
         if not isinstance(loaded, dict):
             raise FastFlowError(f"config file {config_file} must be a YAML mapping of option: value")
+        if "threshold_quantile" in loaded:
+            raise FastFlowError(
+                f"config file {config_file}: threshold_quantile is replaced by false_alarm_rate, the share "
+                "of normal images flagged (1 - the quantile); write e.g. false_alarm_rate: 0.01"
+            )
         unknown = sorted(set(loaded) - set(options))
         if unknown:
             raise FastFlowError(
@@ -459,7 +464,7 @@ def train(
         weights=options["weights"],
         training=training,
         holdout_fraction=options["holdout"],
-        threshold_quantile=options["threshold_quantile"],
+        false_alarm_rate=options["false_alarm_rate"],
         cache=cache,
         architecture={**architecture, "input_size": parse_size(options["input_size"])},
     )
@@ -547,7 +552,9 @@ def test(
         ),
     ] = None,
 ) -> None:
-    """Evaluate a trained model: image/pixel AUROC, F1, AUPRO, deployment-threshold scores."""
+    """Evaluate a trained model: image/pixel AUROC, F1, AUPRO, and at the deployment threshold
+    precision, recall, false calls and escapes (with 95 % intervals) beside the calibration's guarantee."""
+    from fastflow.apps.report import summary_lines
     from fastflow.apps.robustness import PERTURBATIONS, markdown_table, measure, perturbation_names
     from fastflow.core.files import atomic_write
     from fastflow.estimator.data import load_samples
@@ -563,6 +570,7 @@ def test(
         detector = FastFlow.load(run)
         report = evaluate_detector(detector, data, keep_pro_curve=report_dir is not None)
         typer.echo(_metrics_table(report.metrics))
+        typer.echo("\n".join(summary_lines(detector.calibration_, report.images)))
         rows = (
             measure(detector, load_samples(data, "test"), names, seed=0)
             if robustness or perturbations
@@ -625,7 +633,7 @@ def predict(
         ),
     ] = 400,
 ) -> None:
-    """Score images: per-image score and label, heat-map overlays, binary masks, a summary."""
+    """Score images: per-image score, p-value and label, heat-map overlays, binary masks, a summary."""
     from fastflow.apps.prediction_files import expand_inputs, write_predictions
     from fastflow.estimator.detector import FastFlow
     from fastflow.estimator.engines import check_engine, check_precision, choose_engine, default_precision
@@ -642,8 +650,68 @@ def predict(
         )
         rows = write_predictions(detector, images, output, chosen, precision or chosen_precision)
     for row in rows:
-        typer.echo(f"{row['score']:.6f}  {row['label']:<9}  {row['path']}")
+        p_value = "-" if row["p_value"] is None else f"{row['p_value']:.4f}"
+        typer.echo(f"{row['score']:.6f}  p {p_value:<6}  {row['label']:<9}  {row['path']}")
     typer.echo(f"wrote {len(rows)} predictions to {output} ({chosen}, {precision or chosen_precision})")
+
+
+@app.command()
+@_user_errors
+def calibrate(
+    run: Annotated[
+        Path, typer.Argument(help="Run folder or model.safetensors from 'fastflow train'; updated in place.")
+    ],
+    normals: Annotated[
+        list[str],
+        typer.Argument(help="Normal images training did not see: files, folders or glob patterns."),
+    ],
+    false_alarm_rate: Annotated[
+        float | None,
+        typer.Option(help="Target share of normal images flagged, in (0, 1). Default: the model's own."),
+    ] = None,
+    engine: Annotated[
+        str, typer.Option(help="torch, onnx or openvino: score as production runs (see 'predict').")
+    ] = "torch",
+    precision: Annotated[
+        str, typer.Option(help="f32 or bf16, as production runs: bf16 moves scores slightly.")
+    ] = "f32",
+) -> None:
+    """Set the threshold for a false-alarm rate from the scores of normal images (split-conformal).
+
+    The scores replace the calibration scores in the model file (the held-out images' after
+    training), and the threshold becomes the one that flags a new normal image with at most the
+    printed probability; p-values are ranks among these scores. The file is replaced at once, after
+    every image is scored.
+    """
+    from fastflow.apps.prediction_files import expand_inputs
+    from fastflow.apps.report import guarantee_text
+    from fastflow.apps.runs import MODEL
+    from fastflow.estimator.calibration import check_false_alarm_rate
+    from fastflow.estimator.detector import FastFlow
+    from fastflow.estimator.engines import check_engine, check_precision
+    from fastflow.estimator.export import exports_under
+
+    # Every option and input is checked before the model is loaded.
+    if false_alarm_rate is not None:
+        check_false_alarm_rate(false_alarm_rate, "false_alarm_rate (--false-alarm-rate)")
+    check_engine(engine)
+    check_precision(precision)
+    images = expand_inputs(normals)
+    model_file = run / MODEL if run.is_dir() else run
+    _log_to_stderr()  # the one warning line where the images are too few for the rate
+    with _physical_core_threads():
+        detector = FastFlow.load(model_file)
+        if false_alarm_rate is not None:
+            detector.set_params(false_alarm_rate=false_alarm_rate)
+        detector.calibrate(images, engine, precision)
+        detector.save(model_file)
+    typer.echo(f"calibrated {model_file} on {detector.calibration_.n} normal images ({engine}, {precision})")
+    typer.echo(f"threshold {detector.threshold_:.6g}; {guarantee_text(detector.calibration_)}")
+    for folder in exports_under(model_file.parent):
+        typer.echo(
+            f"note: the export in {folder} keeps the previous threshold and calibration; "
+            f"export it again: fastflow export {model_file} --output {folder}"
+        )
 
 
 @app.command()
@@ -783,8 +851,9 @@ def demo(
     """Generate a texture dataset, train, evaluate and draw heat maps (a few minutes on a CPU)."""
     from fastflow.apps.demo import run_demo
 
-    report = run_demo(output, weights, epochs)
+    report, lines = run_demo(output, weights, epochs)
     typer.echo(_metrics_table(report.metrics))
+    typer.echo("\n".join(lines))
     typer.echo(f"model, data and heat maps in {output}/ (heat maps: {output}/heatmaps/overlays)")
 
 
@@ -851,6 +920,12 @@ def benchmark(
             help="Also score each dataset with the nearest-neighbour reference on the same backbone features (its own column)."
         ),
     ] = True,
+    false_alarm_rates: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated target false-alarm rates: each run's false calls and escapes at the threshold its held-out normals give for each (their own table)."
+        ),
+    ] = "0.01,0.05",
 ) -> None:
     """Train and test every dataset x backbone x recipe x seed; print the metric tables in markdown."""
     from fastflow.apps.benchmark import markdown_tables, run_benchmark
@@ -866,6 +941,12 @@ def benchmark(
         seed_list = [int(s) for s in seeds.split(",")]
     except ValueError:
         raise FastFlowError(f"bad --seeds '{seeds}'; write comma-separated integers like 0,1,2") from None
+    try:
+        rates = [float(r) for r in false_alarm_rates.split(",")]
+    except ValueError:
+        raise FastFlowError(
+            f"bad --false-alarm-rates '{false_alarm_rates}'; write comma-separated rates like 0.01,0.05"
+        ) from None
     for name in recipe:
         get_recipe(name)  # fail before hours of training, not after
     training = TrainConfig(max_epochs=epochs, device=device)
@@ -882,6 +963,7 @@ def benchmark(
         robustness=list(PERTURBATIONS) if robustness else (),
         jobs=jobs,
         knn_reference=knn_reference,
+        false_alarm_rates=rates,
     )
     tables = markdown_tables(runs)
     atomic_write(output / "results.md", lambda tmp: tmp.write_text(tables))

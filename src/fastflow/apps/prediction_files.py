@@ -1,4 +1,4 @@
-"""Writing predictions to disk: per-image scores and labels, heat-map overlays, binary masks.
+"""Writing predictions to disk: per-image scores, p-values and labels, heat-map overlays, binary masks.
 
 Each input is decoded once, by the loader that feeds the model, and results are assembled in a
 staged folder (``fastflow.core.files.staged_folder``) that replaces the files in the destination
@@ -18,6 +18,7 @@ import numpy as np
 from fastflow.apps.viz import save_mask, save_overlay
 from fastflow.core.errors import FastFlowError
 from fastflow.core.files import staged_folder
+from fastflow.estimator.calibration import p_value_json
 from fastflow.estimator.data import list_images
 from fastflow.estimator.detector import FastFlow, ImagesLike, as_samples
 
@@ -62,6 +63,9 @@ def write_predictions(
 ) -> list[dict]:
     """Score ``images`` and write ``overlays/``, ``masks/``, ``predictions.csv`` and ``.json`` to ``output``.
 
+    Each row: path, score, p-value (empty / null without calibration scores), label, pictures;
+    the JSON also says which threshold and calibration gave the labels and p-values.
+
     ``engine`` / ``precision``: see ``FastFlow.engine``. Each image is decoded once, to score
     it; the pictures and the mask's size come from those pixels. A file that cannot be decoded
     stops the run with its one-line error, and the staged folder is dropped.
@@ -90,6 +94,7 @@ def write_predictions(
                     {
                         "path": str(sample.path),
                         "score": float(prediction.scores[i]),
+                        "p_value": p_value_json(prediction.p_values[i]),
                         "label": "anomalous" if prediction.labels[i] else "normal",
                         "overlay": f"overlays/{name}.png",
                         "mask": f"masks/{name}.png",
@@ -99,6 +104,10 @@ def write_predictions(
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        summary = {"threshold": detector.threshold_, "predictions": rows}
+        summary = {
+            "threshold": detector.threshold_,
+            **detector.calibration_.summary(),
+            "predictions": rows,
+        }
         (tmp / "predictions.json").write_text(json.dumps(summary, indent=2))
     return rows

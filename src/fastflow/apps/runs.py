@@ -86,5 +86,13 @@ def train_run(run: TrainRun) -> list[str]:
     history = json.dumps(detector.history_, indent=2)
     atomic_write(run.output / "history.json", lambda tmp: tmp.write_text(history))
     height, width = detector.config_.input_size
-    epochs = f"best epoch {detector.best_epoch_} of {len(detector.history_)}"
-    return [f"input {height}x{width}; {epochs}; threshold {detector.threshold_:.6g}", f"saved {path}"]
+    calibration = detector.calibration_
+    return [
+        (
+            f"input {height}x{width}; best epoch {detector.best_epoch_} of {len(detector.history_)}; "
+            f"threshold {detector.threshold_:.6g} "
+            f"for a false-alarm rate of {calibration.false_alarm_rate:g}, guaranteed at most "
+            f"{calibration.guaranteed_rate():.3g} by {calibration.n} held-out normal images"
+        ),
+        f"saved {path}",
+    ]

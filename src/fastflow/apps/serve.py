@@ -4,9 +4,11 @@ One engine is loaded at startup and owned by one worker thread (``MicroBatcher``
 that arrive within ``batch_wait_ms`` of each other share one engine call, grouped by image
 size because the inference graph takes one (N, 3, H, W) size per call. Uploads are decoded by
 ``fastflow.estimator.data.decode_bytes`` (the same pixels as ``fastflow predict`` reads from a file), so
-a served score equals ``predict``'s for the same engine. Every bad request gets a 4xx JSON
-``{"error": "..."}`` that names the problem and the fix; nothing a client sends stops the
-service.
+a served score equals ``predict``'s for the same engine. Each answer carries the score's
+p-value against the model's calibration scores; ``?false_alarm_rate=`` labels one request at
+the threshold of another rate, from the same scores, without reloading anything. Every bad
+request gets a 4xx JSON ``{"error": "..."}`` that names the problem and the fix; nothing a
+client sends stops the service.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from fastflow.apps.viz import overlay
 from fastflow.core.errors import FastFlowError, first_line, is_integer, is_real, require
+from fastflow.estimator.calibration import Calibration, check_false_alarm_rate, p_value_json
 from fastflow.estimator.data import DataError, decode_bytes
 from fastflow.estimator.engines import (
     Engine,
@@ -111,8 +114,8 @@ class ServeConfig:
 
 @dataclass
 class ServedModel:
-    """What a server needs of a model: its engine, the threshold and map floor for pictures, and
-    the description ``GET /model`` returns."""
+    """What a server needs of a model: its engine, the threshold and map floor for pictures, the
+    calibration for p-values and other rates, and the description ``GET /model`` returns."""
 
     name: str
     engine: Engine
@@ -121,6 +124,9 @@ class ServedModel:
     threshold: float
     map_floor: float
     info: dict[str, Any] = field(default_factory=dict)
+    calibration: Calibration = field(
+        default_factory=lambda: Calibration.of([], None, "a model served without calibration scores")
+    )
 
 
 def load_served(path: str | Path, engine: str | None = None, precision: str | None = None) -> ServedModel:
@@ -154,7 +160,7 @@ def load_served(path: str | Path, engine: str | None = None, precision: str | No
             raise FastFlowError(
                 f"{path} is an exported {kind} model; drop --engine or serve the run folder instead"
             )
-        runner = load_exported(path, precision)
+        loaded = load_exported(path, precision)
         info = {
             "config": meta.get("config"),
             "recipe": meta.get("recipe"),
@@ -163,12 +169,13 @@ def load_served(path: str | Path, engine: str | None = None, precision: str | No
         }
         return ServedModel(
             name,
-            runner,
+            loaded,
             kind,
-            runner.precision,
+            loaded.precision,
             float(meta["threshold"]),
             float(meta.get("map_floor", -1.0)),
             info,
+            loaded.calibration,
         )
     detector = FastFlow.load(path)
     chosen, default = (engine, default_precision(engine)) if engine else choose_engine(_MANY_IMAGES, 0)
@@ -181,7 +188,14 @@ def load_served(path: str | Path, engine: str | None = None, precision: str | No
         "best_epoch": detector.best_epoch_,
     }
     return ServedModel(
-        name, runner, chosen, precision, float(detector.threshold_), float(detector.map_floor_), info
+        name,
+        runner,
+        chosen,
+        precision,
+        float(detector.threshold_),
+        float(detector.map_floor_),
+        info,
+        detector.calibration_,
     )
 
 
@@ -352,16 +366,35 @@ def _png_base64(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _pictures(pixels: torch.Tensor, scored: Scored, model: ServedModel) -> dict[str, str]:
-    """The heat-map overlay and binary mask (as ``fastflow predict`` draws them), base64 PNG."""
+def _pictures(pixels: torch.Tensor, scored: Scored, model: ServedModel, threshold: float) -> dict[str, str]:
+    """The heat-map overlay and binary mask at ``threshold`` (as ``fastflow predict`` draws them at
+    the model's), base64 PNG."""
     image = Image.fromarray(np.ascontiguousarray(pixels.permute(1, 2, 0).numpy()))
-    mask = Image.fromarray(((scored.amap > model.threshold) * 255).astype(np.uint8)).resize(
+    mask = Image.fromarray(((scored.amap > threshold) * 255).astype(np.uint8)).resize(
         image.size, Image.Resampling.NEAREST
     )
     return {
-        "overlay_png": _png_base64(overlay(image, scored.amap, model.map_floor, model.threshold)),
+        "overlay_png": _png_base64(overlay(image, scored.amap, model.map_floor, threshold)),
         "mask_png": _png_base64(mask),
     }
+
+
+def _operating_point(model: ServedModel, rate: float | None) -> tuple[float, dict[str, Any]]:
+    """(threshold, what the answer says of it) at the model's own threshold, or at the
+    calibration's threshold for a requested ``rate``; a bad rate is a 422 naming the parameter."""
+    if rate is None:
+        return model.threshold, model.calibration.summary()
+    try:
+        check_false_alarm_rate(rate)
+    except FastFlowError as error:
+        raise RequestError(422, f"query parameter {error}") from None
+    if model.calibration.n == 0:
+        raise RequestError(
+            422,
+            "query parameter false_alarm_rate needs calibration scores and this model holds none; "
+            "calibrate it (fastflow calibrate RUN NORMALS) and serve it again",
+        )
+    return model.calibration.threshold(rate), model.calibration.summary(rate)
 
 
 def create_app(model: ServedModel, config: ServeConfig) -> FastAPI:
@@ -429,6 +462,7 @@ def create_app(model: ServedModel, config: ServeConfig) -> FastAPI:
             "precision": model.precision,
             "threshold": model.threshold,
             "map_floor": model.map_floor,
+            **model.calibration.summary(),
             **model.info,
             "max_batch": config.max_batch,
             "batch_wait_ms": config.batch_wait_ms,
@@ -437,9 +471,13 @@ def create_app(model: ServedModel, config: ServeConfig) -> FastAPI:
         }
 
     @app.post("/predict")
-    async def predict(request: Request, heatmap: bool = False) -> dict[str, Any]:
-        """Score one image sent as the body (image/*, application/octet-stream) or as a multipart file."""
+    async def predict(
+        request: Request, heatmap: bool = False, false_alarm_rate: float | None = None
+    ) -> dict[str, Any]:
+        """Score one image sent as the body (image/*, application/octet-stream) or as a multipart
+        file; ``false_alarm_rate`` labels it at that rate's threshold instead of the model's."""
         begin = time.perf_counter()
+        threshold, calibration = _operating_point(model, false_alarm_rate)
         data = await _upload_bytes(request, config.max_body_bytes)
         async with decoding:
             try:
@@ -453,10 +491,13 @@ def create_app(model: ServedModel, config: ServeConfig) -> FastAPI:
             raise RequestError(
                 500, f"the engine failed on this image ({first_line(error)[:200]}); please report it"
             ) from None
+        anomalous = scored.label if false_alarm_rate is None else scored.score > threshold
         result: dict[str, Any] = {
             "score": scored.score,
-            "label": "anomalous" if scored.label else "normal",
-            "threshold": model.threshold,
+            "p_value": p_value_json(model.calibration.p_values([scored.score])[0]),
+            "label": "anomalous" if anomalous else "normal",
+            "threshold": threshold,
+            **calibration,
             "model": model.name,
             "engine": model.engine_name,
             "precision": model.precision,
@@ -465,7 +506,7 @@ def create_app(model: ServedModel, config: ServeConfig) -> FastAPI:
             "batch_size": scored.batch_size,
         }
         if heatmap:
-            result.update(await run_in_threadpool(_pictures, pixels, scored, model))
+            result.update(await run_in_threadpool(_pictures, pixels, scored, model, threshold))
         result["timing_ms"] = {
             "decode": round((decoded - begin) * 1000, 3),
             "queue": round(scored.wait_ms, 3),

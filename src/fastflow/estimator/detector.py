@@ -4,7 +4,10 @@
 
 Scores mean "higher = more anomalous"; labels use 1 = anomalous. Everything the estimator
 learns is fitted on normal images only: the flows on the training split, the model selection
-and the deployment threshold (a quantile of held-out normal scores) on the held-out split.
+and the deployment threshold on the held-out split. The threshold is split-conformal
+(``fastflow.estimator.calibration``): for the target ``false_alarm_rate`` it guarantees how
+often a new normal image is flagged, and every prediction carries its conformal p-value;
+``calibrate`` sets both from other normal images than the held-out ones.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import Tensor
 from fastflow.core.errors import FastFlowError, is_integer, is_real, require
 from fastflow.core.hardware import resolve_device
 from fastflow.estimator import distributed
+from fastflow.estimator.calibration import Calibration, check_false_alarm_rate
 from fastflow.estimator.checkpoint import load_checkpoint, save_checkpoint
 from fastflow.estimator.data import (
     DataError,
@@ -33,13 +37,13 @@ from fastflow.estimator.data import (
     check_holdout_fraction,
     image_loader,
     image_size,
+    list_images,
     load_samples,
     split_holdout,
 )
 from fastflow.estimator.engines import Engine, TorchEngine, check_engine, check_precision
 from fastflow.estimator.export import EXPORT_PRECISIONS, export_engine, to_onnx, to_openvino
 from fastflow.estimator.feature_cache import CacheConfig, FeatureCache, open_caches
-from fastflow.estimator.metrics import calibrate_threshold
 from fastflow.estimator.model_file import load_model, save_model
 from fastflow.estimator.training import TrainConfig, extract_features, fit_flows
 from fastflow.model.backbones import RANDOM_WEIGHTS, is_transformer
@@ -74,11 +78,14 @@ _ARCHITECTURE_FIELDS = frozenset(f.name for f in dataclasses.fields(FastFlowConf
 
 @dataclass
 class Prediction:
-    """Scores for a batch of images: ``scores`` (N,), ``maps`` (N, H, W), ``labels`` (N,) 1 = anomalous."""
+    """Scores for a batch of images: ``scores`` (N,), ``maps`` (N, H, W), ``labels`` (N,) 1 = anomalous,
+    and ``p_values`` (N,): each score's conformal p-value against the calibration scores (NaN
+    where the detector holds none, e.g. from ``from_model``)."""
 
     scores: np.ndarray
     maps: np.ndarray
     labels: np.ndarray
+    p_values: np.ndarray
 
 
 def as_samples(images: ImagesLike, split: Split = "test") -> list[Sample]:
@@ -109,7 +116,9 @@ class FastFlow(BaseEstimator):
             ``TrainConfig()``.
         holdout_fraction: share of normal training images held out for model selection and
             threshold calibration, in (0, 1).
-        threshold_quantile: deployment threshold = this quantile of held-out normal scores, in (0, 1].
+        false_alarm_rate: the target share of normal images flagged, in (0, 1): the threshold is
+            the split-conformal one for it (``fastflow.estimator.calibration``), which guarantees
+            it on average where the calibration images are enough (n + 1 >= 1 / rate).
         inference_batch_size: images per engine call when scoring.
         cache: where training keeps backbone features (RAM up to a budget, else disk;
             ``CacheConfig``; ``None`` too means ``CacheConfig()``).
@@ -121,13 +130,16 @@ class FastFlow(BaseEstimator):
             images' median aspect ratio at the preset's pixel count (``input_size_for``; see
             ``config_for``).
         **overrides: deprecated, the same fields as keywords (``input_size=...``); they are
-            folded into ``architecture`` with a ``DeprecationWarning``.
+            folded into ``architecture`` with a ``DeprecationWarning``. Deprecated too:
+            ``threshold_quantile=q``, folded into ``false_alarm_rate=1 - q``.
 
     Attributes (after ``fit`` or ``load``):
         model_: the trained ``FastFlowModel``.
         config_: its architecture (``FastFlowConfig``); ``config`` reads it.
         recipe_: the ``Recipe`` it was trained with and is scored with.
         threshold_: deployment threshold on the image score.
+        calibration_: the ``Calibration`` it came from: sorted normal scores (the held-out
+            images', or those ``calibrate`` scored), the rate, their source; p-values use it.
         decision_scores_: ndarray of shape (n_holdout,), the held-out normal images' scores
             (``holdout_scores_`` is an alias).
         labels_: ndarray of shape (n_holdout,), their labels (1 = above ``threshold_``).
@@ -147,12 +159,22 @@ class FastFlow(BaseEstimator):
         weights: str | Path | None = None,
         training: TrainConfig | None = None,
         holdout_fraction: float = 0.1,
-        threshold_quantile: float = 0.99,
+        false_alarm_rate: float = 0.01,
         inference_batch_size: int = 32,
         cache: CacheConfig | None = None,
         architecture: Mapping[str, Any] | None = None,
         **overrides: Any,
     ) -> None:
+        if "threshold_quantile" in overrides:
+            quantile = overrides.pop("threshold_quantile")
+            warnings.warn(
+                "FastFlow(threshold_quantile=q) is deprecated and will be removed in the next release; "
+                "pass false_alarm_rate=1 - q (the threshold is now the split-conformal one for that rate)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            # A bad quantile is kept as given, for ``fit`` to reject.
+            false_alarm_rate = round(1.0 - quantile, 12) if is_real(quantile) else quantile
         if overrides:
             warnings.warn(
                 f"FastFlow({', '.join(f'{k}=...' for k in overrides)}) is deprecated and will be removed "
@@ -168,7 +190,7 @@ class FastFlow(BaseEstimator):
         self.weights = weights
         self.training = training
         self.holdout_fraction = holdout_fraction
-        self.threshold_quantile = threshold_quantile
+        self.false_alarm_rate = false_alarm_rate
         self.inference_batch_size = inference_batch_size
         self.cache = cache
         self.architecture = architecture
@@ -178,12 +200,7 @@ class FastFlow(BaseEstimator):
         """Check every parameter and derive what ``fit`` builds from: (config, recipe, training,
         cache). Reads no image; the first bad parameter raises its one-line ``FastFlowError``."""
         check_holdout_fraction(self.holdout_fraction)
-        require(
-            is_real(self.threshold_quantile) and 0 < self.threshold_quantile <= 1,
-            "threshold_quantile",
-            "in (0, 1]",
-            self.threshold_quantile,
-        )
+        check_false_alarm_rate(self.false_alarm_rate, "false_alarm_rate (--false-alarm-rate)")
         require(
             is_integer(self.inference_batch_size) and self.inference_batch_size >= 1,
             "inference_batch_size",
@@ -305,25 +322,40 @@ class FastFlow(BaseEstimator):
             threshold: deployment threshold on the image score.
             recipe: how the model's latents are scored.
             map_floor: typical normal map value, the dark end of heat maps (default: the map's minimum).
-            **params: other constructor arguments (``training``, ``threshold_quantile``, ...).
+            **params: other constructor arguments (``training``, ``false_alarm_rate``, ...).
+
+        It holds no calibration scores, so its p-values are NaN until ``calibrate(images)``.
         """
         detector = cls(model.config, recipe=recipe, **params)
         _, fitted_recipe, _, _ = detector._resolve()  # the checks fit makes
         detector._set_fitted(
-            model.eval(),
-            fitted_recipe,
-            float(threshold),
-            _MAP_MINIMUM if map_floor is None else float(map_floor),
+            model.eval(), fitted_recipe, _MAP_MINIMUM if map_floor is None else float(map_floor)
+        )
+        detector._set_calibration(
+            Calibration.of([], None, "a threshold given to FastFlow.from_model, without calibration scores"),
+            threshold,
         )
         detector._set_decision_scores(np.array([], dtype=np.float64))
         detector.best_epoch_, detector.history_ = 0, []
         return detector
 
-    def _set_fitted(self, model: FastFlowModel, recipe: Recipe, threshold: float, map_floor: float) -> None:
+    def _set_fitted(self, model: FastFlowModel, recipe: Recipe, map_floor: float) -> None:
         self.model_, self.config_, self.recipe_ = model, model.config, recipe
-        self.threshold_, self.map_floor_ = threshold, map_floor
+        self.map_floor_ = map_floor
         self._graphs: dict[tuple[bool, bool], InferenceGraph] = {}
         self._engines: dict[tuple[str, str], Engine] = {}
+
+    def _set_calibration(self, calibration: Calibration, threshold: float | None = None) -> None:
+        """Keep ``calibration`` and set the threshold: ``threshold`` as given (a saved or imported
+        one), else the conformal one for the calibration's rate, with one warning line (by the
+        first process alone) where its scores are too few to guarantee that rate."""
+        self.calibration_ = calibration
+        self.threshold_ = calibration.threshold() if threshold is None else float(threshold)
+        if hasattr(self, "decision_scores_"):
+            self._set_decision_scores(self.decision_scores_)  # their labels follow the threshold
+        message = calibration.too_few() if threshold is None else None
+        if message is not None and distributed.is_main():
+            _log.warning(message)
 
     def _set_decision_scores(self, scores: np.ndarray) -> None:
         """PyOD's fitted scores and labels, of the held-out normal images here."""
@@ -423,12 +455,9 @@ class FastFlow(BaseEstimator):
                 model.cpu().fold(), caches["holdout"], recipe, training.batch_size
             )
         # Typical normal pixel value: the dark end of heat-map pictures.
-        self._set_fitted(
-            model,
-            recipe,
-            calibrate_threshold(holdout_scores, self.threshold_quantile),
-            float(np.median(map_sample)),
-        )
+        self._set_fitted(model, recipe, float(np.median(map_sample)))
+        source = _held_out_source(len(holdout_scores))
+        self._set_calibration(Calibration.of(holdout_scores, self.false_alarm_rate, source))
         self._set_decision_scores(holdout_scores)
         self.history_ = state.history
         self.best_epoch_ = state.best_epoch
@@ -520,13 +549,19 @@ class FastFlow(BaseEstimator):
         return self._engines[key]
 
     def export(self, directory: str | Path, format: str = "onnx", precision: str | None = None) -> Path:
-        """Export the inference graph (``fastflow.estimator.export``) with this detector's threshold and map floor.
+        """Export the inference graph (``fastflow.estimator.export``) with this detector's threshold,
+        map floor and calibration (``model.json``; ``load_exported(...).calibration`` gives p-values).
 
         ``precision`` (recorded in ``model.json``, used when the export is loaded) defaults to the
         format's fastest that kept the scores (``fastflow.estimator.export.EXPORT_PRECISIONS``): bf16 for
         OpenVINO, f32 for ONNX.
         """
-        extra = {"threshold": float(self.threshold_), "map_floor": float(self.map_floor_)}
+        extra = {
+            "threshold": float(self.threshold_),
+            "map_floor": float(self.map_floor_),
+            "false_alarm_rate": self.calibration_.false_alarm_rate,
+            "calibration": self.calibration_.to_dict(),
+        }
         if format not in EXPORT_PRECISIONS:
             raise FastFlowError(f"unknown export format '{format}'; use onnx or openvino")
         precision = precision or EXPORT_PRECISIONS[format]
@@ -557,18 +592,51 @@ class FastFlow(BaseEstimator):
         run = self.engine(engine, precision)
         for samples, batch in self.image_batches(X):
             amap, scores, labels = run(batch["image"])
-            yield samples, Prediction(scores, amap, labels.astype(np.int64)), batch
+            p_values = self.calibration_.p_values(scores)
+            yield samples, Prediction(scores, amap, labels.astype(np.int64), p_values), batch
 
     def detect(self, X: ImagesLike, engine: str = "torch", precision: str = "f32") -> Prediction:
         """Everything the detector finds in ``X``, from one pass: scores (N,), anomaly maps
-        (N, H, W) and labels (N,) (see ``engine`` for the options).
+        (N, H, W), labels (N,) and p-values (N,) (see ``engine`` for the options).
 
-        ``decision_function``, ``anomaly_map`` and ``predict`` each return one of the three.
+        ``decision_function``, ``anomaly_map`` and ``predict`` each return one of them.
         """
         parts = [prediction for _, prediction, _ in self.iter_predictions(X, engine, precision)]
-        return Prediction(
-            *(np.concatenate([getattr(p, name) for p in parts]) for name in ("scores", "maps", "labels"))
-        )
+        fields = ("scores", "maps", "labels", "p_values")
+        return Prediction(*(np.concatenate([getattr(p, name) for p in parts]) for name in fields))
+
+    def calibrate(
+        self, X: ImagesLike | None = None, engine: str = "torch", precision: str = "f32"
+    ) -> FastFlow:
+        """Set the deployment threshold for ``false_alarm_rate`` by split-conformal calibration.
+
+        Args:
+            X: normal images the model did not train on (paths, or a folder: the images directly
+                in it); their scores replace the calibration scores (the held-out images' after
+                ``fit``). None: the stored calibration scores again, at the current
+                ``false_alarm_rate`` (after ``set_params(false_alarm_rate=...)``).
+            engine, precision: how to score ``X``: as production will run (see ``engine``), since
+                bf16 moves scores slightly.
+
+        A user usually has more good images than training used; more calibration images make
+        smaller rates possible (n + 1 >= 1 / rate) and the realised rate steadier. Nothing
+        changes unless every image decodes (the first that does not raises its ``DataError``).
+        One warning line says where the images are too few for the rate. Returns ``self``.
+        """
+        self._check_fitted()
+        rate = check_false_alarm_rate(self.false_alarm_rate, "false_alarm_rate (--false-alarm-rate)")
+        if X is None:
+            stored = self.calibration_
+            # Without a rate, the source also says how the threshold was set (older files).
+            source = stored.source if stored.false_alarm_rate is not None else _held_out_source(stored.n)
+            calibration = Calibration.of(stored.scores, rate, source)
+        else:
+            samples = _calibration_samples(X)
+            predictions = [p.scores for _, p, _ in self.iter_predictions(samples, engine, precision)]
+            source = f"{len(samples)} normal images scored by calibrate ({engine}, {precision})"
+            calibration = Calibration.of(np.concatenate(predictions), rate, source)
+        self._set_calibration(calibration)
+        return self
 
     def score(self, X: ImagesLike, engine: str = "torch", precision: str = "f32") -> Prediction:
         """Deprecated alias of ``detect`` (scikit-learn's ``score`` returns one number); removed
@@ -590,17 +658,20 @@ class FastFlow(BaseEstimator):
         return self.detect(X).maps
 
     def predict(self, X: ImagesLike) -> np.ndarray:
-        """Labels: ndarray of shape (N,), 1 where the score exceeds the calibrated threshold ``threshold_``, else 0."""
+        """Labels: ndarray of shape (N,), 1 where the score exceeds the calibrated threshold
+        ``threshold_`` (equivalently: its p-value is at most the guaranteed rate), else 0."""
         return self.detect(X).labels
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
-        """Write the fitted detector to one safetensors file (weights, config, recipe, threshold), atomically."""
+        """Write the fitted detector to one safetensors file (weights, config, recipe, threshold,
+        calibration), atomically."""
         self._check_fitted()
         extra = {
             "recipe": self.recipe_.to_dict(),
             "threshold": self.threshold_,
-            "threshold_quantile": self.threshold_quantile,
+            "false_alarm_rate": self.false_alarm_rate,
+            "calibration": self.calibration_.to_dict(),
             "holdout_fraction": self.holdout_fraction,
             "holdout_scores": [float(s) for s in self.decision_scores_],
             "map_floor": self.map_floor_,
@@ -615,14 +686,18 @@ class FastFlow(BaseEstimator):
         """Load a detector saved by ``save`` (or a RUN folder of ``fastflow train``); works offline.
 
         The detector gets the saved config, recipe and training settings, so ``fit`` on it
-        retrains the same model (with the backbone weights it holds).
+        retrains the same model (with the backbone weights it holds), and the saved threshold.
+        A file of an older fastflow (threshold: a quantile of the held-out scores) keeps its
+        threshold, so its labels do not change; its held-out scores become the calibration
+        scores (p-values work) without a rate, and ``calibrate()`` gives it the conformal
+        threshold for ``false_alarm_rate`` (default 0.01).
         """
         model, extra = load_model(path)
         if "threshold" not in extra:
             raise FastFlowError(
                 f"{path} holds no calibrated threshold (a training checkpoint?); pass the final model.safetensors"
             )
-        saved = {k: extra[k] for k in ("threshold_quantile", "holdout_fraction") if k in extra}
+        saved = {k: extra[k] for k in ("false_alarm_rate", "holdout_fraction") if k in extra}
         detector = cls.from_model(
             model,
             extra["threshold"],
@@ -631,7 +706,9 @@ class FastFlow(BaseEstimator):
             training=TrainConfig(**extra.get("training", {})),
             **saved,
         )
-        detector._set_decision_scores(np.asarray(extra.get("holdout_scores", []), dtype=np.float64))
+        held_out = np.asarray(extra.get("holdout_scores", []), dtype=np.float64)
+        detector._set_calibration(_saved_calibration(extra, held_out), extra["threshold"])
+        detector._set_decision_scores(held_out)
         detector.best_epoch_ = extra.get("best_epoch", 0)
         detector.history_ = extra.get("history", [])
         return detector
@@ -640,6 +717,37 @@ class FastFlow(BaseEstimator):
 def _normal_samples(X: ImagesLike) -> list[Sample]:
     """The normal images of ``X``, which ``fit`` trains on (anomalous ones are ignored)."""
     return [s for s in as_samples(X, "train") if s.label == 0]
+
+
+def _saved_calibration(extra: dict[str, Any], held_out: np.ndarray) -> Calibration:
+    """A model file's calibration; in files of older versions, the held-out scores, without a
+    rate: their threshold was a quantile of those scores, which guarantees no rate."""
+    if "calibration" in extra:
+        return Calibration.from_dict(extra["calibration"])
+    quantile = extra.get("threshold_quantile", 0.99)
+    return Calibration.of(
+        held_out,
+        None,
+        f"{_held_out_source(len(held_out))}; the threshold is their {quantile:g} quantile, as an "
+        "older fastflow saved it, which guarantees no false-alarm rate (calibrate the model for one)",
+    )
+
+
+def _held_out_source(count: int) -> str:
+    return f"{count} held-out normal images"
+
+
+def _calibration_samples(X: ImagesLike) -> list[Sample]:
+    """Calibration images: the images directly in a folder, an image file, or a list of them."""
+    if isinstance(X, (str, Path)) and Path(X).is_dir():
+        samples = [Sample(path, 0) for path in list_images(Path(X))]
+        if not samples:
+            raise DataError(f"no images in {X}; pass a folder of normal images (PNG, JPEG, BMP, TIFF)")
+        return samples
+    samples = as_samples(X)
+    if not samples:
+        raise FastFlowError("no normal images to calibrate on; pass image paths or a folder of normal images")
+    return samples
 
 
 def _raise_any_failure(failure: DataError | None) -> None:

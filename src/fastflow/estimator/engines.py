@@ -1,8 +1,9 @@
 """Inference engines: the inference graph in PyTorch, or an exported model in ONNX Runtime or OpenVINO.
 
 Each engine takes (N, 3, H, W) uint8 RGB pixels and returns (anomaly_map, score, label) as
-numpy arrays; ``fastflow.estimator.export`` writes the files the exported engines load. ONNX Runtime
-and OpenVINO are optional (``pip install "fastflow[export]"``).
+numpy arrays; ``fastflow.estimator.export`` writes the files the exported engines load. An
+exported engine also holds the export's calibration (``calibration.p_values(score)``: the
+p-values the detector gives). ONNX Runtime and OpenVINO are optional (``pip install "fastflow[export]"``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from fastflow.core.errors import FastFlowError
 from fastflow.core.hardware import cpu_has_native_bf16, physical_cores
+from fastflow.estimator.calibration import Calibration
 from fastflow.model.inference import InferenceGraph
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "OUTPUT_NAMES",
     "PRECISIONS",
     "Engine",
+    "ExportedEngine",
     "OnnxRuntimeEngine",
     "OpenVinoEngine",
     "TorchEngine",
@@ -67,6 +70,12 @@ class Engine(Protocol):
     def __call__(self, images: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
+class ExportedEngine(Engine, Protocol):
+    """An engine of an exported model, with the calibration its ``model.json`` carries."""
+
+    calibration: Calibration
+
+
 def as_uint8(images: np.ndarray | Tensor) -> np.ndarray:
     array = images.numpy() if isinstance(images, Tensor) else np.asarray(images)
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1] != 3:
@@ -105,12 +114,14 @@ class TorchEngine:
 
 
 class OnnxRuntimeEngine:
-    """An exported ``.onnx`` model in ONNX Runtime (CPU), one intra-op thread per physical core."""
+    """An exported ``.onnx`` model in ONNX Runtime (CPU), one intra-op thread per physical core;
+    ``calibration``: the export's (from its ``model.json``), for p-values."""
 
     name = "onnx"
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         ort = import_optional("onnxruntime")
+        self.calibration = Calibration.from_metadata(read_metadata(path))
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or physical_cores()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -133,6 +144,8 @@ class OpenVinoEngine:
             weights either way.
         hint: ``"throughput"`` (several streams; a batch is split across them) or ``"latency"``
             (one stream using every core, for single images).
+
+    ``calibration``: the export's (from its ``model.json``), for p-values.
     """
 
     name = "openvino"
@@ -144,13 +157,15 @@ class OpenVinoEngine:
             raise FastFlowError(f"unknown OpenVINO hint '{hint}'; use 'throughput' or 'latency'")
         core = ov.Core()
         model = core.read_model(str(path))
+        metadata = read_metadata(path)
+        self.calibration = Calibration.from_metadata(metadata)
         self.preprocess = self.normalise = None
         if precision == "bf16":
             preprocess, model = split_preprocessing(model, path)
             self.preprocess = core.compile_model(
                 preprocess, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
             )
-            self.normalise = _Normalise.from_metadata(read_metadata(path), self.preprocess)
+            self.normalise = _Normalise.from_metadata(metadata, self.preprocess)
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint.upper()}
         self.compiled = core.compile_model(model, "CPU", config)
         self.precision, self.hint = precision, hint
@@ -382,11 +397,13 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
-def load_exported(path: str | Path, precision: str | None = None, hint: str = "throughput") -> Engine:
+def load_exported(path: str | Path, precision: str | None = None, hint: str = "throughput") -> ExportedEngine:
     """An engine for an exported model: a folder from ``to_onnx`` / ``to_openvino`` or the model file.
 
-    ``precision`` (OpenVINO only) defaults to the one recorded at export, except that a bf16
-    export runs in f32 on a CPU without native bf16 (emulated bf16 is slower than f32).
+    Its ``calibration`` (from ``model.json``) gives the detector's p-values:
+    ``engine.calibration.p_values(score)``. ``precision`` (OpenVINO only) defaults to the one
+    recorded at export, except that a bf16 export runs in f32 on a CPU without native bf16
+    (emulated bf16 is slower than f32).
     """
     file = _model_file(path)
     if file.suffix == ".onnx":

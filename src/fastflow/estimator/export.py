@@ -9,13 +9,16 @@ Python scores (``check_parity`` measures it; the tests hold fp32 engines to 1e-4
 Input ``image``: (N, 3, H, W) uint8 RGB, N, H and W dynamic. Outputs: ``anomaly_map``
 (N, height, width) float32 at the model's input size, ``score`` (N,) float32 (higher = more
 anomalous) and ``label`` (N,) int64 (1 = anomalous). A ``model.json`` beside the model file
-holds the config, the recipe, the threshold, the precision and this description.
+holds the config, the recipe, the threshold, the precision, this description and (from
+``FastFlow.export``) the calibration: the sorted normal scores and rate the threshold came from,
+which give each score its p-value outside the graph (``fastflow.estimator.calibration``).
 
 ONNX Runtime, OpenVINO and ONNX are optional (``pip install "fastflow[export]"``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -53,6 +56,7 @@ __all__ = [
     "bf16_tolerances",
     "check_parity",
     "export_engine",
+    "exports_under",
     "random_pixels",
     "record_check",
     "to_onnx",
@@ -184,6 +188,24 @@ def to_openvino(
         )
         (tmp / "model.json").write_text(json.dumps(metadata, indent=2))
     return directory / "model.xml"
+
+
+def exports_under(folder: str | Path) -> list[Path]:
+    """The folders in ``folder``, itself and two levels down (``RUN/onnx/``), that hold an export:
+    a ``model.json`` of this format. ``fastflow calibrate`` names them, as they keep the threshold
+    they were made with."""
+    found = []
+    metas = [
+        meta
+        for pattern in ("model.json", "*/model.json", "*/*/model.json")
+        for meta in Path(folder).glob(pattern)
+    ]
+    for meta in sorted(metas):
+        with contextlib.suppress(OSError, ValueError):
+            content = json.loads(meta.read_text())
+            if isinstance(content, dict) and content.get("format") == _FORMAT:
+                found.append(meta.parent)
+    return found
 
 
 def export_engine(graph: InferenceGraph, engine: str, precision: str = "f32") -> Engine:

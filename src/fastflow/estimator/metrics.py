@@ -20,7 +20,7 @@ from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 __all__ = [
     "aupro",
-    "calibrate_threshold",
+    "clopper_pearson",
     "evaluate",
     "f1_max",
     "image_auroc",
@@ -216,18 +216,18 @@ def pro_area(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float = 0.3) -> float:
     return float(np.sum((fpr[1:] - fpr[:-1]) * (pro[1:] + pro[:-1]) * 0.5)) / fpr_limit
 
 
-def calibrate_threshold(normal_scores: Any, quantile: float = 0.99) -> float:
-    """Deployment threshold as a quantile of held-out normal scores.
+def clopper_pearson(count: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) confidence interval of a rate measured as ``count`` of ``total``
+    (e.g. false calls among normal test images): it covers the true rate with at least
+    ``confidence``, however few the images; (0, 1) where ``total`` is 0."""
+    if not 0 <= count <= total:
+        raise ValueError(f"count must be between 0 and total, got {count} of {total}")
+    if total == 0:
+        return 0.0, 1.0
+    from scipy.stats import binomtest
 
-    Needs no anomalous examples, and ``1 - quantile`` is the expected false
-    alarm rate on normal data.
-    """
-    if not 0.0 < quantile <= 1.0:
-        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-    s = _finite_scores(normal_scores, "normal_scores")
-    if s.size == 0:
-        raise ValueError("normal_scores is empty")
-    return float(np.quantile(s, quantile))
+    interval = binomtest(count, total).proportion_ci(confidence_level=confidence, method="exact")
+    return float(interval.low), float(interval.high)
 
 
 def evaluate(
