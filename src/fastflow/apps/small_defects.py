@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastflow.apps.synthetic import _LUMA, _check_fmt, _prepare_root, _save, _save_mask
+from fastflow.apps.synthetic import _LUMA, _check_fmt, _prepare_root, write_layout
 from fastflow.estimator.data import DataError
 
 __all__ = ["MASK_FRACTION", "SMALL_DEFECTS", "make_small_defects"]
@@ -423,18 +423,9 @@ def make_small_defects(
     fmt = _check_fmt(fmt)
     root = _prepare_root(root)
     style = _style(seed)
-    groups: list[tuple[Path, int, str | None, int]] = [
-        (root / "train" / "good", 0, None, n_train),
-        (root / "test" / "good", 1, None, n_test_good),
-    ]
-    groups += [(root / "test" / d, 2 + i, d, n_test_defect) for i, d in enumerate(SMALL_DEFECTS)]
-    for folder, code, defect, count in groups:
-        folder.mkdir(parents=True, exist_ok=True)
-        if defect is not None:
-            (root / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            img, mask = _render(seed, (code, i), style, (h, w), defect, 1 if grayscale else 3)
-            _save(img[..., 0] if grayscale else img, folder / f"{i:03d}.{fmt}", grayscale, fmt)
-            if mask is not None:
-                _save_mask(mask, root / "ground_truth" / str(defect) / f"{i:03d}_mask.png")
-    return root
+
+    def render(code: int, index: int, defect: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+        img, mask = _render(seed, (code, index), style, (h, w), defect, 1 if grayscale else 3)
+        return (img[..., 0] if grayscale else img), mask
+
+    return write_layout(root, SMALL_DEFECTS, (n_train, n_test_good, n_test_defect), render, grayscale, fmt)

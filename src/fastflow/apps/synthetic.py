@@ -24,6 +24,7 @@ so changing ``n_train`` does not change the test images.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -33,7 +34,7 @@ from PIL import Image
 
 from fastflow.estimator.data import DataError
 
-__all__ = ["DEFECTS", "PAINTED_DEFECTS", "make_textures", "paint_defect"]
+__all__ = ["DEFECTS", "PAINTED_DEFECTS", "make_textures", "paint_defect", "write_layout"]
 
 DEFECTS: tuple[str, ...] = ("scratch", "spot", "distortion")
 _FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF"}
@@ -298,20 +299,46 @@ def make_textures(
     fmt = _check_fmt(fmt)
     root = _prepare_root(root)
     style = _style(seed)
+    image_size = cast("tuple[int, int]", tuple(size))  # a (height, width) pair, whatever sequence came
+
+    def render(code: int, index: int, defect: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+        return _render(
+            seed, (1, code, index), image_size, mixed_sizes, style, defect, defect_opacity, noise, backdrop
+        )
+
+    return write_layout(root, DEFECTS, (n_train, n_test_good, n_test_defect), render, grayscale, fmt)
+
+
+Renderer = Callable[[int, int, "str | None"], tuple[np.ndarray, "np.ndarray | None"]]
+
+
+def write_layout(
+    root: Path,
+    defects: tuple[str, ...],
+    counts: tuple[int, int, int],
+    render: Renderer,
+    grayscale: bool,
+    fmt: str,
+) -> Path:
+    """Write a generated dataset in MVTec AD layout into the prepared folder ``root``.
+
+    ``counts`` are (training normals, test normals, test images per defect kind); ``render(code,
+    index, defect)`` gives one image and its mask (None for normal images), where ``code`` is the
+    group (0 train, 1 test normals, 2 + k the k-th defect kind), so each generator keys its own
+    random streams by group and index. One writer for every generated set, so they share a layout.
+    """
+    n_train, n_test_good, n_test_defect = counts
     groups: list[tuple[Path, int, str | None, int]] = [
         (root / "train" / "good", 0, None, n_train),
         (root / "test" / "good", 1, None, n_test_good),
     ]
-    groups += [(root / "test" / d, 2 + i, d, n_test_defect) for i, d in enumerate(DEFECTS)]
-    image_size = cast("tuple[int, int]", tuple(size))  # a (height, width) pair, whatever sequence came
+    groups += [(root / "test" / d, 2 + i, d, n_test_defect) for i, d in enumerate(defects)]
     for folder, code, defect, count in groups:
         folder.mkdir(parents=True, exist_ok=True)
         if defect is not None:
             (root / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            img, mask = _render(
-                seed, (1, code, i), image_size, mixed_sizes, style, defect, defect_opacity, noise, backdrop
-            )
+            img, mask = render(code, i, defect)
             _save(img, folder / f"{i:03d}.{fmt}", grayscale, fmt)
             if mask is not None:
                 _save_mask(mask, root / "ground_truth" / str(defect) / f"{i:03d}_mask.png")
