@@ -133,7 +133,9 @@ def study_arguments(description: str, data_type: type, opacity: float) -> argpar
     parser.add_argument("--weights", required=True)
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="epochs of every candidate (default: its recipe's budget)"
+    )
     parser.add_argument(
         "--opacity", type=float, default=opacity, help="blend painted defects in (1 = opaque)"
     )

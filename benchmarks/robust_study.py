@@ -79,17 +79,23 @@ def candidate(name: str) -> tuple[Recipe, dict, dict]:
     (``Recipe.pixel_jpeg=Q``, after a ``pixelX``; ``jpegQ@S``: a share ``S`` of the noisy copies),
     ``clampX`` (``FastFlowConfig.clamp=X``, the bound of the coupling log-scales), the scoring
     tokens ``topX`` (``Recipe.score_top``) and ``sigmaX`` (``Recipe.map_sigma``), and the
-    architecture tokens of ``ARCHITECTURE_TOKENS``, e.g. ``noise0.1+pixel2+pool3``. ``noise0`` is
-    the improved recipe as it was before training noise.
+    architecture tokens of ``ARCHITECTURE_TOKENS``, e.g. ``noise0.1+pixel2+pool3``, the input
+    tokens ``sizeHxW`` and ``tileT@O``, and the training tokens ``cosine``/``constant``
+    (``Recipe.lr_schedule``), ``stepsN`` (``Recipe.step_budget``), ``bsN`` and ``lrX``. ``noise0``
+    is the improved recipe as it was before training noise.
     """
     # Every candidate starts from the improved recipe *without* training noise or context
-    # options (its scoring and loss), whatever the current default is, so names keep their meaning.
+    # options (its scoring and loss) and with the reference's training (batch 32, constant rate,
+    # 100 epochs), whatever the current default is, so names keep their meaning.
     recipe = dataclasses.replace(
         RECIPES["improved"],
         feature_noise=0.0,
         pixel_noise=0.0,
         pixel_jpeg=0,
         pixel_jpeg_share=1.0,
+        lr_schedule="constant",
+        batch_size=32,
+        step_budget=None,
         architecture={},
     )
     architecture: dict = {}
@@ -120,8 +126,10 @@ def candidate(name: str) -> tuple[Recipe, dict, dict]:
         elif token.startswith("tile"):
             tile, _, overlap = token.removeprefix("tile").partition("@")
             architecture.update(tile=int(tile), tile_overlap=int(overlap or 0))
-        elif token == "cosine":
-            recipe = dataclasses.replace(recipe, lr_schedule="cosine")
+        elif token in ("cosine", "constant"):
+            recipe = dataclasses.replace(recipe, lr_schedule=token)
+        elif token.startswith("steps"):
+            recipe = dataclasses.replace(recipe, step_budget=int(token.removeprefix("steps")))
         elif token.startswith("bs"):
             training["batch_size"] = int(token.removeprefix("bs"))
         elif token.startswith("lr"):

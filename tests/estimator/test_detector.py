@@ -6,6 +6,7 @@ models (two coupling steps, a few epochs) so the whole module stays well under a
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import warnings
 from collections import Counter
@@ -20,9 +21,10 @@ from sklearn.metrics import roc_auc_score
 
 from fastflow import FastFlow, FastFlowError, TrainConfig
 from fastflow.apps.synthetic import make_textures
+from fastflow.estimator import detector as detector_module
 from fastflow.estimator.data import DataError, Sample, load_mask, load_samples, split_holdout
 from fastflow.model import backbones
-from fastflow.model.config import get_recipe
+from fastflow.model.config import RECIPES, Recipe, get_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,12 +35,24 @@ INPUT_SIZE = IMAGE_SIZE  # the quality model sees the images unscaled
 TINY = {"flow_steps": 2, "input_size": (64, 96)}
 
 
+# Resuming with a larger --epochs continues a constant rate exactly, while a cosine schedule is
+# stretched to the new budget; the tests that extend a budget use the constant rate.
+CONSTANT_RATE = dataclasses.replace(RECIPES["improved"], lr_schedule="constant")
+
+
 def make(
-    weights: Path, epochs: int, seed: int = 0, lr: float = 1e-3, cache: Any = None, **architecture: Any
+    weights: Path,
+    epochs: int,
+    seed: int = 0,
+    lr: float = 1e-3,
+    cache: Any = None,
+    recipe: Recipe | str = "improved",
+    **architecture: Any,
 ) -> FastFlow:
     training = TrainConfig(max_epochs=epochs, batch_size=8, lr=lr, seed=seed)
     return FastFlow(
         BACKBONE,
+        recipe=recipe,
         weights=weights,
         training=training,
         cache=cache,
@@ -81,7 +95,9 @@ def tiny_seed0(
     """Two epochs, seed 0, written to a checkpoint (the first half of the resume test)."""
     if "tiny_seed0" not in _models:
         checkpoint = tmp_path_factory.mktemp("resume") / "checkpoint.safetensors"
-        detector = make(lite0_weights, epochs=2, **TINY).fit(textures, checkpoint=checkpoint)
+        detector = make(lite0_weights, epochs=2, recipe=CONSTANT_RATE, **TINY).fit(
+            textures, checkpoint=checkpoint
+        )
         detector.checkpoint_path = checkpoint  # type: ignore[attr-defined]
         _models["tiny_seed0"] = detector
     return _models["tiny_seed0"]
@@ -95,7 +111,9 @@ def resumed(
     if "resumed" not in _models:
         checkpoint = tiny_seed0.checkpoint_path  # type: ignore[attr-defined]
         assert checkpoint.is_file()
-        _models["resumed"] = make(lite0_weights, epochs=4, **TINY).fit(textures, checkpoint=checkpoint)
+        _models["resumed"] = make(lite0_weights, epochs=4, recipe=CONSTANT_RATE, **TINY).fit(
+            textures, checkpoint=checkpoint
+        )
     return _models["resumed"]
 
 
@@ -302,16 +320,41 @@ def test_resume_restores_the_whole_training_state(
     """
     monkeypatch.setattr(torch, "randperm", lambda n, **kwargs: torch.arange(n))
     checkpoint = tmp_path / "checkpoint.safetensors"
-    make(lite0_weights, epochs=1, **TINY).fit(textures, checkpoint=checkpoint)
-    resumed = make(lite0_weights, epochs=2, **TINY).fit(textures, checkpoint=checkpoint)
-    straight = make(lite0_weights, epochs=2, **TINY).fit(textures)
+    make(lite0_weights, epochs=1, recipe=CONSTANT_RATE, **TINY).fit(textures, checkpoint=checkpoint)
+    resumed = make(lite0_weights, epochs=2, recipe=CONSTANT_RATE, **TINY).fit(textures, checkpoint=checkpoint)
+    straight = make(lite0_weights, epochs=2, recipe=CONSTANT_RATE, **TINY).fit(textures)
     assert resumed.history_ == straight.history_
     assert resumed.threshold_ == straight.threshold_
     np.testing.assert_array_equal(resumed.decision_scores_, straight.decision_scores_)
 
 
+def test_an_interrupted_cosine_run_resumes_on_the_same_schedule(
+    lite0_weights: Path, textures: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default's cosine rate is a function of the step and the budget: a run stopped after
+    its first epoch (as by Ctrl-C) and resumed with the same options ends where one run ends."""
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    write = detector_module.save_checkpoint
+
+    def write_then_stop(path: Path, model: Any, state: Any, *args: Any) -> None:
+        write(path, model, state, *args)
+        if state.epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(detector_module, "save_checkpoint", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        make(lite0_weights, epochs=3, **TINY).fit(textures, checkpoint=checkpoint)
+    monkeypatch.setattr(detector_module, "save_checkpoint", write)
+    resumed = make(lite0_weights, epochs=3, **TINY).fit(textures, checkpoint=checkpoint)
+    straight = make(lite0_weights, epochs=3, **TINY).fit(textures)
+    assert get_recipe(resumed.recipe).lr_schedule == "cosine"
+    assert [h["epoch"] for h in resumed.history_] == [1, 2, 3]
+    assert resumed.history_ == straight.history_
+    np.testing.assert_array_equal(resumed.decision_scores_, straight.decision_scores_)
+
+
 def test_resume_matches_uninterrupted_run(lite0_weights: Path, textures: Path, resumed: FastFlow) -> None:
-    straight = make(lite0_weights, epochs=4, **TINY).fit(textures)
+    straight = make(lite0_weights, epochs=4, recipe=CONSTANT_RATE, **TINY).fit(textures)
     assert straight.history_[:2] == resumed.history_[:2]
     assert straight.history_ == resumed.history_
     assert straight.threshold_ == resumed.threshold_

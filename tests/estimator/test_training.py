@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -16,8 +17,9 @@ from fastflow.estimator.training import (
     extract_features,
     fit_flows,
     learning_rate,
+    resolve_budget,
 )
-from fastflow.model.config import Recipe, get_config
+from fastflow.model.config import Recipe, get_config, get_recipe
 from fastflow.model.fastflow import FastFlowModel
 
 
@@ -207,3 +209,27 @@ def test_the_recipes_schedule_sets_the_optimisers_learning_rate():
     assert any(not torch.equal(constant[k], cosine[k]) for k in constant)
     with pytest.raises(FastFlowError, match="lr_schedule"):
         Recipe(lr_schedule="step")
+
+
+def test_the_step_budget_gives_every_dataset_size_the_same_number_of_updates():
+    improved, reference = get_recipe("improved"), get_recipe("reference")
+    for count in (7, 108, 135, 188, 900, 5000):
+        config = resolve_budget(TrainConfig(), improved, count)
+        steps_per_epoch = math.ceil(count / config.batch_size)
+        # Whole epochs, at least the budget, less than one epoch beyond it.
+        assert config.batch_size == improved.batch_size
+        assert improved.step_budget <= config.max_epochs * steps_per_epoch
+        assert (config.max_epochs - 1) * steps_per_epoch < improved.step_budget or config.max_epochs == 1
+    assert resolve_budget(TrainConfig(), improved, 188).max_epochs == 42  # 24 steps an epoch
+    assert resolve_budget(TrainConfig(), improved, 900).max_epochs == 9  # 113 steps an epoch
+    # What the user gives wins; the reference keeps its fixed 100 epochs of batch 32.
+    given = resolve_budget(TrainConfig(max_epochs=3, batch_size=4), improved, 900)
+    assert (given.max_epochs, given.batch_size) == (3, 4)
+    fixed = resolve_budget(TrainConfig(), reference, 900)
+    assert (fixed.max_epochs, fixed.batch_size) == (100, 32)
+
+
+def test_an_unresolved_budget_cannot_reach_the_training_loop():
+    model = FastFlowModel(get_config("resnet18", input_size=(64, 64)), weights="random")
+    with pytest.raises(ValueError, match="resolve_budget"):
+        fit_flows(model, [], [], TrainConfig())

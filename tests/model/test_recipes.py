@@ -30,6 +30,15 @@ def test_recipe_round_trips_through_json():
         Recipe.from_dict({"name": "x", "blur": 1})
 
 
+def test_a_file_of_an_older_fastflow_keeps_the_training_it_was_made_with():
+    older = RECIPES["improved"].to_dict()
+    for key in ("lr_schedule", "batch_size", "step_budget"):
+        del older[key]
+    recipe = Recipe.from_dict(older)
+    assert (recipe.lr_schedule, recipe.batch_size, recipe.step_budget) == ("constant", 32, None)
+    assert (RECIPES["improved"].lr_schedule, RECIPES["improved"].step_budget) == ("cosine", 1000)
+
+
 def test_unknown_recipe_names_the_valid_ones():
     with pytest.raises(FastFlowError, match="improved, reference"):
         _ = FastFlow(recipe="paper").config  # checked where the recipe is used: fit, or the lazy config

@@ -140,8 +140,16 @@ def train_options() -> tuple[Option, ...]:
             "an integer",
             "Maximum epochs (at least 1); stops earlier on a held-out NLL plateau.",
             training.max_epochs,
+            unset="the recipe's: improved, 1,000 optimiser steps in whole epochs; reference, 100",
         ),
-        Option("batch_size", int, "an integer", "Batch size.", training.batch_size),
+        Option(
+            "batch_size",
+            int,
+            "an integer",
+            "Training images per optimiser step.",
+            training.batch_size,
+            unset="the recipe's: improved 8, reference 32",
+        ),
         Option("lr", float, "a number", "Adam learning rate.", training.lr),
         Option("weight_decay", float, "a number", "Adam weight decay.", training.weight_decay, flag=None),
         Option(
@@ -885,10 +893,16 @@ def benchmark(
         list[str] | None, typer.Option(help="NAME=FILE backbone weights (or one FILE for all); repeatable.")
     ] = None,
     recipe: Annotated[
-        list[str], typer.Option(help="Recipe to compare ('improved', 'reference'); repeat for several.")
+        list[str],
+        typer.Option(
+            help="Recipe to compare ('improved', 'reference', 'improved-100-epochs'); repeat for several."
+        ),
     ] = ["improved"],
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; cells show mean and min-max.")] = "0",
-    epochs: Annotated[int, typer.Option(help="Maximum epochs per run.")] = 100,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Maximum epochs per run.  [default: the recipe's, as for 'fastflow train']"),
+    ] = None,
     input_size: Annotated[
         str | None,
         typer.Option(

@@ -116,10 +116,13 @@ class KnnReference:
             for start in range(0, len(self.bank_), _BANK_CHUNK):
                 bank = self.bank_[start : start + _BANK_CHUNK]
                 partial = block[: len(chunk), : len(bank)]
-                torch.addmm(self.bank_norms_[start : start + _BANK_CHUNK], chunk, bank.T, alpha=-2, out=partial)
+                torch.addmm(
+                    self.bank_norms_[start : start + _BANK_CHUNK], chunk, bank.T, alpha=-2, out=partial
+                )
                 torch.minimum(nearest, partial.amin(dim=1), out=nearest)
             best.append((nearest + chunk.pow(2).sum(dim=1)).clamp_min(0).sqrt())
         return torch.cat(best)
+
 
 def knn_reference_metrics(
     root: Path, backbone: str, weights: str | Path | None, input_size: tuple[int, int], recipe: str

@@ -45,7 +45,7 @@ from fastflow.estimator.engines import Engine, TorchEngine, check_engine, check_
 from fastflow.estimator.export import EXPORT_PRECISIONS, export_engine, to_onnx, to_openvino
 from fastflow.estimator.feature_cache import CacheConfig, FeatureCache, open_caches
 from fastflow.estimator.model_file import load_model, save_model
-from fastflow.estimator.training import TrainConfig, extract_features, fit_flows
+from fastflow.estimator.training import TrainConfig, extract_features, fit_flows, resolve_budget
 from fastflow.model.backbones import RANDOM_WEIGHTS, is_transformer
 from fastflow.model.config import (
     FastFlowConfig,
@@ -394,6 +394,7 @@ class FastFlow(BaseEstimator):
         distributed.setup(device)
         samples = _normal_samples(X)
         train_samples, holdout_samples = split_holdout(samples, self.holdout_fraction, training.seed)
+        training = resolve_budget(training, recipe, len(train_samples))
         config, note = self._shaped_to(config, recipe, samples)
         if note is not None:
             _log.info("%s", note)

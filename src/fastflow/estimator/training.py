@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -28,6 +29,7 @@ from fastflow.core.hardware import DEVICE_CHOICES, cpu_has_native_bf16, is_devic
 from fastflow.estimator import distributed
 from fastflow.estimator.augment import image_generator, noisy_copy
 from fastflow.estimator.feature_cache import FeatureCache
+from fastflow.model.config import REFERENCE_EPOCHS, Recipe
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.model.scoring import nll_loss
 
@@ -91,14 +93,16 @@ def resolve_flow_precision(precision: str, device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings; defaults follow the reference (Adam, lr 1e-3, wd 1e-5, batch 32).
+    """Optimisation settings: Adam, lr 1e-3, wd 1e-5 as in the reference; batch size and length
+    left to the recipe (``Recipe.batch_size``, ``Recipe.step_budget``) unless given here.
 
     Invalid values raise ``FastFlowError`` at construction, naming the setting and its valid
     range, so a bad option stops a run before any image is read.
     """
 
-    max_epochs: int = 100
-    batch_size: int = 32
+    # None: the recipe's step budget in epochs of the training split (``resolve_budget``).
+    max_epochs: int | None = None
+    batch_size: int | None = None  # None: the recipe's
     # Images per forward/backward pass: a batch's gradients are summed over its micro-batches, so
     # this bounds the memory of the flows' activations, which grows with every image of a pass
     # (measured: docs/measurements.md#micro-batch-memory), without changing what is learnt (up to
@@ -120,8 +124,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "max_epochs": (is_integer(self.max_epochs) and self.max_epochs >= 1, "an integer >= 1"),
-            "batch_size": (is_integer(self.batch_size) and self.batch_size >= 1, "an integer >= 1"),
+            "max_epochs": (
+                self.max_epochs is None or (is_integer(self.max_epochs) and self.max_epochs >= 1),
+                "an integer >= 1 or None (the recipe's step budget)",
+            ),
+            "batch_size": (
+                self.batch_size is None or (is_integer(self.batch_size) and self.batch_size >= 1),
+                "an integer >= 1 or None (the recipe's)",
+            ),
             "micro_batch_size": (
                 self.micro_batch_size is None
                 or (is_integer(self.micro_batch_size) and self.micro_batch_size >= 1),
@@ -156,6 +166,23 @@ class TrainState:
     @property
     def epochs_without_progress(self) -> int:
         return self.epoch - self.progress_epoch
+
+
+def resolve_budget(config: TrainConfig, recipe: Recipe, count: int) -> TrainConfig:
+    """``config`` with its open batch size and epoch count filled in from ``recipe`` for a
+    training split of ``count`` images.
+
+    The recipe's budget counts optimiser steps, not epochs: the flows' fit depends on how many
+    updates they get, and an epoch of 1,000 images is ten times one of 100. Epochs are the steps
+    rounded up to whole epochs (at least one), so held-out selection still runs once an epoch.
+    """
+    batch_size = recipe.batch_size if config.batch_size is None else config.batch_size
+    epochs = config.max_epochs
+    if epochs is None:
+        steps_per_epoch = math.ceil(max(count, 1) / batch_size)
+        budget = recipe.step_budget
+        epochs = REFERENCE_EPOCHS if budget is None else max(1, math.ceil(budget / steps_per_epoch))
+    return dataclasses.replace(config, batch_size=batch_size, max_epochs=epochs)
 
 
 def learning_rate(schedule: str, peak: float, step: int, total_steps: int) -> float:
@@ -358,7 +385,7 @@ def fit_flows(
     Args:
         model: the model; only its non-backbone parameters are trained.
         train_features / val_features: features of normal images (``extract_features``).
-        config: optimisation and stopping settings.
+        config: optimisation and stopping settings, batch size and epochs filled in (``resolve_budget``).
         exact_nll: train on the exact NLL (``Recipe.exact_nll``), else the reference loss.
         feature_noise: std of the Gaussian noise added to each training batch's features, as a
             fraction of each channel's std over ``train_features`` (``Recipe.feature_noise``).
@@ -374,6 +401,8 @@ def fit_flows(
         FastFlowError: when the loss becomes NaN or infinite, or a global batch is smaller
             than the number of processes.
     """
+    if config.batch_size is None or config.max_epochs is None:
+        raise ValueError("fit_flows needs a batch size and an epoch count: resolve_budget fills them in")
     ranks = distributed.world_size()
     if config.batch_size < ranks:
         raise FastFlowError(

@@ -25,6 +25,7 @@ from fastflow.model.tiling import ALIGN
 __all__ = [
     "PRESETS",
     "RECIPES",
+    "REFERENCE_EPOCHS",
     "FastFlowConfig",
     "Recipe",
     "get_config",
@@ -193,6 +194,8 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
 CONTEXT_OPTIONS = ("context_pool", "fuse_scales", "positional_channels", "permutation")
 # How the learning rate moves over the epoch budget (``fastflow.estimator.training.learning_rate``).
 LR_SCHEDULES = ("constant", "cosine")
+# Epochs a recipe without a step budget trains for (the reference's fixed length).
+REFERENCE_EPOCHS = 100
 
 PRESETS: dict[str, FastFlowConfig] = {
     # The paper's official ResNet-18 configuration (3x3 kernels only).
@@ -240,7 +243,14 @@ class Recipe:
         score_top: share of the anomaly map's highest pixels averaged into the image score
             (0: the map's maximum).
         lr_schedule: ``"constant"`` learning rate (the reference) or ``"cosine"`` decay to 0 at
-            the end of the epoch budget (``fastflow.estimator.training.learning_rate``).
+            the end of the epoch budget (``fastflow.estimator.training.learning_rate``), so the
+            flows settle before the budget ends instead of moving at full speed to its last step.
+        batch_size: training images per optimiser step, where ``TrainConfig`` leaves it open.
+        step_budget: optimiser steps a training run takes, where ``TrainConfig`` gives no epoch
+            count: converted into epochs of the training split (``resolve_budget``), so a dataset
+            of 100 images and one of 1,000 get the same number of updates and the same schedule,
+            and time to a model stops growing with the folder. ``None``: the reference's fixed
+            ``REFERENCE_EPOCHS``.
         input_size_from_data: when a detector is built from a CNN's name without an input size,
             give the model the training images' aspect ratio at the preset's pixel count
             (``input_size_for``) instead of squeezing every image to the preset's square: a
@@ -267,7 +277,9 @@ class Recipe:
     pixel_jpeg_share: float = 0.25
     map_sigma: float = 4.0
     score_top: float = 0.001
-    lr_schedule: str = "constant"
+    lr_schedule: str = "cosine"
+    batch_size: int = 8
+    step_budget: int | None = 1000
     input_size_from_data: bool = True
     architecture: dict[str, Any] = field(default_factory=lambda: {"positional_channels": 16})
     description: str = ""
@@ -310,6 +322,18 @@ class Recipe:
         require(is_real(self.score_top) and 0 <= self.score_top < 1, "score_top", "in [0, 1)", self.score_top)
         require(self.lr_schedule in LR_SCHEDULES, "lr_schedule", " or ".join(LR_SCHEDULES), self.lr_schedule)
         require(
+            is_integer(self.batch_size) and self.batch_size >= 1,
+            "batch_size",
+            "an integer >= 1",
+            self.batch_size,
+        )
+        require(
+            self.step_budget is None or (is_integer(self.step_budget) and self.step_budget >= 1),
+            "step_budget",
+            "an integer >= 1 or None (REFERENCE_EPOCHS epochs)",
+            self.step_budget,
+        )
+        require(
             isinstance(self.input_size_from_data, bool),
             "input_size_from_data",
             "true or false",
@@ -342,9 +366,13 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
-        """Inverse of ``to_dict``; unknown keys are an error."""
-        return _from_dict(cls, data)
+        """Inverse of ``to_dict``; unknown keys are an error. Training keys a file of an older
+        fastflow lacks take the values it was trained with, so a refit of it trains the same way."""
+        return _from_dict(cls, {**_BEFORE_TRAINING_KEYS, **data})
 
+
+# Recipe keys added after model files existed, with the behaviour those files were trained with.
+_BEFORE_TRAINING_KEYS: dict[str, Any] = {"lr_schedule": "constant", "batch_size": 32, "step_budget": None}
 
 RECIPES: dict[str, Recipe] = {
     "improved": Recipe(
@@ -353,7 +381,8 @@ RECIPES: dict[str, Recipe] = {
         "JPEG-compressed at quality 75) copies of each image "
         "with feature noise 0.1 std, a 16-channel positional condition in every coupling, "
         "anomaly map blurred (sigma 4 px), image score = mean of the map's top 0.1%, "
-        "input at the training images' aspect ratio (the preset's pixel count)",
+        "input at the training images' aspect ratio (the preset's pixel count), "
+        "1,000 steps of batch 8 with a cosine learning rate",
     ),
     # The paper / anomalib recipe, kept so published numbers can be reproduced.
     "reference": Recipe(
@@ -364,10 +393,22 @@ RECIPES: dict[str, Recipe] = {
         pixel_jpeg=0,
         map_sigma=0.0,
         score_top=0.0,
+        lr_schedule="constant",
+        batch_size=32,
+        step_budget=None,
         input_size_from_data=False,
         architecture={},
         description="FastFlow paper and anomalib: loss without the norm's log-det, unblurred map, image score = map maximum, "
-        "the preset's square input",
+        "the preset's square input, batch 32 at a constant learning rate for 100 epochs",
+    ),
+    # The default until the step budget, kept so the results it was measured with can be reproduced.
+    "improved-100-epochs": Recipe(
+        "improved-100-epochs",
+        lr_schedule="constant",
+        batch_size=32,
+        step_budget=None,
+        description="the improved recipe as it was before the step budget: batch 32 at a constant learning rate "
+        "for 100 epochs, whatever the number of images",
     ),
 }
 
