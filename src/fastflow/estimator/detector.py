@@ -395,6 +395,8 @@ class FastFlow(BaseEstimator):
         samples = _normal_samples(X)
         train_samples, holdout_samples = split_holdout(samples, self.holdout_fraction, training.seed)
         training = resolve_budget(training, recipe, len(train_samples))
+        batch_size = training.batch_size
+        assert batch_size is not None  # filled in by resolve_budget
         config, note = self._shaped_to(config, recipe, samples)
         if note is not None:
             _log.info("%s", note)
@@ -415,7 +417,7 @@ class FastFlow(BaseEstimator):
             try:
                 extract_features(
                     model,
-                    self._shard_pixels(train_samples, config.input_size, training.batch_size),
+                    self._shard_pixels(train_samples, config.input_size, batch_size),
                     caches["train"],
                     noisy,
                     recipe.pixel_noise,
@@ -426,7 +428,7 @@ class FastFlow(BaseEstimator):
                 )
                 extract_features(
                     model,
-                    self._shard_pixels(holdout_samples, config.input_size, training.batch_size),
+                    self._shard_pixels(holdout_samples, config.input_size, batch_size),
                     caches["holdout"],
                     desc="held-out features",
                 )
@@ -453,7 +455,7 @@ class FastFlow(BaseEstimator):
             )
             # Scored on the CPU, where the fitted model lives and every engine scores it.
             holdout_scores, map_sample = self._score_features(
-                model.cpu().fold(), caches["holdout"], recipe, training.batch_size
+                model.cpu().fold(), caches["holdout"], recipe, batch_size
             )
         # Typical normal pixel value: the dark end of heat-map pictures.
         self._set_fitted(model, recipe, float(np.median(map_sample)))
