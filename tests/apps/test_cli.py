@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ def _train_once(
         run = tmp_path_factory.mktemp("runs") / key
         code, out, err = run_cli(capsys, *train_args(data, run, weights))
         assert code == 0, err
-        assert "saved" in out and "best epoch" in out
+        assert "saved" in out and "best epoch" in out and re.search(r"trained in \d+ min \d+ s", out)
         runs[key] = run
     return runs[key]
 

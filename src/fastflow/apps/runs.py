@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,9 @@ def train_run(run: TrainRun) -> list[str]:
     detector = copy.deepcopy(run.detector)
     training = detector.training if detector.training is not None else TrainConfig()
     detector.set_params(training=dataclasses.replace(training, device=worker_device(training.device)))
+    start = time.monotonic()
     detector.fit(run.data, checkpoint=run.output / CHECKPOINT)
+    minutes, seconds = divmod(round(time.monotonic() - start), 60)
     if not distributed.is_main():
         return []
     path = detector.save(run.output / MODEL)
@@ -89,7 +92,8 @@ def train_run(run: TrainRun) -> list[str]:
     calibration = detector.calibration_
     return [
         (
-            f"input {height}x{width}; best epoch {detector.best_epoch_} of {len(detector.history_)}; "
+            f"trained in {minutes} min {seconds} s; input {height}x{width}; "
+            f"best epoch {detector.best_epoch_} of {len(detector.history_)}; "
             f"threshold {detector.threshold_:.6g} "
             f"for a false-alarm rate of {calibration.false_alarm_rate:g}, guaranteed at most "
             f"{calibration.guaranteed_rate():.3g} by {calibration.n} held-out normal images"
