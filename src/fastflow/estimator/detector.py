@@ -618,8 +618,9 @@ class FastFlow(BaseEstimator):
                 in it); their scores replace the calibration scores (the held-out images' after
                 ``fit``). None: the stored calibration scores again, at the current
                 ``false_alarm_rate`` (after ``set_params(false_alarm_rate=...)``).
-            engine, precision: how to score ``X``: as production will run (see ``engine``), since
-                bf16 moves scores slightly.
+            engine: the engine to score ``X`` with, as production will run (see ``engine``).
+            precision: the precision to score ``X`` at, as production will run: bf16 moves
+                scores slightly.
 
         A user usually has more good images than training used; more calibration images make
         smaller rates possible (n + 1 >= 1 / rate) and the realised rate steadier. Nothing
