@@ -7,8 +7,10 @@ import os
 # Model hubs are unreachable here; fail fast instead of retrying for a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -45,3 +47,19 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def offline_machine(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A machine without the model hub, as a user's: no name resolves and no connection opens,
+    and huggingface_hub's offline flag (set above for every other test) is off."""
+    from huggingface_hub import constants
+
+    def no_network(*args: Any, **kwargs: Any) -> None:
+        raise OSError("test: no network on this machine")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    yield
+    assert constants.HF_HUB_OFFLINE is False  # fastflow's cache-only switch was put back

