@@ -18,7 +18,7 @@ AUROC, pixel AUROC, AUPRO, plus the epochs run and the training time; ``--json``
 The improved recipe's defaults were chosen with it (seeds 0 and 1, 40 epochs, opacity 0.3,
 bottle and the built-in ``textures`` set) by the mean of image and pixel AUROC over both
 validation sets: the exact-NLL loss, the reference map blurred with sigma 4 px, its top-0.1%
-mean as image score, and Lite0 on stages 1-3. The README's Results section has the table and
+mean as image score, and Lite0 on stages 1-3. docs/results.md has the table and
 what was dropped (stride-32 stage, 384 px input, NLL-based and standardised maps).
 """
 

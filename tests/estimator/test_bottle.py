@@ -1,6 +1,6 @@
 """First real results: MVTec AD bottle with pretrained EfficientNet-Lite0, end to end via the CLI.
 
-Fewer epochs than the README's benchmark so CI stays fast. Default (improved) recipe; the run
+Fewer epochs than the benchmark of docs/results.md so CI stays fast. Default (improved) recipe; the run
 that set the floors measured image AUROC 0.990, pixel AUROC 0.948, AUPRO 0.777. Nothing here
 looks at test images before testing.
 """
