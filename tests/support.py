@@ -5,20 +5,38 @@ Imported as ``support`` (pytest puts ``tests/`` on the path; the benchmarks add 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import socket
 import struct
+import threading
+import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from fastflow.apps.synthetic import DEFECTS, _check_fmt, _prepare_root, _render, _save, _save_mask, _style
+from fastflow.model.config import get_config
 from fastflow.model.fastflow import FastFlowModel
 from fastflow.model.scoring import anomaly_map
 
-__all__ = ["bad_requests", "make_folder_dataset", "perturb_trainable", "png_claiming", "tile_seam_ratio"]
+__all__ = [
+    "bad_requests",
+    "calibrated_run",
+    "free_port",
+    "loopback_server",
+    "make_folder_dataset",
+    "perturb_trainable",
+    "png_claiming",
+    "serve_images",
+    "tile_seam_ratio",
+]
 
 
 # The smallest model ``fastflow train`` builds (random ResNet-18 weights, 64 px), for tests of
@@ -161,3 +179,64 @@ def bad_requests(good: bytes, max_body_bytes: int) -> dict[str, tuple[bytes, str
             "false_alarm_rate",
         ),
     }
+
+
+# ---------------------------------------------------------------------------- fastflow serve
+
+
+def serve_images(root: Path) -> list[Path]:
+    """10 images for serving tests (6 normal, then 4 anomalous): mixed sizes (200..320 px), PNG,
+    JPEG, BMP and TIFF, colour and grayscale (index 2)."""
+    folder = make_folder_dataset(root, n_normal=6, n_anomalous=4)
+    paths = sorted((folder / "normal").iterdir()) + sorted((folder / "anomalous").iterdir())
+    for index, suffix in ((1, ".bmp"), (2, ".tiff")):
+        converted = paths[index].with_suffix(suffix)
+        Image.open(paths[index]).save(converted)
+        paths[index].unlink()
+        paths[index] = converted
+    return paths
+
+
+def calibrated_run(images: list[Path], folder: Path, rate: float = 0.5, seed: int = 1) -> Path:
+    """A saved small random-backbone detector with perturbed flows (no training), calibrated on
+    ``images`` at ``rate``: at 0.5 on 10 images its threshold is their 6th smallest score
+    (ceil(11 x 0.5)), so 4 of them score above it and both verdicts occur."""
+    from fastflow import FastFlow
+
+    model = FastFlowModel(get_config("resnet18", input_size=(96, 80), flow_steps=2), "random").eval()
+    perturb_trainable(model, torch.Generator().manual_seed(seed))
+    scores = FastFlow.from_model(model, 0.0).decision_function(images)
+    assert scores.std() > 1e-4  # scores that tell the images apart
+    detector = FastFlow.from_model(model, 0.0, map_floor=float(scores.min()) - 0.1, false_alarm_rate=rate)
+    detector.calibrate(images)
+    if rate == 0.5 and len(images) == 10:
+        assert detector.threshold_ == np.sort(scores)[5]
+    detector.save(folder / "model.safetensors")
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def loopback_server(app: Any) -> Iterator[str]:
+    """Run the ASGI ``app`` with uvicorn in a thread on a free 127.0.0.1 port; yields its base
+    URL (``http://127.0.0.1:PORT``) once it accepts connections, and stops it after."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started, "uvicorn did not start within 30 s"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

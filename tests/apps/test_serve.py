@@ -15,9 +15,6 @@ import io
 import math
 import os
 import shutil
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support import bad_requests, make_folder_dataset, perturb_trainable
+from support import bad_requests, calibrated_run, loopback_server, serve_images
 
 from fastflow import FastFlow
 from fastflow.apps.cli import main
@@ -46,36 +43,19 @@ ARTIFACTS = Path(
 KEY = "line-7-secret"
 
 
+RATE = 0.5
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Mixed sizes (200..320 px), PNG, JPEG, BMP and TIFF, colour and grayscale."""
-    root = make_folder_dataset(tmp_path_factory.mktemp("serve") / "data", n_normal=6, n_anomalous=4)
-    paths = sorted((root / "normal").iterdir()) + sorted((root / "anomalous").iterdir())
-    for index, suffix in ((1, ".bmp"), (2, ".tiff")):  # 2 is grayscale
-        converted = paths[index].with_suffix(suffix)
-        Image.open(paths[index]).save(converted)
-        paths[index].unlink()
-        paths[index] = converted
-    return paths
-
-
-RATE = 0.5
+    return serve_images(tmp_path_factory.mktemp("serve") / "data")
 
 
 @pytest.fixture(scope="module")
 def run(images: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved detector calibrated on ``images`` at a false-alarm rate of 0.5: its threshold is
     their 6th smallest score (ceil(11 * 0.5)), so 4 of the 10 score above it."""
-    model = FastFlowModel(get_config("resnet18", input_size=(96, 80), flow_steps=2), "random").eval()
-    perturb_trainable(model, torch.Generator().manual_seed(1))
-    scores = FastFlow.from_model(model, 0.0).decision_function(images)
-    assert scores.std() > 1e-4  # scores that tell the images apart
-    detector = FastFlow.from_model(model, 0.0, map_floor=float(scores.min()) - 0.1, false_alarm_rate=RATE)
-    detector.calibrate(images)
-    assert detector.threshold_ == np.sort(scores)[5]
-    folder = tmp_path_factory.mktemp("serve") / "run"
-    detector.save(folder / "model.safetensors")
-    return folder
+    return calibrated_run(images, tmp_path_factory.mktemp("serve") / "run", RATE)
 
 
 def _post(client: TestClient, data: bytes, content_type: str = "image/png", query: str = "", **headers: str):
@@ -288,6 +268,11 @@ def test_api_key(run: Path, images: list[Path]) -> None:
         assert keyed.get("/model").status_code == 401
         assert _post(keyed, good, **{"X-API-Key": KEY}).status_code == 200
         assert keyed.get("/health").status_code == 200 and keyed.get("/").status_code == 200
+        # The probes are open; the v2 models and the metrics need the key like the rest.
+        assert keyed.get("/v2/health/live").status_code == 200
+        assert keyed.get("/v2/health/ready").status_code == 200
+        assert keyed.get("/v2/models/run").status_code == 401 and keyed.get("/metrics").status_code == 401
+        assert keyed.get("/metrics", headers={"X-API-Key": KEY}).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -323,56 +308,31 @@ def test_serve_without_a_run_is_a_one_line_error(capsys, tmp_path: Path) -> None
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_page_in_headless_chromium(run: Path, bottle: Path) -> None:
     """Load the page, upload a bottle image, read the verdict and score; save a screenshot."""
     sync_api = pytest.importorskip("playwright.sync_api")
-    import uvicorn
 
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"no Chromium at {CHROMIUM}; install it: apt-get install -y chromium")
     image = bottle / "test" / "broken_large" / "000.png"
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(load_served(run, "torch"), ServeConfig()),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.started
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.set_input_files("#file", str(image))
-            page.wait_for_selector("#result:not([hidden])", timeout=30_000)
-            verdict, score = page.inner_text("#verdict"), float(page.inner_text("#score"))
-            p_value, rate = page.inner_text("#p-value"), page.inner_text("#rate-used")
-            page.fill("#rate", "0.95")  # the next upload is labelled at this rate
-            page.set_input_files("#file", [])
-            page.set_input_files("#file", str(image))
-            page.wait_for_function("document.getElementById('rate-used').textContent.startsWith('0.95')")
-            at_rate = page.inner_text("#threshold")
-            overlay_src = page.get_attribute("#overlay", "src")
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "serve_page.png"), full_page=True)
-            browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    app = create_app(load_served(run, "torch"), ServeConfig())
+    with loopback_server(app) as base, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(f"{base}/")
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("#result:not([hidden])", timeout=30_000)
+        verdict, score = page.inner_text("#verdict"), float(page.inner_text("#score"))
+        p_value, rate = page.inner_text("#p-value"), page.inner_text("#rate-used")
+        page.fill("#rate", "0.95")  # the next upload is labelled at this rate
+        page.set_input_files("#file", [])
+        page.set_input_files("#file", str(image))
+        page.wait_for_function("document.getElementById('rate-used').textContent.startsWith('0.95')")
+        at_rate = page.inner_text("#threshold")
+        overlay_src = page.get_attribute("#overlay", "src")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "serve_page.png"), full_page=True)
+        browser.close()
     detector = FastFlow.load(run)
     expected = detector.detect([image])
     assert verdict == ("anomalous" if expected.labels[0] else "normal")

@@ -731,10 +731,11 @@ def calibrate(
 @app.command()
 @_user_errors
 def serve(
-    run: Annotated[
-        Path,
+    runs: Annotated[
+        list[str],
         typer.Argument(
-            help="Run folder or model.safetensors from 'fastflow train', or a folder from 'fastflow export'."
+            help="Model(s) to serve: a run folder or model.safetensors from 'fastflow train', or a folder "
+            "from 'fastflow export'; NAME=RUN for each of several (a bare RUN is named after its folder).",
         ),
     ],
     host: Annotated[
@@ -749,7 +750,10 @@ def serve(
         typer.Option(help="f32 or bf16 (see 'predict'; default as 'predict', or an exported model's own)."),
     ] = None,
     max_batch: Annotated[
-        int, typer.Option(help="Most images per engine call (concurrent requests share one).")
+        int,
+        typer.Option(
+            help="Most images per engine call (concurrent requests share one) and per /v2 infer request."
+        ),
     ] = 16,
     batch_wait_ms: Annotated[
         float, typer.Option(help="How long a request waits for others to share its engine call.")
@@ -762,47 +766,98 @@ def serve(
     api_key: Annotated[
         str | None,
         typer.Option(
-            envvar="FASTFLOW_API_KEY", help="Key every request but / and /health must send in X-API-Key."
+            envvar="FASTFLOW_API_KEY",
+            help="Key every request but /, /health and /v2/health/* must send in X-API-Key.",
         ),
     ] = None,
+    shutdown_timeout: Annotated[
+        int,
+        typer.Option(
+            help="Seconds to let in-flight requests finish after SIGTERM (or Ctrl-C) before cancelling them."
+        ),
+    ] = 30,
+    access_log: Annotated[
+        bool, typer.Option(help="One stderr line per request: method, route, status, ms, model, batch size.")
+    ] = True,
 ) -> None:
-    """Serve a model over HTTP: POST /predict, GET /health, GET /model, and a web page at /."""
+    """Serve models over HTTP: POST /predict, GET /model, GET /health, the Open Inference Protocol
+    under /v2, Prometheus GET /metrics, and a web page at /. SIGTERM stops accepting
+    connections, lets in-flight requests finish (--shutdown-timeout) and exits with status 0."""
     import ipaddress
 
+    from fastflow.core.errors import require
     from fastflow.estimator.engines import check_engine, check_precision
 
     try:
         import uvicorn
 
         from fastflow.apps.serve import ServeConfig, create_app, load_served
+        from fastflow.apps.serve_metrics import ACCESS_LOGGER
+        from fastflow.apps.serve_models import model_arguments
     except ImportError as error:
         raise FastFlowError(
             f'serving needs {error.name}; install the serve extra: pip install "fastflow[serve]"'
         ) from None
-    # Every option is checked before the model is loaded.
+    # Every option is checked before a model is loaded.
     if engine is not None:
         check_engine(engine)
     if precision is not None:
         check_precision(precision)
     if not 1 <= port <= 65535:
         raise FastFlowError(f"port (--port) must be between 1 and 65535, got {port}")
+    require(
+        0 <= shutdown_timeout <= 3600, "--shutdown-timeout", "between 0 and 3600 seconds", shutdown_timeout
+    )
     config = ServeConfig(
         max_batch, batch_wait_ms, round(max_body_mb * 2**20), round(max_megapixels * 1e6), api_key
     )
-    if not run.exists():
-        raise FastFlowError(
-            f"{run} does not exist; pass a run folder, a model.safetensors or a 'fastflow export' folder"
-        )
+    named = model_arguments(runs)
     with contextlib.suppress(ValueError):
         if api_key is None and not ipaddress.ip_address(host).is_loopback:
             typer.echo(
                 f"warning: serving on {host} without --api-key: anyone who can reach it can use the model",
                 err=True,
             )
+    _access_log_to_stderr(logging.getLogger(ACCESS_LOGGER), access_log)
     with _physical_core_threads():
-        model = load_served(run, engine, precision)
-        typer.echo(f"serving {model.name} ({model.engine_name}, {model.precision}) on http://{host}:{port}/")
-        uvicorn.run(create_app(model, config), host=host, port=port, log_level="warning")
+        loaded = [load_served(path, engine, precision, name) for name, path in named]
+        for model in loaded:
+            typer.echo(
+                f"serving {model.name} ({model.engine_name}, {model.precision}; loaded in "
+                f"{model.load_seconds:.1f} s) on http://{host}:{port}/"
+            )
+        _exit_zero_on_sigterm()
+        uvicorn.run(
+            create_app(loaded, config),
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=shutdown_timeout,
+        )
+
+
+def _access_log_to_stderr(logger: logging.Logger, enabled: bool) -> None:
+    """The server's access lines on stderr with a timestamp, or none (``--no-access-log``)."""
+    if not enabled:
+        logger.setLevel(logging.WARNING)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _exit_zero_on_sigterm() -> None:
+    """uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler
+    that was there before it started; this handler makes that a normal exit (status 0), as
+    service managers expect of an orderly stop, rather than death by the signal (143)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 
 @app.command()
