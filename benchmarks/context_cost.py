@@ -8,7 +8,8 @@ Each variant is a Lite0 (shared ImageNet weights) or random-backbone model with 
 flows perturbed to look trained (``inference.perturbed_model``), folded into its inference
 graph, and timed on the PyTorch fp32 engine (``fastflow predict``'s default for a few images)
 and ONNX Runtime fp32 (its fastest exact engine), interleaved over ``--rounds`` rounds; the best
-round counts. Prints img/s at ``--batch``, batch-1 latency, and each as a ratio to the plain model.
+round counts. Prints img/s at ``--batch``, batch-1 latency, and each as a ratio to the plain model;
+``--table-json PATH`` also writes that table as a results-table JSON (``docs/render.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from inference import best_of_rounds, measure, perturbed_model, smooth_pixels, torch_runner
 
 from fastflow import FastFlow
+from fastflow.apps.result_tables import markdown_table, table_record, write_table
 from fastflow.core.hardware import cpu_model, physical_cores
 from fastflow.estimator.engines import OnnxRuntimeEngine
 from fastflow.estimator.export import to_onnx
@@ -49,6 +51,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    parser.add_argument(
+        "--table-json",
+        type=Path,
+        help="also write the table as a results-table JSON (fastflow.apps.result_tables: with the command, "
+        "CPU, date and version), e.g. docs/results/NAME.json, which python docs/render.py renders into the docs",
+    )
     args = parser.parse_args()
     torch.set_num_threads(physical_cores())
     pixels = smooth_pixels(args.batch, args.size).numpy()
@@ -69,19 +77,28 @@ def main() -> None:
         ) in configs.values():  # a discarded round: first calls pay for allocations and kernel choice
             measure(run, pixels, 0.2)
         best = best_of_rounds(configs, {"pixels": pixels}, args.rounds, args.seconds)
-    print(f"\n### Inference cost of the context options: {args.backbone} at {args.size}x{args.size}\n")
-    print(f"| variant | engine | img/s (batch {args.batch}) | vs plain | batch-1 ms | vs plain |")
-    print("|---|---|---:|---:|---:|---:|")
+    title = f"Inference cost of the context options: {args.backbone} at {args.size}x{args.size}"
+    columns = ["variant", "engine", f"img/s (batch {args.batch})", "vs plain", "batch-1 ms", "vs plain"]
+    align = ["", "", "right", "right", "right", "right"]
+    rows = []
     for (name, engine), (speed, latency) in best.items():
         plain_speed, plain_latency = best[names[0], engine]
-        print(
-            f"| {name} | {engine} | {speed:.1f} | {plain_speed / speed:.2f}x time | {latency:.1f} | "
-            f"{latency / plain_latency:.2f}x |"
+        rows.append(
+            [
+                name,
+                engine,
+                f"{speed:.1f}",
+                f"{plain_speed / speed:.2f}x time",
+                f"{latency:.1f}",
+                f"{latency / plain_latency:.2f}x",
+            ]
         )
-    print(
-        f"\nCPU: {cpu_model()}, {physical_cores()} physical cores, torch {torch.__version__}; "
-        f"ratios are time per image against '{names[0]}', measured in this run"
-    )
+    print(f"\n### {title}\n")
+    print(markdown_table(columns, rows, align))
+    notes = f"torch {torch.__version__}; ratios are time per image against '{names[0]}', measured in this run"
+    print(f"\nCPU: {cpu_model()}, {physical_cores()} physical cores, {notes}")
+    if args.table_json:
+        write_table(args.table_json, table_record(title, columns, rows, align=align, notes=notes))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ batch 1. Outputs are checked against fastflow's PyTorch fp32 graph before timing
 rows run its default architecture (the improved recipe's positional condition, which widens
 every coupling subnet); two more rows run its OpenVINO engines (f32, bf16) on the paper's
 architecture, the one anomalib's twin holds, to compare the graphs at equal work.
+
+``--table-json PATH`` also writes a results-table JSON (``docs/render.py``): for the timing, one
+table with a row per configuration and a column per backbone (``img/s / batch-1 ms``); with
+``--auroc``, the AUROC table.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastflow import FastFlow
+from fastflow.apps.result_tables import markdown_table, table_record, write_table
 from fastflow.core.hardware import physical_cores
 from fastflow.estimator.anomalib_import import _anomalib_key
 from fastflow.estimator.engines import OnnxRuntimeEngine, OpenVinoEngine, TorchEngine
@@ -389,7 +394,50 @@ def int8_aurocs(
     return [_auroc_row("openvino int8 backbone (NNCF), rest bf16", run, batches, labels)]
 
 
-def auroc_check(run: Path, data: Path) -> None:
+def speed_table(tables: dict[str, dict[str, tuple[float, float]]]) -> tuple[list[str], list[list[str]]]:
+    """Per-backbone timings (backbone -> configuration -> (img/s, batch-1 ms)) as one table's
+    columns and rows: a row per configuration, a cell ``img/s / ms`` per backbone (``-`` where a
+    backbone lacks that configuration)."""
+    names = list(dict.fromkeys(name for table in tables.values() for name in table))
+    rows = [
+        [
+            name,
+            *(
+                f"{table[name][0]:.1f} / {table[name][1]:.1f}" if name in table else "-"
+                for table in tables.values()
+            ),
+        ]
+        for name in names
+    ]
+    return ["configuration", *tables], rows
+
+
+AUROC_COLUMNS = [
+    "engine",
+    "image AUROC",
+    "pixel AUROC",
+    "max score difference vs torch f32",
+    "seconds (incl. export)",
+]
+
+
+def auroc_rows(rows: list[tuple]) -> list[list[str]]:
+    """``auroc_check``'s rows (name, image AUROC, pixel AUROC, scores, seconds) as the cells of
+    ``AUROC_COLUMNS``, each AUROC with its difference from the first row's (torch f32)."""
+    reference = rows[0]
+    return [
+        [
+            name,
+            f"{image:.4f} ({image - reference[1]:+.4f})",
+            f"{pixel:.4f} ({pixel - reference[2]:+.4f})",
+            f"{np.abs(scores - reference[3]).max():.2g}",
+            f"{elapsed:.0f}",
+        ]
+        for name, image, pixel, scores, elapsed in rows
+    ]
+
+
+def auroc_check(run: Path, data: Path, table_json: Path | None = None) -> None:
     """Image and pixel AUROC of a trained model with each engine and precision, against PyTorch fp32."""
     from fastflow.estimator.data import list_images, load_samples
 
@@ -418,15 +466,14 @@ def auroc_check(run: Path, data: Path) -> None:
     rows += int8_aurocs(detector, batches, labels, list_images(data / "train" / "good"))
     rows += anomalib_aurocs(detector, batches, labels)
     reference = rows[0]
-    print(f"\n### AUROC on {data} ({len(samples)} test images), model {run}\n")
-    print(
-        "| engine | image AUROC | pixel AUROC | max score difference vs torch f32 | seconds (incl. export) |"
-    )
-    print("|---|---:|---:|---:|---:|")
-    for name, image, pixel, scores, elapsed in rows:
-        print(
-            f"| {name} | {image:.4f} ({image - reference[1]:+.4f}) | {pixel:.4f} ({pixel - reference[2]:+.4f}) | "
-            f"{np.abs(scores - reference[3]).max():.2g} | {elapsed:.0f} |"
+    title = f"AUROC on {data} ({len(samples)} test images), model {run}"
+    align = ["", "right", "right", "right", "right"]
+    print(f"\n### {title}\n")
+    print(markdown_table(AUROC_COLUMNS, auroc_rows(rows), align))
+    if table_json:
+        notes = f"Each AUROC with its difference from torch f32; torch {torch.__version__}."
+        write_table(
+            table_json, table_record(title, AUROC_COLUMNS, auroc_rows(rows), align=align, notes=notes)
         )
     for name, image, pixel, _, _ in rows[1:]:
         verdict = (
@@ -457,25 +504,36 @@ def main() -> None:
         type=Path,
         help="instead of timing: AUROC of a trained model per engine and precision",
     )
+    parser.add_argument(
+        "--table-json",
+        type=Path,
+        help="also write the table as a results-table JSON (fastflow.apps.result_tables: with the command, "
+        "CPU, date and version), e.g. docs/results/NAME.json, which python docs/render.py renders into the docs; "
+        "timing: one table, a column per backbone, cells img/s / batch-1 ms",
+    )
     args = parser.parse_args()
     torch.set_num_threads(physical_cores())
     if args.auroc:
-        auroc_check(*args.auroc)
+        auroc_check(*args.auroc, args.table_json)
         return
     backbones = args.backbone or ["resnet18", "wide_resnet50_2", "tf_efficientnet_lite0"]
+    load_at_start = os.getloadavg()[0]
     print(
         f"{physical_cores()} physical cores, torch {torch.__version__}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
-        f"load average {os.getloadavg()[0]:.2f}; "
+        f"load average {load_at_start:.2f}; "
         f"input {args.size}x{args.size}, batch {args.batch}, best of {args.rounds} rounds"
     )
+    timings: dict[str, dict[str, tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for backbone in backbones:
             table = benchmark(backbone, args.size, args.batch, args.rounds, args.seconds, Path(tmp))
+            timings[backbone] = table
             print(f"\n### {backbone} @ {args.size}\n")
-            print(f"| configuration | images/s (batch {args.batch}) | batch-1 latency (ms) |")
-            print("|---|---:|---:|")
-            for name, (throughput, latency) in table.items():
-                print(f"| {name} | {throughput:.1f} | {latency:.1f} |")
+            columns = ["configuration", f"images/s (batch {args.batch})", "batch-1 latency (ms)"]
+            cells = [
+                [name, f"{throughput:.1f}", f"{latency:.1f}"] for name, (throughput, latency) in table.items()
+            ]
+            print(markdown_table(columns, cells, ["", "right", "right"]))
             ours = {k: v for k, v in table.items() if k.startswith("fastflow")}  # the default architecture
             fastest = max(ours, key=lambda k: ours[k][0])
             quickest = min(ours, key=lambda k: ours[k][1])
@@ -502,6 +560,17 @@ def main() -> None:
                     f"{paper[0] / theirs[0]:.2f}x, batch-1 latency {paper[1] / theirs[1]:.2f}x"
                 )
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
+    if args.table_json:
+        columns, rows = speed_table(timings)
+        title = (
+            f"Inference speed at {args.size}x{args.size}: img/s at batch {args.batch} / batch-1 latency in ms"
+        )
+        notes = (
+            f"Best of {args.rounds} rounds; load average {load_at_start:.2f} at the start, "
+            f"{os.getloadavg()[0]:.2f} at the end; torch {torch.__version__}, {physical_cores()} physical cores."
+        )
+        align = ["", *["right"] * len(timings)]
+        write_table(args.table_json, table_record(title, columns, rows, align=align, notes=notes))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ the deployed graph's (``InferenceGraph`` of the folded model): pre-processing, b
 map and score of one image (batch 1, PyTorch float32).
 The sizes are measured interleaved, ``--rounds`` times, and each row shows its best round (another
 process on the machine only ever slows a round down) and its ratio to the first size.
+``--table-json PATH`` also writes the table as a results-table JSON (``docs/render.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from fastflow.apps.result_tables import markdown_table, table_record, write_table
 from fastflow.core.hardware import cpu_model, physical_cores
 from fastflow.model.config import get_config, get_recipe
 from fastflow.model.fastflow import FastFlowModel
@@ -74,6 +76,12 @@ def main() -> None:
     parser.add_argument("--weights", default=str(LITE0_WEIGHTS))
     parser.add_argument("--sizes", default=DEFAULT_SIZES)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--table-json",
+        type=Path,
+        help="also write the table as a results-table JSON (fastflow.apps.result_tables: with the command, "
+        "CPU, date and version), e.g. docs/results/NAME.json, which python docs/render.py renders into the docs",
+    )
     args = parser.parse_args()
     names = args.sizes.split(",")
     sizes = [parse_size(name) for name in names]
@@ -88,11 +96,18 @@ def main() -> None:
     print(
         f"{cpu_model()}, {physical_cores()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    print("| input | pixels (vs first) | ms per image | time (vs first) |")
-    print("|---|---|---|---|")
+    columns = ["input", "pixels (vs first)", "ms per image", "time (vs first)"]
+    rows = []
     for name, (h, w, _, _), value in zip(names, sizes, best):
         pixels = h * w / (sizes[0][0] * sizes[0][1])
-        print(f"| {name} | {h * w:,} ({pixels:.2f}x) | {value * 1000:.0f} | {value / best[0]:.2f}x |")
+        rows.append([name, f"{h * w:,} ({pixels:.2f}x)", f"{value * 1000:.0f}", f"{value / best[0]:.2f}x"])
+    print(markdown_table(columns, rows))
+    if args.table_json:
+        title = (
+            "Deployed-graph time per image at each input size, against the first (batch 1, PyTorch float32)"
+        )
+        notes = f"torch {torch.__version__}, {torch.get_num_threads()} threads; best of {args.rounds} rounds."
+        write_table(args.table_json, table_record(title, columns, rows, notes=notes))
 
 
 if __name__ == "__main__":

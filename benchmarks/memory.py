@@ -7,7 +7,8 @@ Generates N normal 256x256 texture images (once per N, under --data, default a t
 then trains each (backbone, N) in a fresh child process, so each peak resident set size
 (``ru_maxrss``) is that run's alone, and prints a markdown table: images, where the feature
 cache went (the log line ``fit`` prints), cache size, peak RSS, and the peak's growth against
-the first N. The backbone runs with random weights: memory does not depend on their values.
+the first N (``--table-json PATH`` also writes it as a results-table JSON, ``docs/render.py``).
+The backbone runs with random weights: memory does not depend on their values.
 Defaults are the library's (improved recipe, batch 32, feature cache in RAM up to 1 GiB, or a
 quarter of the available memory where less, else on disk).
 """
@@ -111,17 +112,24 @@ def main() -> None:
         help="images a pass (default: the library's automatic choice)",
     )
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "fastflow-memory-images")
+    parser.add_argument(
+        "--table-json",
+        type=Path,
+        help="also write the table as a results-table JSON (fastflow.apps.result_tables: with the command, "
+        "CPU, date and version), e.g. docs/results/NAME.json, which python docs/render.py renders into the docs",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
+    from fastflow.apps.result_tables import markdown_row, markdown_table, table_record, write_table
     from fastflow.core.hardware import cpu_model
 
     print(f"CPU: {cpu_model()}; {os.cpu_count()} logical cores; command: python {shlex.join(sys.argv)}")
-    print(
-        "\n| backbone | images | feature cache | peak RSS | vs first | train seconds |\n|---|---|---|---|---|---|"
-    )
+    columns = ["backbone", "images", "feature cache", "peak RSS", "vs first", "train seconds"]
+    print("\n" + markdown_table(columns, []))
+    rows: list[list[str]] = []
     for backbone in args.backbone or ["resnet18"]:
         first = None
         for count in args.images:
@@ -145,16 +153,28 @@ def main() -> None:
                 command += ["--max-memory", args.max_memory]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
-                print(f"| {backbone} | {count} | failed: {done.stderr.strip().splitlines()[-1:]} | | | |")
-                continue
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            peak = result["peak_rss"] / 2**30
-            first = first or peak
-            print(
-                f"| {backbone} | {count} | {result['cache'].removeprefix('feature cache: ')} | {peak:.2f} GB "
-                f"| {peak / first - 1:+.1%} | {result['seconds']:.0f} |",
-                flush=True,
-            )
+                rows.append(
+                    [backbone, f"{count}", f"failed: {done.stderr.strip().splitlines()[-1:]}", "", "", ""]
+                )
+            else:
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                peak = result["peak_rss"] / 2**30
+                first = first or peak
+                rows.append(
+                    [
+                        backbone,
+                        f"{count}",
+                        result["cache"].removeprefix("feature cache: "),
+                        f"{peak:.2f} GB",
+                        f"{peak / first - 1:+.1%}",
+                        f"{result['seconds']:.0f}",
+                    ]
+                )
+            print(markdown_row(rows[-1]), flush=True)
+    if args.table_json:
+        title = f"Training memory: peak RSS against the number of training images, {args.epochs} epoch(s)"
+        notes = f"Generated 256x256 images, random backbone weights, cache dtype {args.cache_dtype}."
+        write_table(args.table_json, table_record(title, columns, rows, notes=notes))
 
 
 if __name__ == "__main__":

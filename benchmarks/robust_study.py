@@ -16,13 +16,15 @@ folder). A candidate names what differs from the improved recipe without trainin
 without context options (``candidate``'s tokens). The training noise of the improved recipe
 was chosen with it (``noise0.1+pixel2``), and the context options on top of that
 (``noise0.1+pixel2+pool3``, ...). Prints one summary line per (seed, candidate) and, with
-``--json``, keeps every row.
+``--json``, keeps every row; ``--table-json PATH`` writes the summary lines as one table, a
+results-table JSON (``study_table``; ``docs/render.py`` renders it into the docs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
@@ -33,6 +35,7 @@ from recipe_study import study_arguments, validation_set
 
 from fastflow import FastFlow, TrainConfig
 from fastflow.apps.benchmark import resolve_dataset
+from fastflow.apps.result_tables import table_record, write_table
 from fastflow.apps.robustness import PERTURBATIONS, measure
 from fastflow.core.hardware import cpu_model, physical_cores
 from fastflow.estimator.data import load_samples, split_holdout
@@ -153,10 +156,58 @@ def summary(rows: list[dict]) -> dict[str, float]:
     }
 
 
+STUDY_COLUMNS = [
+    "dataset",
+    "seed",
+    "candidate",
+    "input",
+    "image AUROC",
+    "pixel AUROC",
+    "AUPRO",
+    "worst image / pixel drop",
+    "noise-1 drift",
+    "kept epoch",
+    "fit seconds",
+]
+
+
+def study_table(results: list[dict]) -> list[list[str]]:
+    """The study's results (``main``'s records) as the cells of ``STUDY_COLUMNS``: validation
+    AUROCs and AUPRO clean, the worst drop over the perturbations, the noise-1 drift (``-`` where
+    noise1 was not run), the kept epoch and the fit's seconds."""
+    rows = []
+    for result in results:
+        height, width = result["input_size"]
+        drift = result["noise1_drift"]
+        rows.append(
+            [
+                result["data"],
+                f"{result['seed']}",
+                result["candidate"],
+                f"{height}x{width}",
+                f"{result['image_auroc']:.3f}",
+                f"{result['pixel_auroc']:.3f}",
+                f"{result['aupro']:.3f}",
+                f"{result['worst_image_drop']:.3f} / {result['worst_pixel_drop']:.3f}",
+                "-" if math.isnan(drift) else f"{drift:+.3f}",
+                f"{result['best_epoch']} of {result['epochs']}",
+                f"{result['fit_seconds']:.0f}",
+            ]
+        )
+    return rows
+
+
 def main() -> None:
     parser = study_arguments(__doc__, str, opacity=0.3)  # str: DATA may name a built-in dataset
     parser.add_argument("--candidates", default="noise0,noise0.1")
     parser.add_argument("--perturbations", default=",".join(PERTURBATIONS))
+    parser.add_argument(
+        "--table-json",
+        type=Path,
+        help="also write a summary table (a row per dataset, seed and candidate) as a results-table JSON "
+        "(fastflow.apps.result_tables: with the command, CPU, date and version), e.g. docs/results/NAME.json, "
+        "which python docs/render.py renders into the docs",
+    )
     args = parser.parse_args()
     if not os.environ.get("OMP_NUM_THREADS"):  # one study per core is allowed, as with the CLI
         torch.set_num_threads(physical_cores())
@@ -223,6 +274,16 @@ def main() -> None:
     print(f"CPU: {cpu_model()}, torch {torch.__version__}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    if args.table_json:
+        title = (
+            f"Validation study on {args.data}: painted defects at {args.opacity:g} opacity on the held-out "
+            f"normal images, {args.epochs or 'recipe'} epochs"
+        )
+        notes = (
+            f"Perturbations {','.join(names[1:]) or 'none'}; worst drop over them; drift: the held-out normals' "
+            f"median score under noise1 as a share of the clean normal-to-anomalous gap; torch {torch.__version__}."
+        )
+        write_table(args.table_json, table_record(title, STUDY_COLUMNS, study_table(results), notes=notes))
 
 
 if __name__ == "__main__":

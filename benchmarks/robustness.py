@@ -6,7 +6,8 @@
 RUN is a run folder or ``model.safetensors``, DATA an MVTec-layout dataset folder (its test
 split). The perturbations, the rows and the drift are ``fastflow.apps.robustness``'s (its docstring
 lists them); ``fastflow test RUN DATA --robustness`` prints the same table. This script adds the
-CPU model and the command line, which a README table needs beside its figures.
+CPU model and the command line, which a documentation table needs beside its figures, and
+``--table-json PATH`` writes the table with them as a results-table JSON (``docs/render.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from fastflow import FastFlow
-from fastflow.apps.robustness import PERTURBATIONS, markdown_table, measure, perturbation_names
+from fastflow.apps.result_tables import table_record, write_table
+from fastflow.apps.robustness import (
+    PERTURBATIONS,
+    TABLE_ALIGN,
+    TABLE_COLUMNS,
+    markdown_table,
+    measure,
+    perturbation_names,
+    table_rows,
+)
 from fastflow.core.errors import FastFlowError
 from fastflow.core.hardware import cpu_model, physical_cores
 from fastflow.estimator.data import load_samples
@@ -38,6 +48,12 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="run folder or model.safetensors")
     parser.add_argument("data", type=Path, help="MVTec-layout dataset folder (its test split is scored)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--table-json",
+        type=Path,
+        help="also write the table as a results-table JSON (fastflow.apps.result_tables: with the command, "
+        "CPU, date and version), e.g. docs/results/NAME.json, which python docs/render.py renders into the docs",
+    )
     parser.add_argument(
         "--perturbations",
         default=",".join(PERTURBATIONS),
@@ -60,12 +76,20 @@ def main() -> None:
     samples = load_samples(args.data, "test")
     engine = detector.engine(args.engine, args.precision) if args.engine else None
     rows = measure(detector, samples, names, args.seed, engine)
-    print(f"\n### Robustness on {args.data} ({len(samples)} test images), model {args.run}\n")
+    title = f"Robustness on {args.data} ({len(samples)} test images), model {args.run}"
+    print(f"\n### {title}\n")
     print(markdown_table(rows))
     print(f"\nCPU: {cpu_model()}, {physical_cores()} physical cores, torch {torch.__version__}")
     print(f"command: {shlex.join(['python', *sys.argv])}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    if args.table_json:
+        engine_text = f"{args.engine} {args.precision}" if args.engine else "the float32 PyTorch graph"
+        notes = f"Scored with {engine_text}; pixel-noise seed {args.seed}; torch {torch.__version__}."
+        write_table(
+            args.table_json,
+            table_record(title, TABLE_COLUMNS, table_rows(rows), align=TABLE_ALIGN, notes=notes),
+        )
 
 
 if __name__ == "__main__":

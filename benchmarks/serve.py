@@ -14,7 +14,8 @@ multipart without a file, a bad query flag). A good request fails when it is not
 its score differs from the reference by more than 1e-5 (batched with others, an image must
 score as it does alone); a bad one fails when it is not answered with a 4xx. The server's
 resident set (``VmRSS`` of ``/proc/PID/status``) is read after the reference pass and after each
-level. Prints the CPU, the command and a markdown table; exits 1 when a good request failed, a
+level. Prints the CPU, the command and a markdown table (``--table-json PATH`` also writes it as a
+results-table JSON, ``docs/render.py``); exits 1 when a good request failed, a
 bad one got no 4xx, the server died, a level ran past ``--time-limit`` or the RSS grew by more
 than ``--max-rss-growth-mb`` over the warm start. Throughput is good images answered 200 per
 second of the level's wall time (bad requests included). The default bound, 800 MiB, is the
@@ -53,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support import bad_requests
 
 from fastflow.apps.prediction_files import expand_inputs
+from fastflow.apps.result_tables import markdown_row, markdown_table, table_record, write_table
 from fastflow.core.hardware import cpu_model
 
 TOLERANCE = 1e-5
@@ -260,6 +262,12 @@ def main() -> int:
         "(torch, onnx, openvino, auto = predict's choice)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--table-json",
+        type=Path,
+        help="also write the table as a results-table JSON (fastflow.apps.result_tables: with the command, "
+        "CPU, date and version), e.g. docs/results/NAME.json, which python docs/render.py renders into the docs",
+    )
     args = parser.parse_args()
     if not 0 <= args.bad_fraction <= 1 or args.requests < 1 or min(args.clients) < 1:
         parser.error("--bad-fraction must be in [0, 1], --requests and --clients at least 1")
@@ -301,7 +309,7 @@ def main() -> int:
                 f"{warm:.0f} MiB after the {len(paths)} reference calls"
             )
 
-            rows = []
+            rows: list[list[str]] = []
             for clients in args.clients:
                 kinds = schedule(args.requests, args.bad_fraction, len(paths), list(bad), args.seed + clients)
                 outcomes, wall = run_level(
@@ -334,12 +342,23 @@ def main() -> int:
                         alive = False
                 served = sum(o.status == 200 for o in good)
                 rows.append(
-                    f"| {clients} | {len(outcomes)} | {len(good)} | {served / wall:.2f} | "
-                    f"{np.percentile(latency, 50):.0f} | {np.percentile(latency, 99):.0f} | {len(wrong)} | "
-                    f"{worst:.1e} | {len(outcomes) - len(good)} | {len(not_4xx)} | {rss:.0f} | "
-                    f"{rss - warm:+.0f} | {'yes' if alive else 'NO'} |"
+                    [
+                        f"{clients}",
+                        f"{len(outcomes)}",
+                        f"{len(good)}",
+                        f"{served / wall:.2f}",
+                        f"{np.percentile(latency, 50):.0f}",
+                        f"{np.percentile(latency, 99):.0f}",
+                        f"{len(wrong)}",
+                        f"{worst:.1e}",
+                        f"{len(outcomes) - len(good)}",
+                        f"{len(not_4xx)}",
+                        f"{rss:.0f}",
+                        f"{rss - warm:+.0f}",
+                        "yes" if alive else "NO",
+                    ]
                 )
-                print(rows[-1].replace("|", " ").strip(), flush=True)
+                print(markdown_row(rows[-1]).replace("|", " ").strip(), flush=True)
                 for o in (wrong + not_4xx)[:5]:
                     print(f"  failed: {o.kind!r} -> {o.status} {o.error or o.score}")
                 if wrong:
@@ -360,12 +379,33 @@ def main() -> int:
                     failures.append(f"{clients} clients: the server died or is unhealthy")
                     break
 
-            print(
-                "\n| clients | requests | good | good images/s | p50 ms | p99 ms | good failed | max score diff "
-                "| bad | bad not 4xx | server RSS MiB | RSS growth | alive |"
-            )
-            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-            print("\n".join(rows))
+            columns = [
+                "clients",
+                "requests",
+                "good",
+                "good images/s",
+                "p50 ms",
+                "p99 ms",
+                "good failed",
+                "max score diff",
+                "bad",
+                "bad not 4xx",
+                "server RSS MiB",
+                "RSS growth",
+                "alive",
+            ]
+            print("\n" + markdown_table(columns, rows))
+            if args.table_json:
+                title = (
+                    f"fastflow serve under load: {model['name']} ({model['engine']}, {model['precision']})"
+                )
+                notes = (
+                    f"{len(paths)} images, bad fraction {args.bad_fraction:.0%}, max batch {args.max_batch}, "
+                    f"batch wait {args.batch_wait_ms} ms; server RSS {ready:.0f} MiB ready, {warm:.0f} MiB "
+                    f"after the {len(paths)} reference calls; OMP_NUM_THREADS="
+                    f"{os.environ.get('OMP_NUM_THREADS', '-')}."
+                )
+                write_table(args.table_json, table_record(title, columns, rows, notes=notes))
             if args.parity is not None:
                 print()
             for engine in (args.parity or [model["engine"]]) if args.parity is not None else []:

@@ -10,6 +10,7 @@ tile border, from the untiled map, as a share of a normal map's spread) on a uni
 and on a fine noise texture, and the PyTorch time of one image, tiled and untiled. The model is
 Lite0 with the shared ImageNet weights and flows perturbed to look trained
 (``support.perturb_trainable``); overlap 0 on a size that the tiles divide has hard edges.
+``--table-json PATH`` also writes the table as a results-table JSON (``docs/render.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from fastflow.apps.result_tables import markdown_row, markdown_table, table_record, write_table
 from fastflow.model.config import get_config
 from fastflow.model.fastflow import FastFlowModel
 
@@ -54,6 +56,12 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--overlaps", default="0,64,128")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--table-json",
+        type=Path,
+        help="also write the table as a results-table JSON (fastflow.apps.result_tables: with the command, "
+        "CPU, date and version), e.g. docs/results/NAME.json, which python docs/render.py renders into the docs",
+    )
     args = parser.parse_args()
     height, width = (int(side) for side in args.size.lower().split("x"))
     config = get_config("tf_efficientnet_lite0", input_size=(height, width), positional_channels=16)
@@ -63,11 +71,12 @@ def main() -> None:
     texture = (108 + 40 * torch.rand(1, 3, height, width, generator=generator)).round().to(torch.uint8)
     grey = torch.full((1, 3, height, width), 128, dtype=torch.uint8)
     whole_time = seconds_per_image(untiled, texture, args.rounds)
-    print(
-        f"\n### Tiling: Lite0 at {height}x{width}, tiles of {args.tile} px (untiled: {whole_time:.2f} s/image)\n"
-    )
-    print("| overlap | tiles | backbone pixels | seam, grey | seam, texture | s/image | vs untiled |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    title = f"Tiling: Lite0 at {height}x{width}, tiles of {args.tile} px (untiled: {whole_time:.2f} s/image)"
+    print(f"\n### {title}\n")
+    columns = ["overlap", "tiles", "backbone pixels", "seam, grey", "seam, texture", "s/image", "vs untiled"]
+    align = ["right"] * len(columns)
+    print(markdown_table(columns, [], align))
+    rows = []
     for overlap in (int(text) for text in args.overlaps.split(",")):
         tiled = FastFlowModel(dataclasses.replace(config, tile=args.tile, tile_overlap=overlap), args.weights)
         tiled.load_state_dict(untiled.state_dict())
@@ -76,10 +85,21 @@ def main() -> None:
         pixels = tiled.tiles.count * args.tile**2 / (height * width)
         seams = [tile_seam_ratio(untiled, tiled, image, texture) for image in (grey, texture)]
         tiled_time = seconds_per_image(tiled, texture, args.rounds)
-        print(
-            f"| {overlap} | {tiled.tiles.count} | {pixels:.2f}x | {seams[0]:.3f} | {seams[1]:.3f} | "
-            f"{tiled_time:.2f} | {tiled_time / whole_time:.2f}x |"
+        rows.append(
+            [
+                f"{overlap}",
+                f"{tiled.tiles.count}",
+                f"{pixels:.2f}x",
+                f"{seams[0]:.3f}",
+                f"{seams[1]:.3f}",
+                f"{tiled_time:.2f}",
+                f"{tiled_time / whole_time:.2f}x",
+            ]
         )
+        print(markdown_row(rows[-1]), flush=True)
+    if args.table_json:
+        notes = f"Best of {args.rounds} timed calls per image; torch {torch.__version__}."
+        write_table(args.table_json, table_record(title, columns, rows, align=align, notes=notes))
 
 
 if __name__ == "__main__":

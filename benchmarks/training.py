@@ -19,6 +19,8 @@ not depend on their values); Lite0 uses the real weights file on both sides.
 its users run it: Lightning, its datamodule decoding and resizing the PNGs every epoch (2
 workers), and validation on the category's test images after each epoch. Its weights are the
 same twin's; its rate counts all the normal images it trains on.
+
+``--table-json PATH`` also writes the table as a results-table JSON (``docs/render.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.nn import functional as F
 
 from fastflow import FastFlow
+from fastflow.apps.result_tables import markdown_row, markdown_table, table_record, write_table
 from fastflow.core.hardware import cpu_model
 from fastflow.estimator.data import image_loader, load_samples
 from fastflow.estimator.training import FLOW_PRECISIONS, TrainConfig
@@ -151,28 +154,46 @@ def main() -> None:
         action="store_true",
         help="also time anomalib's Engine.fit (needs --data in the MVTec AD layout)",
     )
+    parser.add_argument(
+        "--table-json",
+        type=Path,
+        help="also write the table as a results-table JSON (fastflow.apps.result_tables: with the command, "
+        "CPU, date and version), e.g. docs/results/NAME.json, which python docs/render.py renders into the docs",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"CPU: {cpu_model()}; {torch.get_num_threads()} threads; command: python {shlex.join(sys.argv)}")
     images = normalised_images(args.data, args.size)
-    print(
-        f"{len(images)} normal images from {args.data}, {args.size}x{args.size}, batch {BATCH}, {args.epochs} epochs\n"
-    )
-    print(
-        "| backbone | trainer | seconds (whole run) | seconds per epoch | training images/s | vs anomalib loop "
-        "| vs anomalib Engine.fit |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    setting = f"{len(images)} normal images from {args.data}, {args.size}x{args.size}, batch {BATCH}, {args.epochs} epochs"
+    print(f"{setting}\n")
+    columns = [
+        "backbone",
+        "trainer",
+        "seconds (whole run)",
+        "seconds per epoch",
+        "training images/s",
+        "vs anomalib loop",
+        "vs anomalib Engine.fit",
+    ]
+    print(markdown_table(columns, []))
+    rows: list[list[str]] = []
 
     def row(
         backbone: str, trainer: str, seconds: float, rate: float, reference: float, engine: float | None
     ) -> None:
         versus_engine = f"{rate / engine:.2f}x" if engine else ""
-        print(
-            f"| {backbone} | {trainer} | {seconds:.1f} | {seconds / args.epochs:.1f} | {rate:.1f} "
-            f"| {rate / reference:.2f}x | {versus_engine} |",
-            flush=True,
+        rows.append(
+            [
+                backbone,
+                trainer,
+                f"{seconds:.1f}",
+                f"{seconds / args.epochs:.1f}",
+                f"{rate:.1f}",
+                f"{rate / reference:.2f}x",
+                versus_engine,
+            ]
         )
+        print(markdown_row(rows[-1]), flush=True)
 
     for backbone in args.backbone or ["resnet18", "tf_efficientnet_lite0"]:
         per_epoch = time_anomalib(backbone, images, args.epochs)
@@ -197,6 +218,10 @@ def main() -> None:
                 reference,
                 engine,
             )
+    if args.table_json:
+        title = f"Training speed: fastflow fit against anomalib's FastflowModel training ({setting})"
+        notes = f"{torch.get_num_threads()} threads, torch {torch.__version__}."
+        write_table(args.table_json, table_record(title, columns, rows, notes=notes))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmark tables: the markdown layout and averages, and one tiny real run."""
+"""Benchmark tables: the markdown layout and averages, the table JSON, and one tiny real run."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from fastflow.apps import benchmark
 from fastflow.apps.benchmark import (
     BUILTIN_DATASETS,
     KNN_REFERENCE,
@@ -14,9 +15,12 @@ from fastflow.apps.benchmark import (
     markdown_tables,
     resolve_dataset,
     run_benchmark,
+    write_table_json,
 )
+from fastflow.apps.result_tables import read_table, render_table
 from fastflow.apps.synthetic import make_textures
 from fastflow.core.errors import FastFlowError
+from fastflow.core.hardware import cpu_model
 from fastflow.estimator.training import TrainConfig
 
 
@@ -229,3 +233,84 @@ def test_the_knn_reference_sees_the_input_size_the_detector_was_fitted_at(tmp_pa
         flow_steps=2,
     )
     assert fitted == knn == [(160, 416)]
+
+
+def _robust_run(seed, value, recipe="improved"):
+    rows = [
+        {"perturbation": "clean", "image_auroc": value, "delta_image_auroc": 0.0, "pixel_auroc": value,
+         "delta_pixel_auroc": 0.0, "normal_drift": 0.0},
+        {"perturbation": "noise1", "image_auroc": value - 0.02, "delta_image_auroc": -0.02,
+         "pixel_auroc": value - 0.01, "delta_pixel_auroc": -0.01, "normal_drift": 0.1 + seed / 10},
+    ]  # fmt: skip
+    keys = ("image_auroc", "pixel_auroc", "image_f1", "pixel_f1", "aupro")
+    return BenchmarkRun("bottle", "lite0", seed, {k: value for k in keys}, recipe, robustness=rows)
+
+
+def _synthetic_runs():
+    knn = BenchmarkRun("bottle", "lite0", 0, {"image_auroc": 0.8, "pixel_auroc": 0.7}, KNN_REFERENCE)
+    return [_robust_run(0, 0.90), _robust_run(1, 0.94), _robust_run(0, 0.5, "reference"), knn]
+
+
+def test_table_json_holds_the_summary_and_the_robustness_table(tmp_path):
+    target = tmp_path / "docs" / "results" / "bench.json"
+    paths = write_table_json(target, _synthetic_runs(), "fastflow benchmark bottle --seeds 0,1")
+    assert paths == [target, target.with_name("bench-robustness.json")]
+    summary = read_table(target)  # the shape docs/render.py reads
+    assert summary["command"] == "fastflow benchmark bottle --seeds 0,1"
+    assert summary["machine"].startswith(cpu_model()) and summary["date"] and summary["version"]
+    assert "seeds 0, 1" in summary["title"]
+    assert summary["columns"] == [
+        "dataset", "model", "image AUROC", "pixel AUROC", "AUPRO", "image F1", "pixel F1"
+    ]  # fmt: skip
+    assert summary["rows"] == [
+        ["bottle", "lite0", *["0.920 (0.900-0.940)"] * 5],
+        ["bottle", "lite0 (reference)", *["0.500"] * 5],
+        ["bottle", f"lite0 ({KNN_REFERENCE})", "0.800", "0.700", "-", "-", "-"],
+    ]
+    assert (
+        render_table(summary).split("\n")[2]
+        == "| bottle | lite0 | " + " | ".join(["0.920 (0.900-0.940)"] * 5) + " |"
+    )
+    robust = read_table(paths[1])
+    assert robust["columns"] == ["category", "model", "change", "image AUROC", "pixel AUROC", "normal drift"]
+    assert robust["rows"][1] == ["bottle", "lite0", "noise1", "0.900 (-0.020)", "0.910 (-0.010)", "+0.150"]
+    # The printed robustness table is the same rows.
+    assert "| bottle | lite0 | noise1 | 0.900 (-0.020) | 0.910 (-0.010) | +0.150 |" in markdown_tables(
+        _synthetic_runs()
+    )
+    # Without robustness rows only the summary is written.
+    plain = [_run("bottle", "a", 0, 0.9)]
+    assert write_table_json(tmp_path / "plain.json", plain, "fastflow benchmark") == [tmp_path / "plain.json"]
+    assert "seed 0" in read_table(tmp_path / "plain.json")["title"]
+
+
+def test_cli_benchmark_table_json(tmp_path, capsys, monkeypatch):
+    from fastflow.apps.cli import main
+
+    calls = []
+    monkeypatch.setattr(
+        benchmark, "run_benchmark", lambda *args, **kwargs: calls.append(1) or _synthetic_runs()
+    )
+    target = tmp_path / "table.json"
+    args = [
+        "benchmark",
+        "bottle",
+        "--output",
+        str(tmp_path / "out"),
+        "--seeds",
+        "0,1",
+        "--table-json",
+        str(target),
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    assert f"table JSON: {target}" in capsys.readouterr().out
+    record = read_table(target)
+    assert (
+        record["command"]
+        == f"fastflow benchmark bottle --output {tmp_path / 'out'} --seeds 0,1 --table-json {target}"
+    )
+    assert record["rows"][0][:3] == ["bottle", "lite0", "0.920 (0.900-0.940)"]
+    assert (tmp_path / "table-robustness.json").exists()
+    # A folder is refused before any run starts.
+    code = main([*args[:-1], str(tmp_path)])
+    assert code == 2 and "--table-json" in capsys.readouterr().err and calls == [1]

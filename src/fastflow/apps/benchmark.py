@@ -15,6 +15,10 @@ With ``robustness`` (``--robustness``) every run is also scored under the invisi
 ``fastflow.apps.robustness`` and a last table gives, per change, image and pixel AUROC with their
 change against clean and the median drift of normal scores.
 
+``write_table_json`` (``--table-json PATH``) writes a summary table, one row per category and
+model with every metric, as a results-table record (``fastflow.apps.result_tables``) that
+``docs/render.py`` renders into the documentation; the robustness table goes beside it.
+
 A dataset argument is a folder, or the name of a built-in generated dataset (``textures``,
 ``small_defects``), which is written under ``OUTPUT/data`` the first time and reused after that.
 
@@ -36,6 +40,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fastflow.apps.knn_reference import knn_reference_metrics
+from fastflow.apps.result_tables import markdown_table, table_record, write_table
 from fastflow.apps.robustness import measure
 from fastflow.apps.small_defects import make_small_defects
 from fastflow.apps.synthetic import make_textures
@@ -56,6 +61,8 @@ __all__ = [
     "markdown_tables",
     "resolve_dataset",
     "run_benchmark",
+    "summary_rows",
+    "write_table_json",
 ]
 
 # The target false-alarm rates whose false calls and escapes every run counts.
@@ -70,6 +77,16 @@ TABLE_METRICS = {
     "pixel_f1": "Pixel F1",
     "aupro": "AUPRO",
 }
+
+# The summary table's metrics (``write_table_json``), in the documentation's column order.
+SUMMARY_METRICS = {
+    "image_auroc": "image AUROC",
+    "pixel_auroc": "pixel AUROC",
+    "aupro": "AUPRO",
+    "image_f1": "image F1",
+    "pixel_f1": "pixel F1",
+}
+ROBUSTNESS_TITLE = "Robustness (image AUROC (delta) / pixel AUROC (delta) / median normal drift)"
 
 # The second benchmark dataset, unlike MVTec bottle in every way the loader cares about:
 # generated periodic textures, grayscale, each image its own size (200..320 px a side),
@@ -259,39 +276,89 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
+def _metric_rows(runs: list[BenchmarkRun], key: str) -> list[list[str]]:
+    """One metric's table: a row per category, a cell per (backbone, recipe) column, an Average row."""
+    categories = list(dict.fromkeys(r.category for r in runs))
+    columns = list(dict.fromkeys(r.column for r in runs))
+    rows = []
+    per_column_means: dict[str, list[float]] = {c: [] for c in columns}
+    for category in categories:
+        cells = [category]
+        for column in columns:
+            values = [
+                r.metrics[key]
+                for r in runs
+                if r.category == category and r.column == column and key in r.metrics
+            ]
+            cells.append(_cell(values) if values else "-")
+            if values:
+                per_column_means[column].append(statistics.mean(values))
+        rows.append(cells)
+    rows.append(
+        ["**Average**"] + [f"{statistics.mean(v):.3f}" if v else "-" for v in per_column_means.values()]
+    )
+    return rows
+
+
 def markdown_tables(runs: list[BenchmarkRun]) -> str:
     """One markdown table per metric: categories x (backbone, recipe) columns, with an Average row."""
     categories = list(dict.fromkeys(r.category for r in runs))
     columns = list(dict.fromkeys(r.column for r in runs))
-    blocks = []
-    for key, title in TABLE_METRICS.items():
-        lines = [
-            f"### {title}",
-            "",
-            "| category | " + " | ".join(columns) + " |",
-            "|---" * (len(columns) + 1) + "|",
-        ]
-        per_column_means: dict[str, list[float]] = {c: [] for c in columns}
-        for category in categories:
-            cells = []
-            for column in columns:
-                values = [
-                    r.metrics[key]
-                    for r in runs
-                    if r.category == category and r.column == column and key in r.metrics
-                ]
-                cells.append(_cell(values) if values else "-")
-                if values:
-                    per_column_means[column].append(statistics.mean(values))
-            lines.append(f"| {category} | " + " | ".join(cells) + " |")
-        averages = [f"{statistics.mean(v):.3f}" if v else "-" for v in per_column_means.values()]
-        lines.append("| **Average** | " + " | ".join(averages) + " |")
-        blocks.append("\n".join(lines))
+    blocks = [
+        f"### {title}\n\n" + markdown_table(["category", *columns], _metric_rows(runs, key))
+        for key, title in TABLE_METRICS.items()
+    ]
     if any(r.false_calls for r in runs):
         blocks.append(_false_call_table(runs))
     if any(r.robustness for r in runs):
-        blocks.append(_robustness_table(runs, categories, columns))
+        columns_, rows = _robustness_rows(runs, categories, columns)
+        blocks.append(f"### {ROBUSTNESS_TITLE}\n\n" + markdown_table(columns_, rows))
     return "\n\n".join(blocks) + "\n"
+
+
+def summary_rows(runs: list[BenchmarkRun]) -> tuple[list[str], list[list[str]]]:
+    """The summary table's columns and rows: one row per (category, backbone and recipe) with every
+    metric, mean (min-max) over seeds, as the documentation's results tables show them."""
+    columns = ["dataset", "model", *SUMMARY_METRICS.values()]
+    rows = []
+    for category in dict.fromkeys(r.category for r in runs):
+        for column in dict.fromkeys(r.column for r in runs):
+            group = [r for r in runs if r.category == category and r.column == column]
+            if not group:
+                continue
+            cells = [category, column]
+            for key in SUMMARY_METRICS:
+                values = [r.metrics[key] for r in group if key in r.metrics]
+                cells.append(_cell(values) if values else "-")
+            rows.append(cells)
+    return columns, rows
+
+
+def write_table_json(path: Path, runs: list[BenchmarkRun], command: str) -> list[Path]:
+    """Write the benchmark's summary table (``summary_rows``) to ``path`` as a results-table record
+    (``fastflow.apps.result_tables``: the command, this CPU, today, fastflow's version), and, where
+    the runs were scored under the robustness changes, their table beside it as ``PATH-robustness.json``.
+    The written paths."""
+    path = Path(path)
+    categories = list(dict.fromkeys(r.category for r in runs))
+    columns = list(dict.fromkeys(r.column for r in runs))
+    seeds = ", ".join(str(seed) for seed in sorted({r.seed for r in runs if r.recipe != KNN_REFERENCE}))
+    spread = f"mean (min-max) over seeds {seeds}" if "," in seeds else f"seed {seeds or 0}"
+    header, rows = summary_rows(runs)
+    written = [
+        write_table(
+            path,
+            table_record(
+                f"fastflow benchmark: {', '.join(categories)} ({spread})", header, rows, command=command
+            ),
+        )
+    ]
+    if any(r.robustness for r in runs):
+        header, rows = _robustness_rows(runs, categories, columns)
+        title = f"fastflow benchmark: {', '.join(categories)} under the robustness changes (mean over seeds)"
+        record = table_record(title, header, rows, command=command)
+        written.append(write_table(path.with_name(f"{path.stem}-robustness{path.suffix or '.json'}"), record))
+    return written
 
 
 def _interval(rate: dict[str, Any]) -> tuple[str, str]:
@@ -335,14 +402,12 @@ def _false_call_table(runs: list[BenchmarkRun]) -> str:
     return "\n".join(lines)
 
 
-def _robustness_table(runs: list[BenchmarkRun], categories: list[str], columns: list[str]) -> str:
+def _robustness_rows(
+    runs: list[BenchmarkRun], categories: list[str], columns: list[str]
+) -> tuple[list[str], list[list[str]]]:
     """One row per (category, column, change): means over seeds of AUROCs, their deltas and the drift."""
-    lines = [
-        "### Robustness (image AUROC (delta) / pixel AUROC (delta) / median normal drift)",
-        "",
-        "| category | model | change | image AUROC | pixel AUROC | normal drift |",
-        "|---|---|---|---|---|---|",
-    ]
+    header = ["category", "model", "change", "image AUROC", "pixel AUROC", "normal drift"]
+    rows = []
     for category in categories:
         for column in columns:
             group = [
@@ -351,11 +416,16 @@ def _robustness_table(runs: list[BenchmarkRun], categories: list[str], columns: 
             for index, row in enumerate(group[0] if group else []):
 
                 def mean(key: str, index: int = index, group: list = group) -> float:
-                    return statistics.mean(rows[index][key] for rows in group)
+                    return statistics.mean(measured[index][key] for measured in group)
 
-                lines.append(
-                    f"| {category} | {column} | {row['perturbation']} | {mean('image_auroc'):.3f} "
-                    f"({mean('delta_image_auroc'):+.3f}) | {mean('pixel_auroc'):.3f} ({mean('delta_pixel_auroc'):+.3f}) "
-                    f"| {mean('normal_drift'):+.3f} |"
+                rows.append(
+                    [
+                        category,
+                        column,
+                        row["perturbation"],
+                        f"{mean('image_auroc'):.3f} ({mean('delta_image_auroc'):+.3f})",
+                        f"{mean('pixel_auroc'):.3f} ({mean('delta_pixel_auroc'):+.3f})",
+                        f"{mean('normal_drift'):+.3f}",
+                    ]
                 )
-    return "\n".join(lines)
+    return header, rows

@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -938,6 +939,7 @@ def _parse_weights(items: list[str] | None) -> dict[str, str | None]:
 @app.command()
 @_user_errors
 def benchmark(
+    context: typer.Context,
     datasets: Annotated[
         list[Path],
         typer.Argument(
@@ -1001,9 +1003,15 @@ def benchmark(
             help="Comma-separated target false-alarm rates: each run's false calls and escapes at the threshold its held-out normals give for each (their own table)."
         ),
     ] = "0.01,0.05",
+    table_json: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the summary table (a row per dataset and model: image / pixel AUROC, AUPRO, image / pixel F1, mean (min-max) over seeds) as JSON with the command, CPU, date and version, for docs/results/ (python docs/render.py puts it into the docs); with --robustness also PATH-robustness.json."
+        ),
+    ] = None,
 ) -> None:
     """Train and test every dataset x backbone x recipe x seed; print the metric tables in markdown."""
-    from fastflow.apps.benchmark import markdown_tables, run_benchmark
+    from fastflow.apps.benchmark import markdown_tables, run_benchmark, write_table_json
     from fastflow.apps.robustness import PERTURBATIONS
     from fastflow.core.files import atomic_write
     from fastflow.core.hardware import resolve_device
@@ -1024,6 +1032,10 @@ def benchmark(
         ) from None
     for name in recipe:
         get_recipe(name)  # fail before hours of training, not after
+    if table_json is not None and table_json.is_dir():
+        raise FastFlowError(
+            f"--table-json {table_json} is a folder; give the JSON file to write, e.g. {table_json}/NAME.json"
+        )
     training = TrainConfig(max_epochs=epochs, device=device)
     resolve_device(device)  # a GPU asked for on a machine without one
     runs = run_benchmark(
@@ -1043,6 +1055,10 @@ def benchmark(
     tables = markdown_tables(runs)
     atomic_write(output / "results.md", lambda tmp: tmp.write_text(tables))
     typer.echo(tables)
+    if table_json is not None:
+        command = shlex.join(["fastflow", *map(str, _command_line(context))])
+        for path in write_table_json(table_json, runs, command):
+            typer.echo(f"table JSON: {path}")
 
 
 @app.command()

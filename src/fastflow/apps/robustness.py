@@ -56,6 +56,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from fastflow.apps import result_tables
 from fastflow.core.errors import FastFlowError
 from fastflow.estimator.augment import add_pixel_noise, image_generator, jpeg_round_trip
 from fastflow.estimator.data import Sample, load_mask
@@ -64,7 +65,16 @@ from fastflow.estimator.engines import Engine
 from fastflow.estimator.metrics import aupro, image_auroc, pixel_auroc
 from fastflow.model.inference import InferenceGraph
 
-__all__ = ["PERTURBATIONS", "Perturbation", "markdown_table", "measure", "perturbation_names"]
+__all__ = [
+    "PERTURBATIONS",
+    "TABLE_ALIGN",
+    "TABLE_COLUMNS",
+    "Perturbation",
+    "markdown_table",
+    "measure",
+    "perturbation_names",
+    "table_rows",
+]
 
 ImageChange = Callable[[Tensor, torch.Generator], Tensor]  # one (3, H, W) uint8 image
 Runner = Callable[[InferenceGraph, Tensor], tuple[Tensor, Tensor]]  # pixels -> (anomaly map, score)
@@ -271,16 +281,35 @@ def perturbation_names(names: str | list[str]) -> list[str]:
     return ["clean"] + [n for n in dict.fromkeys(listed) if n and n != "clean"]
 
 
+# ``measure``'s rows as a table: its columns, their alignment and each row's cells (``table_rows``).
+TABLE_COLUMNS = [
+    "perturbation",
+    "image AUROC",
+    "delta",
+    "pixel AUROC",
+    "delta",
+    "median normal drift",
+    "seconds",
+]
+TABLE_ALIGN = ["", *["right"] * 6]
+
+
+def table_rows(rows: list[dict]) -> list[list[str]]:
+    """``measure``'s rows as the cells of ``TABLE_COLUMNS``."""
+    return [
+        [
+            row["perturbation"],
+            f"{row['image_auroc']:.4f}",
+            f"{row['delta_image_auroc']:+.4f}",
+            f"{row['pixel_auroc']:.4f}",
+            f"{row['delta_pixel_auroc']:+.4f}",
+            f"{row['normal_drift']:+.4f}",
+            f"{row['seconds']:.0f}",
+        ]
+        for row in rows
+    ]
+
+
 def markdown_table(rows: list[dict]) -> str:
     """``measure``'s rows as a markdown table."""
-    lines = [
-        "| perturbation | image AUROC | delta | pixel AUROC | delta | median normal drift | seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['perturbation']} | {row['image_auroc']:.4f} | {row['delta_image_auroc']:+.4f} | "
-            f"{row['pixel_auroc']:.4f} | {row['delta_pixel_auroc']:+.4f} | {row['normal_drift']:+.4f} | "
-            f"{row['seconds']:.0f} |"
-        )
-    return "\n".join(lines)
+    return result_tables.markdown_table(TABLE_COLUMNS, table_rows(rows), TABLE_ALIGN)
