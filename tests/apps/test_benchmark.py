@@ -314,3 +314,25 @@ def test_cli_benchmark_table_json(tmp_path, capsys, monkeypatch):
     # A folder is refused before any run starts.
     code = main([*args[:-1], str(tmp_path)])
     assert code == 2 and "--table-json" in capsys.readouterr().err and calls == [1]
+
+
+def test_resume_reads_the_runs_already_in_the_output_and_trains_only_the_rest(tmp_path, monkeypatch):
+    data = make_textures(tmp_path / "tex", n_train=6, n_test_good=2, n_test_defect=2, size=(64, 64))
+    common = {
+        "weights": {"resnet18": "random"},
+        "training": TrainConfig(max_epochs=1, batch_size=4),
+        "input_size": (64, 64),
+    }
+    first = run_benchmark([data], ["resnet18"], tmp_path / "out", seeds=(0,), **common)
+    trained = []
+    real = benchmark._train_and_test
+    monkeypatch.setattr(benchmark, "_train_and_test", lambda task: trained.append(task.seed) or real(task))
+    monkeypatch.setattr(benchmark, "knn_reference_metrics", lambda *a: pytest.fail("kNN recomputed"))
+    both = run_benchmark([data], ["resnet18"], tmp_path / "out", seeds=(0, 1), resume=True, **common)
+    assert trained == [1]  # seed 0 read from its JSON, seed 1 trained
+    assert both[0] == first[0] and both[-1] == first[-1]  # the fastflow run and the kNN reference
+    assert [r.seed for r in both if r.recipe != KNN_REFERENCE] == [0, 1]
+    # A run made with other settings is not mixed into the table.
+    other = {**common, "training": TrainConfig(max_epochs=2, batch_size=4)}
+    with pytest.raises(FastFlowError, match="other settings"):
+        run_benchmark([data], ["resnet18"], tmp_path / "out", seeds=(0,), resume=True, **other)

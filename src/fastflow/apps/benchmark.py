@@ -29,6 +29,7 @@ machines where one run does not keep every core busy.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import statistics
@@ -45,6 +46,7 @@ from fastflow.apps.robustness import measure
 from fastflow.apps.small_defects import make_small_defects
 from fastflow.apps.synthetic import make_textures
 from fastflow.apps.workers import check_jobs, run_in_workers, worker_device
+from fastflow.core.errors import FastFlowError, first_line
 from fastflow.core.files import atomic_write
 from fastflow.estimator.calibration import check_false_alarm_rate
 from fastflow.estimator.data import load_samples
@@ -181,7 +183,36 @@ def _train_and_test(task: _Task) -> tuple[BenchmarkRun, dict[str, Any]]:
     run = BenchmarkRun(
         task.root.name, task.backbone, task.seed, evaluation.metrics, task.recipe, rows, false_calls
     )
-    return run, {**vars(run), "epochs": len(detector.history_), "best_epoch": detector.best_epoch_}
+    record = {
+        **vars(run),
+        "epochs": len(detector.history_),
+        "best_epoch": detector.best_epoch_,
+        "training": dataclasses.asdict(task.training),
+    }
+    return run, record
+
+
+def _saved_run(path: Path, task: _Task) -> BenchmarkRun | None:
+    """The run ``path`` holds for ``task`` (``--resume``), or None where there is none. A record
+    made with other training settings is an error: reusing it would mix two benchmarks' rows."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        run = BenchmarkRun(
+            **{f.name: record[f.name] for f in dataclasses.fields(BenchmarkRun) if f.name in record}
+        )
+    except (OSError, ValueError, TypeError) as error:
+        raise FastFlowError(
+            f"cannot reuse {path} ({first_line(error)}); delete it to train that run again"
+        ) from None
+    saved = record.get("training")  # records written before it was kept: the settings are unknown
+    if saved is not None and saved != json.loads(json.dumps(dataclasses.asdict(task.training))):
+        raise FastFlowError(
+            f"{path} was trained with other settings ({saved}); resume with the same options, "
+            "or delete it to train that run again"
+        )
+    return run
 
 
 def run_benchmark(
@@ -197,6 +228,7 @@ def run_benchmark(
     jobs: int = 1,
     knn_reference: bool = True,
     false_alarm_rates: Iterable[float] = FALSE_ALARM_RATES,
+    resume: bool = False,
     **overrides: Any,
 ) -> list[BenchmarkRun]:
     """Train and test every (dataset, backbone, recipe, seed); write one JSON file per run to ``output``.
@@ -208,6 +240,10 @@ def run_benchmark(
     With ``jobs`` > 1 the runs are independent trainings in that many worker processes, each with
     its share of the cores; one progress bar counts finished runs. Runs come back in the same
     order, with the same numbers, as with one job (each run is seeded on its own).
+
+    With ``resume`` a run (or kNN reference) whose JSON is already in ``output`` is read, not
+    trained again: an interrupted benchmark continues where it stopped, and one table can gather
+    runs that several invocations (or machines) made into the same folder.
     """
     check_jobs(jobs)
     rates = tuple(
@@ -232,9 +268,14 @@ def run_benchmark(
         for seed in seeds
     ]
     finished: dict[str, BenchmarkRun] = {}
-    with tqdm(total=len(tasks), desc="benchmark", unit="run", disable=jobs == 1) as bar:
+    if resume:
+        for task in tasks:
+            if (saved := _saved_run(output / f"{task.name}.json", task)) is not None:
+                finished[task.name] = saved
+    to_train = [task for task in tasks if task.name not in finished]
+    with tqdm(total=len(to_train), desc="benchmark", unit="run", disable=jobs == 1) as bar:
         for task, (run, record) in run_in_workers(
-            _train_and_test, tasks, jobs, (training or TrainConfig()).device
+            _train_and_test, to_train, jobs, (training or TrainConfig()).device
         ):
             text = json.dumps(record, indent=2)
             atomic_write(output / f"{task.name}.json", functools.partial(Path.write_text, data=text))
@@ -244,7 +285,7 @@ def run_benchmark(
     runs = [finished[task.name] for task in tasks]
     if knn_reference:
         runs += [
-            _knn_run(root, backbone, weights.get(backbone), next(iter(recipes)), output, overrides)
+            _knn_run(root, backbone, weights.get(backbone), next(iter(recipes)), output, overrides, resume)
             for root in roots
             for backbone in backbones
         ]
@@ -258,14 +299,18 @@ def _knn_run(
     recipe: str,
     output: Path,
     overrides: dict[str, Any],
+    resume: bool = False,
 ) -> BenchmarkRun:
-    """The nearest-neighbour reference of one (dataset, backbone), written beside the runs' JSON."""
+    """The nearest-neighbour reference of one (dataset, backbone), written beside the runs' JSON
+    (with ``resume``, read from there if it is)."""
+    name = f"{root.name}__{backbone}__knn_reference.json"
+    if resume and (output / name).is_file():
+        return BenchmarkRun(**json.loads((output / name).read_text()))
     # The input size the fastflow runs of this column use on these images, derived as fit derives it.
     input_size = FastFlow(backbone, recipe=recipe, architecture=overrides).config_for(root).input_size
     metrics = knn_reference_metrics(root, backbone, weights, input_size, recipe)
     run = BenchmarkRun(root.name, backbone, 0, metrics, KNN_REFERENCE)
     text = json.dumps(vars(run), indent=2)
-    name = f"{root.name}__{backbone}__knn_reference.json"
     atomic_write(output / name, functools.partial(Path.write_text, data=text))
     return run
 

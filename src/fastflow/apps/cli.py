@@ -1003,6 +1003,12 @@ def benchmark(
             help="Comma-separated target false-alarm rates: each run's false calls and escapes at the threshold its held-out normals give for each (their own table)."
         ),
     ] = "0.01,0.05",
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Read the runs (and kNN references) whose JSON is already in --output instead of training them again: continue an interrupted benchmark, or gather several invocations' runs into one table."
+        ),
+    ] = False,
     table_json: Annotated[
         Path | None,
         typer.Option(
@@ -1051,6 +1057,7 @@ def benchmark(
         jobs=jobs,
         knn_reference=knn_reference,
         false_alarm_rates=rates,
+        resume=resume,
     )
     tables = markdown_tables(runs)
     atomic_write(output / "results.md", lambda tmp: tmp.write_text(tables))
