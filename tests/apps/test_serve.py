@@ -22,11 +22,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support import bad_requests, calibrated_run, loopback_server, serve_images
+from support import bad_requests, calibrated_run, loopback_server, png_claiming, serve_images
 
 from fastflow import FastFlow
 from fastflow.apps.cli import main
 from fastflow.apps.prediction_files import write_predictions
+from fastflow.apps.viz import heat_colors, mask_outline
+from fastflow.estimator.data import PIL_PIXEL_CEILING, ShapeLimits
 from fastflow.model.config import get_config
 from fastflow.model.fastflow import FastFlowModel
 
@@ -115,6 +117,16 @@ def test_queued_images_share_one_engine_call_per_size() -> None:
     assert batcher.calls == 2
 
 
+def test_an_application_serves_again_after_its_lifespan_ended(run: Path, images: list[Path]) -> None:
+    """Its lifespan stops the batcher threads; a second one starts new threads."""
+    app = create_app(load_served(run, "torch"), ServeConfig(batch_wait_ms=0))
+    scores = []
+    for _ in range(2):
+        with TestClient(app) as again:
+            scores.append(_post(again, images[0].read_bytes()).json()["score"])
+    assert scores[0] == scores[1]
+
+
 def test_default_engine_is_predicts_choice_for_many_images(run: Path) -> None:
     from fastflow.estimator.engines import choose_engine
 
@@ -158,7 +170,108 @@ def test_image_over_the_pixel_limit_is_refused(run: Path, images: list[Path]) ->
     app = create_app(load_served(run, "torch"), ServeConfig(max_pixels=200 * 200))
     with TestClient(app) as small:
         response = _post(small, images[0].read_bytes())
-    assert response.status_code == 400 and "over the limit of 40000 pixels" in response.json()["error"]
+    error = response.json()["error"]
+    assert response.status_code == 400 and "over the server's limit of 40000 pixels" in error
+    assert "--max-megapixels 0.04" in error
+
+
+def test_a_bomb_is_refused_naming_the_servers_limit_not_pils(client: TestClient) -> None:
+    """Under PIL's own ceiling the server's check refuses it; over it PIL refuses to open it,
+    and the answer still names the server's limit (--max-megapixels), not PIL's number."""
+    for width, height in ((10_000, 10_000), (100_000, 100_000)):
+        response = _post(client, png_claiming(width, height))
+        error = response.json()["error"]
+        assert response.status_code == 400 and "decompression bomb" in error, error
+        assert "over the server's limit of 40000000 pixels (--max-megapixels 40;" in error, error
+        assert str(PIL_PIXEL_CEILING) not in error and str(PIL_PIXEL_CEILING // 2) not in error
+
+
+def _png(width: int, height: int) -> bytes:
+    """A PNG of ``width`` x ``height`` with a diagonal texture (it compresses: a 20000x20 one is small)."""
+    rows, columns = np.indices((height, width))
+    pixels = np.stack([(rows * 5 + columns * 3) % 256, (columns * 7) % 256, (rows * 11) % 256], axis=-1)
+    pixels = pixels.astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# (width, height) -> the words of the refusal after "WxH px, with ".
+UNSCORABLE = {
+    (1, 1): "a side under the minimum of 32 px (--min-side)",
+    (3, 3): "a side under the minimum of 32 px (--min-side)",
+    (20_000, 20): "a side under the minimum of 32 px (--min-side) and a side ratio of 1000:1, over the "
+    "limit of 20:1 (--max-aspect)",
+    (40, 2000): "a side ratio of 50:1, over the limit of 20:1 (--max-aspect)",
+}
+
+
+@pytest.mark.parametrize("size", list(UNSCORABLE), ids=lambda size: f"{size[0]}x{size[1]}")
+def test_images_too_small_or_too_elongated_get_a_4xx_naming_size_and_limit(
+    client: TestClient, images: list[Path], size: tuple[int, int]
+) -> None:
+    """Both routes refuse them with the same line, and the next image is served."""
+    width, height = size
+    data = _png(width, height)
+    expected = f"the image is {width}x{height} px, with {UNSCORABLE[size]}; "
+    response = _post(client, data)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith(expected) and "\n" not in response.json()["error"]
+    body = {
+        "inputs": [
+            {
+                "name": "image_file",
+                "shape": [1],
+                "datatype": "BYTES",
+                "data": [base64.b64encode(data).decode()],
+            }
+        ]
+    }
+    v2 = client.post("/v2/models/run/infer", json=body)
+    assert (
+        v2.status_code == 400
+        and v2.json()["error"] == f"input image_file element 0: {response.json()['error']}"
+    )
+    assert _post(client, images[0].read_bytes()).status_code == 200
+
+
+def test_the_shape_limits_are_the_servers_to_set(run: Path) -> None:
+    app = create_app(load_served(run, "torch"), ServeConfig(limits=ShapeLimits(min_side=1, max_aspect=1000)))
+    with TestClient(app) as lenient:
+        assert lenient.get("/model").json()["min_side"] == 1
+        answers = [_post(lenient, _png(*size)) for size in ((1, 1), (3, 3), (20_000, 20))]
+    assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+    assert [(a.json()["width"], a.json()["height"]) for a in answers] == [(1, 1), (3, 3), (20_000, 20)]
+
+
+def test_predict_refuses_them_in_one_line_and_writes_nothing(
+    capsys, run: Path, images: list[Path], tmp_path: Path
+) -> None:
+    for (width, height), words in UNSCORABLE.items():
+        path = tmp_path / f"strip_{width}x{height}.png"
+        path.write_bytes(_png(width, height))
+        output = tmp_path / f"out_{width}x{height}"
+        code = main(["predict", str(run), str(images[0]), str(path), "-o", str(output)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"error: image {path} is {width}x{height} px, with {words}")
+        assert not output.exists()
+    lenient = ["--min-side", "1", "--max-aspect", "1000"]
+    assert main(["predict", str(run), str(path), "-o", str(tmp_path / "out"), *lenient]) == 0
+    assert (tmp_path / "out" / "predictions.csv").read_text().count("\n") == 2
+
+
+def test_mask_outline_is_the_masks_boundary() -> None:
+    mask = np.zeros((6, 8), dtype=bool)
+    mask[1:5, 2:7] = True  # a 4x5 block
+    mask[0, 0] = True  # a lone cell at the border
+    outline = np.asarray(mask_outline(mask, (16, 12)))  # twice the size
+    assert outline.shape == (12, 16, 4)
+    drawn = outline[::2, ::2, 3] > 0
+    expected = mask.copy()
+    expected[2:4, 3:6] = False  # the block's inside
+    assert (drawn == expected).all()
+    assert (outline[outline[..., 3] > 0][:, :3] == (0, 255, 255)).all()
 
 
 def test_multipart_upload_with_heatmap_matches_predicts_pictures(
@@ -176,6 +289,19 @@ def test_multipart_upload_with_heatmap_matches_predicts_pictures(
     assert overlay.shape == predicted_overlay.shape and mask.shape == predicted_mask.shape
     assert np.abs(overlay.astype(int) - predicted_overlay).max() <= 1
     assert (mask == predicted_mask).mean() > 0.999
+    # The outline lies on the mask's edge; the colour scale and range are those of the overlay.
+    outline = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["outline_png"]))))
+    assert outline.shape == (*mask.shape, 4) and (mask[outline[..., 3] > 0] == 255).all()
+    assert 0 < (outline[..., 3] > 0).sum() < (mask == 255).sum() < mask.size
+    detector = FastFlow.load(run)
+    anchors = heat_colors(np.linspace(0, 1, 5))
+    assert body["heat_scale"]["colors"] == ["#" + bytes(rgb.tolist()).hex() for rgb in anchors]
+    assert (body["heat_scale"]["low"], body["heat_scale"]["high"]) == (
+        detector.map_floor_,
+        detector.threshold_,
+    )
+    amap = detector.detect([path]).maps[0]
+    assert body["map_range"] == pytest.approx([float(amap.min()), float(amap.max())], abs=1e-5)
 
 
 def test_health_and_model(client: TestClient, run: Path) -> None:
@@ -285,6 +411,9 @@ def test_api_key(run: Path, images: list[Path]) -> None:
         (["--precision", "f16"], ["f16"]),
         (["--port", "70000"], ["--port"]),
         (["--api-key", "short"], ["--api-key"]),
+        (["--min-side", "0"], ["--min-side"]),
+        (["--max-aspect", "0.5"], ["--max-aspect"]),
+        (["--max-megapixels", "500"], ["--max-megapixels", "178.9 megapixels"]),
     ],
 )
 def test_serve_options_are_checked_before_the_model_is_loaded(
@@ -306,38 +435,175 @@ def test_serve_without_a_run_is_a_one_line_error(capsys, tmp_path: Path) -> None
 # ---------------------------------------------------------------------------- the page, in Chromium
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# What a user must never see: an <img> shown but not loaded (the broken-image icon), or a shown
+# label, cell, caption or verdict without text. Returns the ids of the offenders.
+PAGE_FAULTS = """() => {
+  const shown = (e) => e.getClientRects().length > 0 && getComputedStyle(e).visibility !== "hidden";
+  const broken = [...document.images].filter((i) => shown(i) && !(i.complete && i.naturalWidth > 0));
+  const labels = "label, td, figcaption, .verdict, .ends span, #map-range, #status, #notice, #model-name";
+  const empty = [...document.querySelectorAll(labels)].filter((e) => shown(e) && !e.textContent.trim());
+  return {broken: broken.map((e) => e.id), empty: empty.map((e) => e.id || e.tagName)};
+}"""
+CLEAN = {"broken": [], "empty": []}
+# The picture each <img> of the result shows: [id, naturalWidth, naturalHeight, shown].
+PICTURES = """() => ["original", "overlay", "outline"].map((id) => {
+  const image = document.getElementById(id);
+  return [id, image.naturalWidth, image.naturalHeight, image.getClientRects().length > 0];
+})"""
 
 
-def test_page_in_headless_chromium(run: Path, bottle: Path) -> None:
-    """Load the page, upload a bottle image, read the verdict and score; save a screenshot."""
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium (Debian's package, through Playwright) for the page tests."""
     sync_api = pytest.importorskip("playwright.sync_api")
-
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"no Chromium at {CHROMIUM}; install it: apt-get install -y chromium")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield chromium
+        chromium.close()
+
+
+def _screenshot(page, name: str) -> Path:
+    """A small JPEG of what the page shows, under test-artifacts/, for a person to look at."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.jpg"
+    page.screenshot(path=str(path), type="jpeg", quality=70, full_page=True)
+    assert 10_000 < path.stat().st_size < 400_000
+    return path
+
+
+def _predict_answer(page, pick) -> None:
+    """Run ``pick()`` and wait until the page has the answer of the /predict request it sent
+    (a timeout here: it sent none)."""
+    with page.expect_response(lambda r: r.request.method == "POST" and "/predict" in r.url, timeout=60_000):
+        pick()
+
+
+def test_page_in_headless_chromium(run: Path, bottle: Path, browser, tmp_path: Path) -> None:
+    """First load, a good upload, the same file again at another rate, a bad upload after the
+    good one (twice: the same file picked again), with screenshots at each stage."""
     image = bottle / "test" / "broken_large" / "000.png"
+    notes = {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"line 7: all good\n" * 20}
     app = create_app(load_served(run, "torch"), ServeConfig())
-    with loopback_server(app) as base, sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
+    with loopback_server(app) as base:
+        page = browser.new_page(viewport={"width": 1200, "height": 800})
         page.goto(f"{base}/")
-        page.set_input_files("#file", str(image))
+        page.wait_for_selector("#model-name:not([hidden])")
+        assert page.inner_text("#model-name") == "\u00b7 run (torch)"
+        assert page.evaluate(PAGE_FAULTS) == CLEAN
+        assert page.is_hidden("#result") and page.is_hidden("#model-row")  # one model: no picker
+        _screenshot(page, "serve_page_first_load")
+
+        _predict_answer(page, lambda: page.set_input_files("#file", str(image)))
         page.wait_for_selector("#result:not([hidden])", timeout=30_000)
+        # The input is emptied after each pick: a browser fires no change for an unchanged value.
+        assert page.input_value("#file") == ""
         verdict, score = page.inner_text("#verdict"), float(page.inner_text("#score"))
         p_value, rate = page.inner_text("#p-value"), page.inner_text("#rate-used")
-        page.fill("#rate", "0.95")  # the next upload is labelled at this rate
-        page.set_input_files("#file", [])
-        page.set_input_files("#file", str(image))
+        assert page.evaluate(PICTURES) == [
+            [name, 900, 900, True] for name in ("original", "overlay", "outline")
+        ]
+        legend = (
+            page.inner_text("#legend-low"),
+            page.inner_text("#legend-high"),
+            page.inner_text("#map-range"),
+        )
+        assert page.evaluate(PAGE_FAULTS) == CLEAN
+        _screenshot(page, "serve_page_after_good")
+
+        page.fill("#rate", "0.95")  # the same file again, labelled at this rate: a new request
+        _predict_answer(page, lambda: page.set_input_files("#file", str(image)))
         page.wait_for_function("document.getElementById('rate-used').textContent.startsWith('0.95')")
         at_rate = page.inner_text("#threshold")
-        overlay_src = page.get_attribute("#overlay", "src")
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "serve_page.png"), full_page=True)
-        browser.close()
+
+        page.fill("#rate", "")
+        for _ in range(2):  # a text file after the good image, then the same file again
+            _predict_answer(page, lambda: page.set_input_files("#file", files=[notes]))
+            page.wait_for_selector("#error", timeout=30_000)
+            error = page.inner_text("#error")
+            assert page.input_value("#file") == ""
+            assert page.is_hidden("#result") and page.text_content("#verdict") == ""
+            assert (
+                page.evaluate("() => [...document.images].filter((i) => i.getAttribute('src')).length") == 0
+            )
+            assert page.evaluate(PAGE_FAULTS) == CLEAN
+        _screenshot(page, "serve_page_after_error")
+        page.close()
     detector = FastFlow.load(run)
     expected = detector.detect([image])
     assert verdict == ("anomalous" if expected.labels[0] else "normal")
     assert abs(score - float(expected.scores[0])) <= 1e-5  # the page shows six decimals
     assert p_value == f"{expected.p_values[0]:.4f}" and rate.startswith(f"{RATE} (guaranteed at most")
     assert abs(float(at_rate) - detector.calibration_.threshold(0.95)) <= 1e-6
-    assert overlay_src.startswith("data:image/png;base64,") and len(overlay_src) > 1000
-    assert (ARTIFACTS / "serve_page.png").stat().st_size > 10_000
+    # The legend: the map floor (dark) to the threshold (bright), and this image's map range,
+    # each shown to four significant digits.
+    assert legend[0].startswith("\u2264 ") and legend[0].endswith(" normal")
+    assert legend[1].startswith("anomalous \u2265 ") and legend[1].endswith(" (threshold)")
+    floor, threshold = float(legend[0].split()[1]), float(legend[1].split()[2])
+    assert floor == pytest.approx(detector.map_floor_, rel=1e-3)
+    assert threshold == pytest.approx(detector.threshold_, rel=1e-3)
+    low, high = (float(v) for v in legend[2].removeprefix("this image's map: ").split(" to "))
+    amap = expected.maps[0]
+    assert low == pytest.approx(float(amap.min()), rel=1e-3)
+    assert high == pytest.approx(float(amap.max()), rel=1e-3)
+    assert error == "error: the upload is not a PNG, JPEG, BMP or TIFF image; send one of those formats"
+
+
+def test_page_with_an_api_key_and_two_models(run: Path, images: list[Path], browser, tmp_path: Path) -> None:
+    """The page says the server needs a key and shows a refused upload as an error; with the
+    key it lists the two models in a picker, and an upload is scored by the picked one (the
+    second holds no calibration scores: no p-value or rate rows). A TIFF, which Chromium cannot
+    display, hides the original and says why rather than showing a broken image."""
+    model = FastFlowModel(get_config("resnet18", input_size=(96, 80), flow_steps=2), "random").eval()
+    FastFlow.from_model(model, 0.0).save(tmp_path / "model.safetensors")
+    models = [load_served(run, "torch", name="line-1"), load_served(tmp_path, "torch", name="line-2")]
+    with loopback_server(create_app(models, ServeConfig(api_key=KEY))) as base:
+        context = browser.new_context(viewport={"width": 1200, "height": 800})
+        page = context.new_page()
+        page.goto(f"{base}/")
+        page.wait_for_selector("#notice:not([hidden])")
+        assert page.inner_text("#notice") == "this server needs an API key: enter it below"
+        assert page.is_hidden("#model-row") and page.evaluate(PAGE_FAULTS) == CLEAN
+
+        _predict_answer(page, lambda: page.set_input_files("#file", str(images[0])))
+        page.wait_for_selector("#error")
+        assert "API key" in page.inner_text("#error") and page.is_hidden("#result")
+
+        page.fill("#key", KEY)
+        page.press("#key", "Tab")  # leaving the field is a change: the page asks for the models again
+        page.wait_for_selector("#model-row:not([hidden])")
+        assert page.is_hidden("#notice") and page.inner_text("#model-name") == "\u00b7 line-1 (torch)"
+        assert page.eval_on_selector_all("#model option", "os => os.map((o) => o.value)") == [
+            "line-1",
+            "line-2",
+        ]
+
+        page.select_option("#model", "line-2")
+        page.wait_for_function("document.getElementById('model-name').textContent.includes('line-2')")
+        _predict_answer(page, lambda: page.set_input_files("#file", str(images[0])))
+        page.wait_for_selector("#result:not([hidden])")
+        assert page.inner_text("#model-used") == "line-2 (torch, f32)"
+        assert page.is_hidden("#p-value-row") and page.is_hidden("#rate-row")
+        assert page.evaluate(PAGE_FAULTS) == CLEAN
+
+        page.select_option("#model", "line-1")  # another model: the last result goes
+        assert page.is_hidden("#result")
+        tiff = images[2]
+        assert tiff.suffix == ".tiff"
+        _predict_answer(page, lambda: page.set_input_files("#file", str(tiff)))
+        page.wait_for_selector("#result:not([hidden])")
+        assert page.inner_text("#model-used") == "line-1 (torch, f32)" and page.is_visible("#p-value-row")
+        width, height = Image.open(tiff).size
+        assert page.evaluate(PICTURES) == [
+            ["original", 0, 0, False],
+            ["overlay", width, height, True],
+            ["outline", width, height, True],
+        ]
+        assert page.inner_text("#original-caption").startswith("this browser cannot show image/tiff")
+        assert page.evaluate(PAGE_FAULTS) == CLEAN
+
+        page.reload()  # the key is kept in the browser
+        page.wait_for_selector("#model-row:not([hidden])")
+        assert page.input_value("#key") == KEY
+        context.close()

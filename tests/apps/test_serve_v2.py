@@ -9,6 +9,7 @@ protocol's status.
 from __future__ import annotations
 
 import base64
+import io
 import json
 from pathlib import Path
 
@@ -204,6 +205,12 @@ def test_binary_answer_layout(base: str, images: list[Path], expected) -> None:
     assert abs(score - expected.scores[4]) <= 1e-5 and rest[4:5] == bytes([int(expected.labels[4])])
 
 
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 120, 150)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _binary_body(header: dict, *blobs: bytes) -> tuple[bytes, dict[str, str]]:
     text = json.dumps(header).encode()
     return text + b"".join(blobs), {"Inference-Header-Content-Length": str(len(text))}
@@ -269,13 +276,44 @@ def _bad_requests(good: bytes) -> dict[str, tuple[str, bytes, dict[str, str], in
             json.dumps(
                 {
                     "inputs": [
-                        {"name": "image", "shape": [1, 3, 1, 1], "datatype": "UINT8", "data": [0, 1, 256]}
+                        {
+                            "name": "image",
+                            "shape": [1, 3, 32, 32],
+                            "datatype": "UINT8",
+                            "data": [0] * (3 * 32 * 32 - 1) + [256],
+                        }
                     ]
                 }
             ).encode(),
             {},
             400,
             "integers 0..255",
+        ),
+        # The shape limits are checked from the shape, before the data (here none) is read.
+        "pixels under the minimum side": (
+            "run",
+            json.dumps(
+                {"inputs": [{"name": "image", "shape": [1, 3, 20, 20], "datatype": "UINT8"}]}
+            ).encode(),
+            {},
+            400,
+            "each image is 20x20 px, with a side under the minimum of 32 px (--min-side)",
+        ),
+        "pixels too elongated": (
+            "run",
+            json.dumps(
+                {"inputs": [{"name": "image", "shape": [2, 3, 40, 2000], "datatype": "UINT8"}]}
+            ).encode(),
+            {},
+            400,
+            "2000x40 px, with a side ratio of 50:1, over the limit of 20:1 (--max-aspect)",
+        ),
+        "file under the minimum side": (
+            "run",
+            files(base64.b64encode(_png(3, 3)).decode()),
+            {},
+            400,
+            "element 0: the image is 3x3 px, with a side under the minimum of 32 px",
         ),
         "unknown output": (
             "run",

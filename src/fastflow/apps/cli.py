@@ -619,6 +619,21 @@ def _physical_core_threads() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+# The shape limits of images worth scoring, the same for 'predict' and 'serve' (ShapeLimits).
+MinSide = Annotated[
+    int,
+    typer.Option(
+        help="Smallest image side in px: a smaller image is refused (the model resizes it to its input size, where it holds nothing to score)."
+    ),
+]
+MaxAspect = Annotated[
+    float,
+    typer.Option(
+        help="Largest ratio of an image's longer side to its shorter: a more elongated image is refused (resizing would squeeze it beyond recognition)."
+    ),
+]
+
+
 @app.command()
 @_user_errors
 def predict(
@@ -647,12 +662,16 @@ def predict(
             help="Without --engine, use an exported engine (OpenVINO or ONNX Runtime) from this many images on: its export costs seconds (break-even: docs/inference-and-export.md).",
         ),
     ] = 400,
+    min_side: MinSide = 32,
+    max_aspect: MaxAspect = 20.0,
 ) -> None:
     """Score images: per-image score, p-value and label, heat-map overlays, binary masks, a summary."""
     from fastflow.apps.prediction_files import expand_inputs, write_predictions
+    from fastflow.estimator.data import ShapeLimits
     from fastflow.estimator.detector import FastFlow
     from fastflow.estimator.engines import check_engine, check_precision, choose_engine, default_precision
 
+    limits = ShapeLimits(min_side, max_aspect)
     if engine is not None:
         check_engine(engine)
     if precision is not None:
@@ -663,7 +682,7 @@ def predict(
         chosen, chosen_precision = (
             (engine, default_precision(engine)) if engine else choose_engine(len(images), export_from)
         )
-        rows = write_predictions(detector, images, output, chosen, precision or chosen_precision)
+        rows = write_predictions(detector, images, output, chosen, precision or chosen_precision, limits)
     for row in rows:
         p_value = "-" if row["p_value"] is None else f"{row['p_value']:.4f}"
         typer.echo(f"{row['score']:.6f}  p {p_value:<6}  {row['label']:<9}  {row['path']}")
@@ -764,11 +783,13 @@ def serve(
         float,
         typer.Option(help="Largest image (width x height, in millions of pixels), checked before decoding."),
     ] = 40.0,
+    min_side: MinSide = 32,
+    max_aspect: MaxAspect = 20.0,
     api_key: Annotated[
         str | None,
         typer.Option(
             envvar="FASTFLOW_API_KEY",
-            help="Key every request but /, /health and /v2/health/* must send in X-API-Key.",
+            help="Key (at least 8 characters) every request but /, /health and /v2/health/* must send in X-API-Key.",
         ),
     ] = None,
     shutdown_timeout: Annotated[
@@ -787,6 +808,7 @@ def serve(
     import ipaddress
 
     from fastflow.core.errors import require
+    from fastflow.estimator.data import ShapeLimits
     from fastflow.estimator.engines import check_engine, check_precision
 
     try:
@@ -810,7 +832,12 @@ def serve(
         0 <= shutdown_timeout <= 3600, "--shutdown-timeout", "between 0 and 3600 seconds", shutdown_timeout
     )
     config = ServeConfig(
-        max_batch, batch_wait_ms, round(max_body_mb * 2**20), round(max_megapixels * 1e6), api_key
+        max_batch,
+        batch_wait_ms,
+        round(max_body_mb * 2**20),
+        round(max_megapixels * 1e6),
+        api_key,
+        ShapeLimits(min_side, max_aspect),
     )
     named = model_arguments(runs)
     with contextlib.suppress(ValueError):

@@ -19,10 +19,13 @@ from fastflow.apps.viz import save_mask, save_overlay
 from fastflow.core.errors import FastFlowError
 from fastflow.core.files import staged_folder
 from fastflow.estimator.calibration import p_value_json
-from fastflow.estimator.data import list_images
+from fastflow.estimator.data import ShapeLimits, check_shapes, list_images
 from fastflow.estimator.detector import FastFlow, ImagesLike, as_samples
 
 __all__ = ["expand_inputs", "write_predictions"]
+
+# The shape limits 'fastflow predict' and 'fastflow serve' apply by default.
+DEFAULT_LIMITS = ShapeLimits()
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -59,7 +62,12 @@ def _unique_names(paths: list[Path]) -> list[str]:
 
 
 def write_predictions(
-    detector: FastFlow, images: ImagesLike, output: Path, engine: str = "torch", precision: str = "f32"
+    detector: FastFlow,
+    images: ImagesLike,
+    output: Path,
+    engine: str = "torch",
+    precision: str = "f32",
+    limits: ShapeLimits = DEFAULT_LIMITS,
 ) -> list[dict]:
     """Score ``images`` and write ``overlays/``, ``masks/``, ``predictions.csv`` and ``.json`` to ``output``.
 
@@ -68,11 +76,14 @@ def write_predictions(
 
     ``engine`` / ``precision``: see ``FastFlow.engine``. Each image is decoded once, to score
     it; the pictures and the mask's size come from those pixels. A file that cannot be decoded
-    stops the run with its one-line error, and the staged folder is dropped.
+    stops the run with its one-line error, and the staged folder is dropped. Before anything is
+    scored, every image's size (from its header) is checked against ``limits``, as ``fastflow
+    serve`` checks uploads: the first too small or too elongated image stops the run.
     """
     samples = as_samples(images)
     if not samples:
         raise FastFlowError("no images to score; pass image files, a folder of images or a glob")
+    check_shapes(samples, limits)
     names = _unique_names([s.path for s in samples])
     rows: list[dict] = []
     with staged_folder(output) as tmp:

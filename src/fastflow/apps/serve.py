@@ -51,7 +51,7 @@ from fastflow.apps.serve_models import (
     read_body,
 )
 from fastflow.apps.serve_v2 import add_v2_routes
-from fastflow.apps.viz import overlay
+from fastflow.apps.viz import heat_scale_hex, mask_outline, overlay
 from fastflow.estimator.calibration import p_value_json
 
 __all__ = ["API_KEY_HEADER", "MicroBatcher", "ServeConfig", "ServedModel", "create_app", "load_served"]
@@ -61,6 +61,26 @@ _RAW_TYPES = ("image/", "application/octet-stream")
 # Open without the key: the page (it asks for the key itself) and the liveness/readiness probes.
 _OPEN_PATHS = ("/", "/health", "/v2/health/live", "/v2/health/ready")
 _CHOOSE_MODEL = "?model=NAME (GET /model lists them)"
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+# /predict reads its body itself (raw or multipart); this tells /docs and schema-driven clients
+# (and the fuzz test) what it takes.
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/png": _BINARY,
+            "image/jpeg": _BINARY,
+            "application/octet-stream": _BINARY,
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
+        },
+    }
+}
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -113,16 +133,21 @@ def _png_base64(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _pictures(pixels: torch.Tensor, scored: Scored, model: ServedModel, threshold: float) -> dict[str, str]:
-    """The heat-map overlay and binary mask at ``threshold`` (as ``fastflow predict`` draws them at
-    the model's), base64 PNG."""
+def _pictures(pixels: torch.Tensor, scored: Scored, model: ServedModel, threshold: float) -> dict[str, Any]:
+    """What ``?heatmap=1`` adds: the heat-map overlay and binary mask at ``threshold`` (as
+    ``fastflow predict`` draws them at the model's) and the mask's outline (transparent, to lay
+    over the overlay), base64 PNG; the overlay's colour scale (``colors`` evenly from ``low``,
+    the model's map floor, to ``high``, the threshold; values beyond either end take its
+    colour) and this image's map range, so a page can draw a legend."""
     image = Image.fromarray(np.ascontiguousarray(pixels.permute(1, 2, 0).numpy()))
-    mask = Image.fromarray(((scored.amap > threshold) * 255).astype(np.uint8)).resize(
-        image.size, Image.Resampling.NEAREST
-    )
+    above = scored.amap > threshold
+    mask = Image.fromarray((above * 255).astype(np.uint8)).resize(image.size, Image.Resampling.NEAREST)
     return {
         "overlay_png": _png_base64(overlay(image, scored.amap, model.map_floor, threshold)),
         "mask_png": _png_base64(mask),
+        "outline_png": _png_base64(mask_outline(above, image.size)),
+        "heat_scale": {"low": model.map_floor, "high": threshold, "colors": heat_scale_hex()},
+        "map_range": [float(scored.amap.min()), float(scored.amap.max())],
     }
 
 
@@ -140,6 +165,8 @@ def _describe(model: ServedModel, config: ServeConfig) -> dict[str, Any]:
         "batch_wait_ms": config.batch_wait_ms,
         "max_body_bytes": config.max_body_bytes,
         "max_pixels": config.max_pixels,
+        "min_side": config.limits.min_side,
+        "max_aspect": config.limits.max_aspect,
     }
 
 
@@ -219,7 +246,7 @@ def create_app(models: ServedModel | Sequence[ServedModel], config: ServeConfig)
         """One model's description (``?model=NAME``, default the first), and ``models``: every served name."""
         return {**_describe(pool.get(model, _CHOOSE_MODEL).model, config), "models": pool.names}
 
-    @app.post("/predict")
+    @app.post("/predict", openapi_extra=_PREDICT_BODY)
     async def predict(
         request: Request,
         heatmap: bool = False,

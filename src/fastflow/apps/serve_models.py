@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fastflow.core.errors import FastFlowError, first_line, is_integer, is_real, require
 from fastflow.estimator.calibration import Calibration, check_false_alarm_rate
-from fastflow.estimator.data import DataError, decode_bytes
+from fastflow.estimator.data import PIL_PIXEL_CEILING, DataError, ShapeLimits, decode_bytes
 from fastflow.estimator.engines import (
     Engine,
     check_precision,
@@ -63,9 +63,12 @@ class ServeConfig:
         max_batch: most images per engine call, and per Open Inference Protocol request.
         batch_wait_ms: how long the first queued image waits for others to share its call.
         max_body_bytes: largest request body; a bigger one is refused (413) while it is read.
-        max_pixels: largest width x height of an upload, checked from its header (decompression bombs).
+        max_pixels: largest width x height of an upload, checked from its header (decompression
+            bombs); at most PIL's own ceiling, so that every refusal names this limit.
         api_key: when set, every endpoint but ``/``, ``/health`` and the v2 health probes needs it
-            in ``X-API-Key``.
+            in ``X-API-Key``; at least 8 characters.
+        limits: the smallest side and the most elongated shape of an image worth scoring
+            (``--min-side``, ``--max-aspect``), as ``fastflow predict`` checks them.
     """
 
     max_batch: int = 16
@@ -73,6 +76,7 @@ class ServeConfig:
     max_body_bytes: int = 50 * 2**20
     max_pixels: int = 40_000_000
     api_key: str | None = None
+    limits: ShapeLimits = field(default_factory=ShapeLimits)
 
     def __post_init__(self) -> None:
         require(
@@ -94,9 +98,10 @@ class ServeConfig:
             self.max_body_bytes,
         )
         require(
-            is_integer(self.max_pixels) and self.max_pixels >= 1,
+            is_integer(self.max_pixels) and 1 <= self.max_pixels <= PIL_PIXEL_CEILING,
             "max_pixels (--max-megapixels)",
-            "at least 1 pixel",
+            f"between 1 pixel and {PIL_PIXEL_CEILING // 100_000 / 10:g} megapixels (PIL's "
+            "decompression-bomb ceiling)",
             self.max_pixels,
         )
         require(
@@ -294,6 +299,10 @@ class MicroBatcher:
         self.calls = 0
 
     def start(self) -> None:
+        """Start the engine thread; after ``stop`` a new one, so that an application's lifespan
+        can run again (a test client entered twice, a test harness that restarts it)."""
+        if self._thread.ident is not None:
+            self._thread = threading.Thread(target=self._run, name="fastflow-batcher", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -488,9 +497,10 @@ class ModelPool:
 
     async def decode(self, data: bytes) -> torch.Tensor:
         """An uploaded file's (3, H, W) uint8 pixels, decoded as ``predict`` decodes files; a
-        file that does not decode is a 400 with ``DataError``'s line."""
+        file that does not decode, or whose size is over the pixel limit or outside the shape
+        limits, is a 400 with ``DataError``'s line."""
         async with self._decoding:
             try:
-                return await run_in_threadpool(decode_bytes, data, self.config.max_pixels)
+                return await run_in_threadpool(decode_bytes, data, self.config.max_pixels, self.config.limits)
             except DataError as error:
                 raise RequestError(400, str(error)) from None

@@ -42,11 +42,13 @@ from fastflow.apps.serve_models import (
     ModelPool,
     RequestError,
     Scored,
+    ServeConfig,
     ServedModel,
     operating_point,
     read_body,
 )
 from fastflow.estimator.calibration import p_values
+from fastflow.estimator.data import DataError
 
 __all__ = ["FILE_INPUT", "HEADER_LENGTH", "PIXEL_INPUT", "add_v2_routes", "model_metadata"]
 
@@ -75,6 +77,39 @@ class _InferRequest(BaseModel):
     inputs: list[_Tensor]
     outputs: list[_Requested] | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+def _inlined(schema: Any, definitions: dict[str, Any]) -> Any:
+    """``schema`` with each ``{"$ref": "#/$defs/X"}`` replaced by ``definitions["X"]`` (the
+    request models are not recursive), so it can stand alone inside the OpenAPI document."""
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inlined(definitions[schema["$ref"].rsplit("/", 1)[-1]], definitions)
+        return {key: _inlined(value, definitions) for key, value in schema.items() if key != "$defs"}
+    if isinstance(schema, list):
+        return [_inlined(item, definitions) for item in schema]
+    return schema
+
+
+def _infer_body() -> dict[str, Any]:
+    """The infer route's request body for the OpenAPI document (the route reads the body itself,
+    for the binary tensor data extension): the JSON request, or JSON then binary data."""
+    schema = _InferRequest.model_json_schema()
+    request = _inlined(schema, schema.get("$defs", {}))
+    # The protocol allows any number of inputs, names and datatypes; this server takes one of two.
+    request["properties"]["inputs"].update(minItems=1, maxItems=1)
+    tensor = request["properties"]["inputs"]["items"]["properties"]
+    tensor["name"]["enum"] = [FILE_INPUT, PIXEL_INPUT]
+    tensor["datatype"]["enum"] = ["BYTES", "UINT8"]
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": request},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    }
 
 
 @dataclass(frozen=True)
@@ -195,8 +230,10 @@ def _file_bytes(tensor: _Tensor, raw: bytes | None, max_batch: int) -> list[byte
     return files
 
 
-def _pixels(tensor: _Tensor, raw: bytes | None, max_batch: int, max_pixels: int) -> list[torch.Tensor]:
-    """The (3, H, W) uint8 images of an ``image`` input of shape [N, 3, H, W]."""
+def _pixels(tensor: _Tensor, raw: bytes | None, config: ServeConfig) -> list[torch.Tensor]:
+    """The (3, H, W) uint8 images of an ``image`` input of shape [N, 3, H, W], within the
+    server's limits (checked from the shape, before the data is read)."""
+    max_batch, max_pixels = config.max_batch, config.max_pixels
     shape = tensor.shape
     if tensor.datatype != "UINT8" or len(shape) != 4 or shape[1] != 3 or min(shape) < 1:
         raise _bad(
@@ -207,6 +244,10 @@ def _pixels(tensor: _Tensor, raw: bytes | None, max_batch: int, max_pixels: int)
             f"input {PIXEL_INPUT} shape {shape} is over the server's limits of {max_batch} images "
             f"(--max-batch) and {max_pixels} pixels per image (--max-megapixels)"
         )
+    try:
+        config.limits.check(shape[3], shape[2], f"input {PIXEL_INPUT} of shape {shape}: each image")
+    except DataError as error:
+        raise _bad(str(error)) from None
     if raw is not None:
         if len(raw) != math.prod(shape):
             raise _bad(f"input {PIXEL_INPUT}: {len(raw)} bytes of binary data for shape {shape}")
@@ -334,7 +375,7 @@ async def _images(pool: ModelPool, request: _InferRequest, binary: bytes) -> lis
     tensor, raw = request.inputs[0], parts[0]
     config = pool.config
     if tensor.name == PIXEL_INPUT:
-        return _pixels(tensor, raw, config.max_batch, config.max_pixels)
+        return _pixels(tensor, raw, config)
     images = []
     for index, data in enumerate(_file_bytes(tensor, raw, config.max_batch)):
         try:
@@ -399,7 +440,7 @@ def add_v2_routes(app: FastAPI, pool: ModelPool) -> None:
         ok = hosted(name).batcher.alive()
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 400)
 
-    @app.post("/v2/models/{name}/infer", tags=tags)
+    @app.post("/v2/models/{name}/infer", tags=tags, openapi_extra=_infer_body())
     async def infer(name: str, request: Request) -> Response:
         """Score the images of one input; see the module's docstring for inputs and outputs."""
         target = hosted(name)

@@ -41,15 +41,18 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from fastflow.core.errors import FastFlowError, first_line, is_real, require
+from fastflow.core.errors import FastFlowError, first_line, is_integer, is_real, require
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "PIL_PIXEL_CEILING",
     "UPLOAD_FORMATS",
     "DataError",
     "ImageDataset",
     "Sample",
+    "ShapeLimits",
     "check_holdout_fraction",
+    "check_shapes",
     "decode_bytes",
     "decode_image",
     "detect_layout",
@@ -67,6 +70,10 @@ __all__ = [
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # PIL formats of IMAGE_SUFFIXES: the only decoders ``decode_bytes`` lets untrusted uploads reach.
 UPLOAD_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "TIFF")
+# PIL refuses to open an image of more pixels than this (its DecompressionBombError) before any
+# caller sees the size; ``decode_bytes``'s own ``max_pixels`` must stay at or below it, so that
+# every refusal can name the caller's limit rather than PIL's.
+PIL_PIXEL_CEILING: int = 2 * (Image.MAX_IMAGE_PIXELS or 2**62)
 
 Split = Literal["train", "test"]
 T = TypeVar("T")
@@ -387,24 +394,86 @@ def decode_image(path: str | os.PathLike[str]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def decode_bytes(data: bytes, max_pixels: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class ShapeLimits:
+    """The image shapes worth scoring: a shorter side of at least ``min_side`` px and a longer
+    side at most ``max_aspect`` times the shorter one.
+
+    The model resizes every image to its input size, so a 3x3 image becomes a blur of nine
+    colours and a 20000x20 strip is squeezed a thousandfold along one axis: either would get a
+    score, and the score would mean nothing. ``fastflow serve`` (``--min-side``,
+    ``--max-aspect``) and ``fastflow predict`` (the same flags) refuse such images with this one
+    check, from the size alone (a file's header), before any pixel is decoded.
+    """
+
+    min_side: int = 32
+    max_aspect: float = 20.0
+
+    def __post_init__(self) -> None:
+        require(
+            is_integer(self.min_side) and self.min_side >= 1,
+            "min_side (--min-side)",
+            "an integer >= 1",
+            self.min_side,
+        )
+        require(
+            is_real(self.max_aspect) and 1 <= self.max_aspect < float("inf"),
+            "max_aspect (--max-aspect)",
+            "a number >= 1 (longer side / shorter side)",
+            self.max_aspect,
+        )
+
+    def check(self, width: int, height: int, what: str) -> None:
+        """Raise a one-line :class:`DataError` naming ``what`` (e.g. ``image a.png``), its size
+        and each limit it breaks, unless ``width`` x ``height`` is within both."""
+        short, long = min(width, height), max(width, height)
+        problems, fixes = [], []
+        if short < self.min_side:
+            problems.append(f"a side under the minimum of {self.min_side} px (--min-side)")
+            fixes.append("use a larger image or lower --min-side")
+        if long > self.max_aspect * short and short > 0:
+            ratio = f"{long / short:.2f}".rstrip("0").rstrip(".")
+            problems.append(
+                f"a side ratio of {ratio}:1, over the limit of {self.max_aspect:g}:1 (--max-aspect)"
+            )
+            fixes.append("crop it into less elongated pieces or raise --max-aspect")
+        if problems:
+            raise DataError(
+                f"{what} is {width}x{height} px, with {' and '.join(problems)}; resized to the model's "
+                f"input size it would hold nothing to score: {', and '.join(fixes)}"
+            )
+
+
+def check_shapes(samples: Sequence[Sample], limits: ShapeLimits) -> None:
+    """Check every sample's size against ``limits`` from its file header (cheap: no decoding),
+    in sample order, so that a run stops on its first unscorable image before it writes anything."""
+    for sample in samples:
+        width, height = image_size(sample.path)
+        limits.check(width, height, f"image {sample.path}")
+
+
+def decode_bytes(data: bytes, max_pixels: int, limits: ShapeLimits | None = None) -> torch.Tensor:
     """Decode an uploaded image (PNG, JPEG, BMP or TIFF bytes) exactly as ``decode_image`` decodes a file.
 
-    Untrusted bytes: only the ``UPLOAD_FORMATS`` decoders are tried, and the pixel count is
-    checked from the header before any pixel is decoded, so a small file that would decompress
-    to gigabytes (a decompression bomb) is refused cheaply. Every problem is a one-line
-    :class:`DataError`; ``(3, H, W)`` uint8 RGB otherwise.
+    Untrusted bytes: only the ``UPLOAD_FORMATS`` decoders are tried, and the pixel count
+    (``max_pixels``, the server's ``--max-megapixels``; at most ``PIL_PIXEL_CEILING``) and the
+    ``limits`` are checked from the header before any pixel is decoded, so a small file that
+    would decompress to gigabytes (a decompression bomb) is refused cheaply. Every problem is a
+    one-line :class:`DataError`; ``(3, H, W)`` uint8 RGB otherwise.
     """
     if not data:
         raise DataError("the upload is empty (0 bytes); send the bytes of a PNG, JPEG, BMP or TIFF image")
+    over = (
+        f"over the server's limit of {max_pixels} pixels (--max-megapixels {max_pixels / 1e6:g}; a "
+        "decompression bomb?); send a smaller image or start the server with a larger --max-megapixels"
+    )
     try:
         with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as img:
             width, height = img.size
             if width * height > max_pixels:
-                raise DataError(
-                    f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels "
-                    "(a decompression bomb?); send a smaller image or raise the server's limit"
-                )
+                raise DataError(f"image of {width}x{height} pixels is {over}")
+            if limits is not None:
+                limits.check(width, height, "the image")
             img.load()
             arr = np.array(_to_rgb(img), dtype=np.uint8)
     except DataError:  # a ValueError, like some of PIL's decoding errors below
@@ -413,10 +482,9 @@ def decode_bytes(data: bytes, max_pixels: int) -> torch.Tensor:
         raise DataError(
             "the upload is not a PNG, JPEG, BMP or TIFF image; send one of those formats"
         ) from None
-    except Image.DecompressionBombError as err:
-        raise DataError(
-            f"image refused as a decompression bomb ({first_line(err)}); send a smaller image"
-        ) from None
+    except Image.DecompressionBombError:
+        # PIL refused it on opening, above PIL_PIXEL_CEILING >= max_pixels: over ours too.
+        raise DataError(f"image refused: its header claims a size {over}") from None
     except _DECODE_ERRORS as err:
         raise DataError(
             f"the image is corrupt or truncated (PIL: {first_line(err)}); send the complete file"
