@@ -37,8 +37,8 @@ __all__ = ["KnnReference", "knn_reference_metrics"]
 # Timm feature indices of the two middle scales (strides 8 and 16 on ResNets and EfficientNets).
 KNN_LAYERS = (2, 3)
 # Queries x bank positions of one distance block: 1024 x 8192 floats (32 MiB), reused for every
-# block, so the search neither allocates nor page-faults a fresh matrix each time (with a new
-# 1024 x 65536 block each step, half the search time went to the kernel zeroing pages).
+# block, so the search neither allocates nor page-faults a fresh matrix each time (measured:
+# docs/measurements.md#knn-search-blocks).
 _QUERY_CHUNK = 1024
 _BANK_CHUNK = 8192
 
