@@ -682,23 +682,22 @@ def test_bad_config_file_values_are_one_line_errors(
 def test_predict_decodes_each_image_once(
     capsys, mvtec: Path, mvtec_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Scoring decodes every input once, which validates it too; the pictures and the masks'
-    sizes come from those pixels."""
-    import PIL.Image
+    """Scoring decodes every input's pixels once, which validates it too; the pictures and the
+    masks' sizes come from those pixels (the size limits read headers only, no pixels)."""
+    from fastflow.estimator import data
 
-    opened: dict[str, int] = {}
-    original = PIL.Image.open
+    decoded: dict[str, int] = {}
+    original = data._decoded
 
-    def counting_open(fp: Any, *args: Any, **kwargs: Any) -> Any:
-        opened[str(fp)] = opened.get(str(fp), 0) + 1
-        return original(fp, *args, **kwargs)
+    def counting_decode(path: Path, *args: Any) -> Any:
+        decoded[str(path)] = decoded.get(str(path), 0) + 1
+        return original(path, *args)
 
-    monkeypatch.setattr(PIL.Image, "open", counting_open)
+    monkeypatch.setattr(data, "_decoded", counting_decode)
     images = sorted((mvtec / "test" / "good").glob("*.png"))
     code, _, err = run_cli(capsys, "predict", mvtec_run, *images, "-o", tmp_path / "out", "--engine", "torch")
     assert code == 0, err
-    assert {str(p) for p in images} <= set(opened)
-    assert {str(p): opened[str(p)] for p in images} == {str(p): 1 for p in images}, opened
+    assert {str(p): decoded.get(str(p), 0) for p in images} == {str(p): 1 for p in images}, decoded
 
 
 def test_a_badly_typed_flag_is_a_usage_error_in_process(capsys, tmp_path: Path) -> None:
