@@ -1,7 +1,9 @@
 """First real results: MVTec AD bottle with pretrained EfficientNet-Lite0, end to end via the CLI.
 
-Fewer epochs than the benchmark of docs/results.md so CI stays fast. Default (improved) recipe; the run
-that set the floors measured image AUROC 0.990, pixel AUROC 0.948, AUPRO 0.777. Nothing here
+Fewer epochs than the benchmark of docs/results.md so CI stays fast: 10 epochs of the default
+recipe's batch 8 and cosine rate (240 steps; measured 1.000 / 0.985 / 0.932 image / pixel AUROC /
+AUPRO, 3 min 51 s on a 2-core AMD EPYC). The run that set the floors measured image AUROC 0.990,
+pixel AUROC 0.948, AUPRO 0.777. Nothing here
 looks at test images before testing.
 """
 
@@ -27,7 +29,7 @@ def test_bottle_train_test_predict(bottle, lite0_weights, tmp_path, capsys):
                 "--weights",
                 str(lite0_weights),
                 "--epochs",
-                "20",
+                "10",
                 "--output",
                 str(run),
             ]
