@@ -25,7 +25,7 @@ import torch
 from inference import best_of_rounds, measure, perturbed_model, smooth_pixels, torch_runner
 
 from fastflow import FastFlow
-from fastflow.apps.result_tables import markdown_table, table_record, write_table
+from fastflow.apps.result_tables import add_table_json_option, markdown_table, table_record, write_table
 from fastflow.core.hardware import cpu_model, physical_cores
 from fastflow.estimator.engines import OnnxRuntimeEngine
 from fastflow.estimator.export import to_onnx
@@ -51,12 +51,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
-    parser.add_argument(
-        "--table-json",
-        type=Path,
-        help="also write the table as a results-table JSON (fastflow.apps.result_tables: with the command, "
-        "CPU, date and version), e.g. docs/results/NAME.json, which python docs/render.py renders into the docs",
-    )
+    add_table_json_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(physical_cores())
     pixels = smooth_pixels(args.batch, args.size).numpy()

@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastflow import FastFlow
-from fastflow.apps.result_tables import markdown_table, table_record, write_table
+from fastflow.apps.result_tables import add_table_json_option, markdown_table, table_record, write_table
 from fastflow.core.hardware import physical_cores
 from fastflow.estimator.anomalib_import import _anomalib_key
 from fastflow.estimator.engines import OnnxRuntimeEngine, OpenVinoEngine, TorchEngine
@@ -504,13 +504,7 @@ def main() -> None:
         type=Path,
         help="instead of timing: AUROC of a trained model per engine and precision",
     )
-    parser.add_argument(
-        "--table-json",
-        type=Path,
-        help="also write the table as a results-table JSON (fastflow.apps.result_tables: with the command, "
-        "CPU, date and version), e.g. docs/results/NAME.json, which python docs/render.py renders into the docs; "
-        "timing: one table, a column per backbone, cells img/s / batch-1 ms",
-    )
+    add_table_json_option(parser, "the table (timing: a column per backbone, cells img/s / batch-1 ms)")
     args = parser.parse_args()
     torch.set_num_threads(physical_cores())
     if args.auroc:

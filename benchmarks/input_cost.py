@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fastflow.apps.result_tables import markdown_table, table_record, write_table
+from fastflow.apps.result_tables import add_table_json_option, markdown_table, table_record, write_table
 from fastflow.core.hardware import cpu_model, physical_cores
 from fastflow.model.config import get_config, get_recipe
 from fastflow.model.fastflow import FastFlowModel
@@ -76,12 +76,7 @@ def main() -> None:
     parser.add_argument("--weights", default=str(LITE0_WEIGHTS))
     parser.add_argument("--sizes", default=DEFAULT_SIZES)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument(
-        "--table-json",
-        type=Path,
-        help="also write the table as a results-table JSON (fastflow.apps.result_tables: with the command, "
-        "CPU, date and version), e.g. docs/results/NAME.json, which python docs/render.py renders into the docs",
-    )
+    add_table_json_option(parser)
     args = parser.parse_args()
     names = args.sizes.split(",")
     sizes = [parse_size(name) for name in names]

@@ -112,18 +112,20 @@ def main() -> None:
         help="images a pass (default: the library's automatic choice)",
     )
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "fastflow-memory-images")
-    parser.add_argument(
-        "--table-json",
-        type=Path,
-        help="also write the table as a results-table JSON (fastflow.apps.result_tables: with the command, "
-        "CPU, date and version), e.g. docs/results/NAME.json, which python docs/render.py renders into the docs",
-    )
+    from fastflow.apps.result_tables import add_table_json_option  # the child measures its own RSS
+
+    add_table_json_option(parser)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    from fastflow.apps.result_tables import markdown_row, markdown_table, table_record, write_table
+    from fastflow.apps.result_tables import (
+        markdown_row,
+        markdown_table,
+        table_record,
+        write_table,
+    )
     from fastflow.core.hardware import cpu_model
 
     print(f"CPU: {cpu_model()}; {os.cpu_count()} logical cores; command: python {shlex.join(sys.argv)}")

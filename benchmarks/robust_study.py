@@ -35,7 +35,7 @@ from recipe_study import study_arguments, validation_set
 
 from fastflow import FastFlow, TrainConfig
 from fastflow.apps.benchmark import resolve_dataset
-from fastflow.apps.result_tables import table_record, write_table
+from fastflow.apps.result_tables import add_table_json_option, table_record, write_table
 from fastflow.apps.robustness import PERTURBATIONS, measure
 from fastflow.core.hardware import cpu_model, physical_cores
 from fastflow.estimator.data import load_samples, split_holdout
@@ -201,13 +201,7 @@ def main() -> None:
     parser = study_arguments(__doc__, str, opacity=0.3)  # str: DATA may name a built-in dataset
     parser.add_argument("--candidates", default="noise0,noise0.1")
     parser.add_argument("--perturbations", default=",".join(PERTURBATIONS))
-    parser.add_argument(
-        "--table-json",
-        type=Path,
-        help="also write a summary table (a row per dataset, seed and candidate) as a results-table JSON "
-        "(fastflow.apps.result_tables: with the command, CPU, date and version), e.g. docs/results/NAME.json, "
-        "which python docs/render.py renders into the docs",
-    )
+    add_table_json_option(parser, "a summary table (a row per dataset, seed and candidate)")
     args = parser.parse_args()
     if not os.environ.get("OMP_NUM_THREADS"):  # one study per core is allowed, as with the CLI
         torch.set_num_threads(physical_cores())

@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from fastflow import FastFlow
-from fastflow.apps.result_tables import table_record, write_table
+from fastflow.apps.result_tables import add_table_json_option, table_record, write_table
 from fastflow.apps.robustness import (
     PERTURBATIONS,
     TABLE_ALIGN,
@@ -48,12 +48,7 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="run folder or model.safetensors")
     parser.add_argument("data", type=Path, help="MVTec-layout dataset folder (its test split is scored)")
     parser.add_argument("--json", type=Path)
-    parser.add_argument(
-        "--table-json",
-        type=Path,
-        help="also write the table as a results-table JSON (fastflow.apps.result_tables: with the command, "
-        "CPU, date and version), e.g. docs/results/NAME.json, which python docs/render.py renders into the docs",
-    )
+    add_table_json_option(parser)
     parser.add_argument(
         "--perturbations",
         default=",".join(PERTURBATIONS),

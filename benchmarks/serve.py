@@ -54,7 +54,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support import bad_requests
 
 from fastflow.apps.prediction_files import expand_inputs
-from fastflow.apps.result_tables import markdown_row, markdown_table, table_record, write_table
+from fastflow.apps.result_tables import (
+    add_table_json_option,
+    markdown_row,
+    markdown_table,
+    table_record,
+    write_table,
+)
 from fastflow.core.hardware import cpu_model
 
 TOLERANCE = 1e-5
@@ -262,12 +268,7 @@ def main() -> int:
         "(torch, onnx, openvino, auto = predict's choice)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--table-json",
-        type=Path,
-        help="also write the table as a results-table JSON (fastflow.apps.result_tables: with the command, "
-        "CPU, date and version), e.g. docs/results/NAME.json, which python docs/render.py renders into the docs",
-    )
+    add_table_json_option(parser)
     args = parser.parse_args()
     if not 0 <= args.bad_fraction <= 1 or args.requests < 1 or min(args.clients) < 1:
         parser.error("--bad-fraction must be in [0, 1], --requests and --clients at least 1")

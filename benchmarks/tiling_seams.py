@@ -23,7 +23,13 @@ from pathlib import Path
 
 import torch
 
-from fastflow.apps.result_tables import markdown_row, markdown_table, table_record, write_table
+from fastflow.apps.result_tables import (
+    add_table_json_option,
+    markdown_row,
+    markdown_table,
+    table_record,
+    write_table,
+)
 from fastflow.model.config import get_config
 from fastflow.model.fastflow import FastFlowModel
 
@@ -56,12 +62,7 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--overlaps", default="0,64,128")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--table-json",
-        type=Path,
-        help="also write the table as a results-table JSON (fastflow.apps.result_tables: with the command, "
-        "CPU, date and version), e.g. docs/results/NAME.json, which python docs/render.py renders into the docs",
-    )
+    add_table_json_option(parser)
     args = parser.parse_args()
     height, width = (int(side) for side in args.size.lower().split("x"))
     config = get_config("tf_efficientnet_lite0", input_size=(height, width), positional_channels=16)

@@ -38,7 +38,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.nn import functional as F
 
 from fastflow import FastFlow
-from fastflow.apps.result_tables import markdown_row, markdown_table, table_record, write_table
+from fastflow.apps.result_tables import (
+    add_table_json_option,
+    markdown_row,
+    markdown_table,
+    table_record,
+    write_table,
+)
 from fastflow.core.hardware import cpu_model
 from fastflow.estimator.data import image_loader, load_samples
 from fastflow.estimator.training import FLOW_PRECISIONS, TrainConfig
@@ -154,12 +160,7 @@ def main() -> None:
         action="store_true",
         help="also time anomalib's Engine.fit (needs --data in the MVTec AD layout)",
     )
-    parser.add_argument(
-        "--table-json",
-        type=Path,
-        help="also write the table as a results-table JSON (fastflow.apps.result_tables: with the command, "
-        "CPU, date and version), e.g. docs/results/NAME.json, which python docs/render.py renders into the docs",
-    )
+    add_table_json_option(parser)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"CPU: {cpu_model()}; {torch.get_num_threads()} threads; command: python {shlex.join(sys.argv)}")

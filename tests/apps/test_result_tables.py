@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from fastflow.apps.result_tables import (
+    add_table_json_option,
     check_table,
     dumps_table,
     markdown_row,
@@ -180,7 +181,10 @@ def test_every_script_that_prints_a_table_can_write_its_json():
             for node in ast.walk(tree)
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
         }
-        assert "--table-json" in options, f"{path.name} prints a table but has no --table-json"
+        # The option itself, or result_tables' one definition of it.
+        assert "--table-json" in options or "add_table_json_option" in called, (
+            f"{path.name} prints a table but has no --table-json"
+        )
         assert {"table_record", "write_table"} <= called, (
             f"{path.name} does not write its table through result_tables"
         )
@@ -258,4 +262,18 @@ def test_robustness_table_keeps_its_layout():
         "| perturbation | image AUROC | delta | pixel AUROC | delta | median normal drift | seconds |\n"
         "|---|---:|---:|---:|---:|---:|---:|\n"
         "| noise1 | 0.9700 | -0.0040 | 0.9910 | -0.0010 | +0.0190 | 12 |"
+    )
+
+
+def test_the_shared_table_json_option_parses_a_path() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_table_json_option(parser, "a summary")
+    assert parser.parse_args(["--table-json", "docs/results/x.json"]).table_json == Path(
+        "docs/results/x.json"
+    )
+    assert parser.parse_args([]).table_json is None
+    assert "also write a summary as a results-table JSON" in parser.format_help().replace("\n", " ").replace(
+        "  ", " "
     )

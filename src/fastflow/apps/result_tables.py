@@ -25,6 +25,7 @@ cell is ``| |``), and a ``|---|---:|`` separator line.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -41,6 +42,7 @@ from fastflow.core.files import atomic_write
 __all__ = [
     "ALIGNMENTS",
     "FIELDS",
+    "add_table_json_option",
     "check_table",
     "dumps_table",
     "fastflow_version",
@@ -245,3 +247,14 @@ def table_record(
     if notes:
         record["notes"] = notes
     return check_table(record, title)
+
+
+def add_table_json_option(parser: argparse.ArgumentParser, what: str = "the table") -> None:
+    """``--table-json PATH``, the option every script in ``benchmarks/`` offers for writing its
+    table as a record (``write_table``), with one help text for all of them."""
+    parser.add_argument(
+        "--table-json",
+        type=Path,
+        help=f"also write {what} as a results-table JSON (fastflow.apps.result_tables: with the command, "
+        "CPU, date and version), e.g. docs/results/NAME.json, which python docs/render.py renders into the docs",
+    )
